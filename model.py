@@ -1,0 +1,648 @@
+"""
+BERT and ModernBERT encoders with sequence-classification heads, written from scratch.
+
+Loads Hugging Face checkpoints (config.json + model.safetensors / pytorch_model.bin) and saves
+checkpoints that `transformers` loads back. Numerically the same as transformers'
+BertForSequenceClassification and ModernBertForSequenceClassification.
+
+Attention runs on one of two layouts, chosen by the inputs to forward():
+- padded: input_ids [B, T] with attention_mask [B, T]  -> SDPA with a boolean mask
+- packed: input_ids [N] (all sequences concatenated) with cu_seqlens [B+1] -> no FLOPs on padding
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+# -----------------------------------------------------------------------------
+# configs: one dataclass per architecture; defaults are the reference's class defaults, used only
+# for keys that config.json leaves out
+
+
+@dataclass
+class LabelsConfig:
+    num_labels: int = 2
+    id2label: dict = None
+    problem_type: str = SINGLE_LABEL
+    thresholds: list = None  # multi-label decision thresholds, one per label (tuned on validation data)
+    long_document: dict = None  # how documents longer than max_length are handled (train.py records it)
+    hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
+
+    @property
+    def multi_label(self):
+        return self.problem_type == MULTI_LABEL
+
+
+@dataclass
+class BertConfig(LabelsConfig):
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    classifier_dropout: float = None
+    position_embedding_type: str = "absolute"
+
+
+@dataclass
+class ModernBertConfig(LabelsConfig):
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    intermediate_size: int = 1152
+    hidden_activation: str = "gelu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    pad_token_id: int = 50283
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    layer_types: list = None  # "full_attention" / "sliding_attention" per layer
+    global_rope_theta: float = 160000.0
+    local_rope_theta: float = 10000.0
+    local_attention: int = 128  # total window: a token sees |i - j| <= local_attention // 2
+    embedding_dropout: float = 0.0
+    mlp_bias: bool = False
+    mlp_dropout: float = 0.0
+    classifier_pooling: str = "cls"
+    classifier_dropout: float = 0.0
+    classifier_bias: bool = False
+    classifier_activation: str = "gelu"
+
+
+CONFIGS = {"bert": BertConfig, "modernbert": ModernBertConfig}
+
+
+def config_from_hf(hf):
+    """Our config from a config.json dict. Every option comes from the file when it has it."""
+    model_type = hf.get("model_type")
+    if model_type not in CONFIGS:
+        raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {sorted(CONFIGS)}")
+    cls = CONFIGS[model_type]
+    known = {f.name for f in fields(cls)} - {"hf", "num_labels", "id2label", "problem_type"}
+    kw = {k: v for k, v in hf.items() if k in known}
+    if model_type == "modernbert":
+        kw.update(_modernbert_layout(hf))
+    if model_type == "bert" and hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported (only 'absolute')")
+    id2label = {int(k): v for k, v in hf["id2label"].items()} if hf.get("id2label") else None
+    num_labels = len(id2label) if id2label else hf.get("num_labels", 2)
+    problem_type = hf.get("problem_type") or SINGLE_LABEL
+    if problem_type not in (SINGLE_LABEL, MULTI_LABEL):
+        raise ValueError(f"problem_type {problem_type!r} is not supported; use {SINGLE_LABEL!r} or {MULTI_LABEL!r}")
+    return cls(num_labels=num_labels, id2label=id2label, problem_type=problem_type, hf=dict(hf), **kw)
+
+
+def _modernbert_layout(hf):
+    """Layer types and RoPE thetas, from either the original (answerdotai) or the newer config layout."""
+    n = hf.get("num_hidden_layers", 22)
+    every = hf.get("global_attn_every_n_layers", 3)
+    layer_types = hf.get("layer_types") or ["sliding_attention" if i % every else "full_attention" for i in range(n)]
+    rope = hf.get("rope_parameters") or {}
+    for params in rope.values():
+        if params and params.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type {params['rope_type']!r} is not supported (only 'default')")
+    if hf.get("rope_scaling"):
+        raise ValueError("rope_scaling is not supported")
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    return dict(
+        layer_types=list(layer_types),
+        global_rope_theta=full.get("rope_theta", hf.get("global_rope_theta", 160000.0)),
+        local_rope_theta=local.get("rope_theta", hf.get("local_rope_theta", 10000.0)),
+    )
+
+
+def config_to_hf(config):
+    """config.json dict: the original file updated with every option we hold."""
+    hf = dict(config.hf)
+    ours = {k: v for k, v in asdict(config).items() if k not in ("hf", "id2label", "thresholds", "long_document")}
+    hf.update(ours)
+    model_type = "bert" if isinstance(config, BertConfig) else "modernbert"
+    arch = "BertForSequenceClassification" if model_type == "bert" else "ModernBertForSequenceClassification"
+    hf.update(model_type=model_type, architectures=[arch])
+    id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
+    hf["id2label"] = {str(i): name for i, name in id2label.items()}
+    hf["label2id"] = {name: i for i, name in id2label.items()}
+    for key in ("thresholds", "long_document"):
+        if getattr(config, key) is not None:
+            hf[key] = getattr(config, key)
+    if model_type == "modernbert":  # written in both layouts so old and new transformers read the same model
+        hf.pop("global_attn_every_n_layers", None)
+        hf["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
+        }
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# attention: the one place that knows about the two input layouts
+
+
+@dataclass
+class AttentionLayout:
+    """Everything attention needs besides q, k, v. Built once per forward, shared by all layers."""
+    mask: torch.Tensor = None        # padded: [B, 1, T, T] or [B, 1, 1, T] bool, True = may attend
+    local_mask: torch.Tensor = None  # padded: the same with ModernBERT's sliding window applied
+    cu_seqlens: torch.Tensor = None  # packed: [B+1] int32 sequence starts in the flat token axis
+    max_seqlen: int = 0
+
+
+def padded_layout(attention_mask, window=None):
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]: padding is masked as a key only
+    if window is None:
+        return AttentionLayout(mask=keys)
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device)
+    near = (pos[:, None] - pos[None, :]).abs() <= window
+    # a pad query far from any real token would see no key at all (NaN); let it see itself
+    local = (keys & near) | torch.eye(T, dtype=torch.bool, device=pos.device)
+    return AttentionLayout(mask=keys, local_mask=local)
+
+
+def packed_mask(cu_seqlens, window=None):
+    """Dense block-diagonal mask for a packed batch: the exact but slow fallback (CPU, tests)."""
+    n = int(cu_seqlens[-1])
+    seq_id = torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=cu_seqlens.device), right=True)
+    allowed = seq_id[:, None] == seq_id[None, :]
+    if window is not None:
+        pos = torch.arange(n, device=cu_seqlens.device)
+        allowed &= (pos[:, None] - pos[None, :]).abs() <= window
+    return allowed[None, None]  # [1, 1, N, N]
+
+
+def attend(q, k, v, layout, window, dropout):
+    """q, k, v: padded [B, H, T, D] or packed [1, H, N, D]; window: None (global) or the half-width."""
+    if layout.cu_seqlens is not None:
+        mask = packed_mask(layout.cu_seqlens, window)
+    else:
+        mask = layout.mask if window is None else layout.local_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with fused qkv; optional RoPE and sliding window (ModernBERT)."""
+
+    def __init__(self, hidden, heads, bias, dropout, window=None):
+        super().__init__()
+        assert hidden % heads == 0, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        self.heads, self.dropout, self.window = heads, dropout, window
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
+
+    def forward(self, x, layout, rope=None):
+        *lead, hidden = x.shape
+        if len(lead) == 1:  # packed: one long "batch" of N tokens
+            x = x[None]
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, layout, self.window, dropout)
+        return y.transpose(1, 2).reshape(*lead, hidden)
+
+
+def rope_cos_sin(position_ids, head_dim, theta):
+    """cos, sin [.., T, D] for positions [.., T]; float32 like the reference, whatever the model dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos()[..., None, :, :], angles.sin()[..., None, :, :]  # broadcast over heads
+
+
+def apply_rope(q, k, cos, sin):
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    return rotate(q), rotate(k)
+
+
+# -----------------------------------------------------------------------------
+# BERT: post-LN, learned absolute positions, token types, pooler
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attn = SelfAttention(c.hidden_size, c.num_attention_heads, True, c.attention_probs_dropout_prob)
+        self.attn_out = nn.Linear(c.hidden_size, c.hidden_size)
+        self.attn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.up = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.mlp_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.act = ACTIVATIONS[c.hidden_act]
+        self.drop = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, x, layout, rope=None):
+        x = self.attn_norm(x + self.drop(self.attn_out(self.attn(x, layout))))
+        return self.mlp_norm(x + self.drop(self.down(self.act(self.up(x)))))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.drop = nn.Dropout(c.hidden_dropout_prob)
+        self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
+        x = self.drop(self.embed_norm(x))
+        for layer in self.layers:
+            x = layer(x, layout)
+        return x
+
+
+class BertHead(nn.Module):
+    """The pooler (dense + tanh on the [CLS] vector), dropout, then the linear classifier."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+        p = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
+        self.drop = nn.Dropout(p)
+        self.classifier = nn.Linear(c.hidden_size, c.num_labels)
+
+    def forward(self, cls_vectors):
+        return self.classifier(self.drop(torch.tanh(self.pooler(cls_vectors))))
+
+
+# -----------------------------------------------------------------------------
+# ModernBERT: pre-LN, RoPE, alternating global / sliding-window attention, GeGLU, no biases by default
+
+
+class ModernBertLayer(nn.Module):
+    def __init__(self, c, index):
+        super().__init__()
+        self.local = c.layer_types[index] == "sliding_attention"
+        window = c.local_attention // 2 if self.local else None
+        norm = lambda: nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
+        # the embedding norm already normalises the first layer's input
+        self.attn_norm = norm() if index > 0 else nn.Identity()
+        self.attn = SelfAttention(c.hidden_size, c.num_attention_heads, c.attention_bias, c.attention_dropout, window)
+        self.attn_out = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias)
+        self.attn_drop = nn.Dropout(c.attention_dropout)
+        self.mlp_norm = norm()
+        self.wi = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.wo = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.act = ACTIVATIONS[c.hidden_activation]
+        self.mlp_drop = nn.Dropout(c.mlp_dropout)
+
+    def forward(self, x, layout, rope):
+        x = x + self.attn_drop(self.attn_out(self.attn(self.attn_norm(x), layout, rope)))
+        h, gate = self.wi(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.wo(self.mlp_drop(self.act(h) * gate))
+
+
+class ModernBertEncoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
+        self.drop = nn.Dropout(c.embedding_dropout)
+        self.layers = nn.ModuleList(ModernBertLayer(c, i) for i in range(c.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
+
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        rope_global = rope_cos_sin(position_ids, head_dim, c.global_rope_theta)
+        rope_local = rope_cos_sin(position_ids, head_dim, c.local_rope_theta)
+        x = self.drop(self.embed_norm(self.word(input_ids)))
+        for layer in self.layers:
+            x = layer(x, layout, rope_local if layer.local else rope_global)
+        return self.final_norm(x)
+
+
+class ModernBertHead(nn.Module):
+    """dense -> activation -> norm on the pooled vector, dropout, then the linear classifier."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=c.classifier_bias)
+        self.act = ACTIVATIONS[c.classifier_activation]
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
+        self.drop = nn.Dropout(c.classifier_dropout)
+        self.classifier = nn.Linear(c.hidden_size, c.num_labels)
+
+    def forward(self, pooled):
+        return self.classifier(self.drop(self.norm(self.act(self.dense(pooled)))))
+
+
+# -----------------------------------------------------------------------------
+# the classifier: encoder + pooling + head + loss, loading and saving
+
+
+class EncoderClassifier(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        bert = isinstance(config, BertConfig)
+        self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
+        self.head = BertHead(config) if bert else ModernBertHead(config)
+        self.pooling = "cls" if bert else config.classifier_pooling
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use 'cls' or 'mean'")
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                position_ids=None, cu_seqlens=None, max_seqlen=None):
+        """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
+        Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
+        Returns (logits [B, num_labels], loss or None)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        pooled = self.pool(hidden, attention_mask, cu_seqlens)
+        logits = self.head(pooled)
+        return logits, (None if labels is None else self.loss(logits, labels))
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+               cu_seqlens=None, max_seqlen=None):
+        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
+        c = self.config
+        window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
+        if cu_seqlens is not None:
+            layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            assert position_ids is not None, "packed inputs need position_ids (restarting at 0 per sequence)"
+            longest = max_seqlen
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            layout = padded_layout(attention_mask, window)
+            longest = input_ids.shape[1]
+            if position_ids is None:
+                position_ids = torch.arange(longest, device=input_ids.device)[None]
+        if longest is not None and longest > c.max_position_embeddings:
+            raise ValueError(f"sequence of {longest} tokens is longer than the model's "
+                             f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
+        return self.encoder(input_ids, layout, position_ids, token_type_ids)
+
+    def pool(self, hidden, attention_mask, cu_seqlens):
+        if cu_seqlens is not None:
+            if self.pooling == "cls":
+                return hidden[cu_seqlens[:-1].long()]
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+            sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+            return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
+        if attention_mask is None:
+            return hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
+        if self.pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
+            first = attention_mask.long().argmax(dim=1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        m = attention_mask.to(hidden.dtype)[..., None]
+        return (hidden * m).sum(dim=1) / m.sum(dim=1)
+
+    def loss(self, logits, labels):
+        if self.config.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Fresh weights as the reference initialises them (used for a new classifier head)."""
+        c = self.config
+        if isinstance(c, BertConfig):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, c.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            std = c.initializer_range
+            if module is self.head.classifier:
+                std = c.hidden_size ** -0.5  # the reference's classifier init
+            cut = c.initializer_cutoff_factor * std
+            nn.init.trunc_normal_(module.weight, 0.0, std, -cut, cut)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+
+    # --- training helpers, as in nanoGPT
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.999), eps=1e-8, device_type="cpu"):
+        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per real token: 6 per weight plus attention scores."""
+        c = self.config
+        lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
+        matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and n not in lookups)
+        attn = 12 * c.num_hidden_layers * c.hidden_size * seq_len  # QK^T and AV, forward + backward
+        return 6 * matrix_params + attn
+
+    def estimate_mfu(self, tokens_per_second, seq_len, peak_flops):
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    # --- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
+                        dtype=None, device=None, overrides=None, verbose=True):
+        """Load a Hugging Face checkpoint folder. Label options replace the checkpoint's; a classifier
+        head that is missing or has another number of labels is initialised fresh and reported."""
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in {model_dir!r}: not a Hugging Face checkpoint folder")
+        with open(path) as f:
+            hf = json.load(f)
+        config = config_from_hf(hf)
+        if id2label is not None:
+            config.id2label = {int(k): v for k, v in id2label.items()}
+            config.num_labels = len(config.id2label)
+        elif num_labels is not None and num_labels != config.num_labels:
+            config.num_labels, config.id2label = num_labels, None
+        if problem_type is not None:
+            config.problem_type = problem_type
+        for key, value in (overrides or {}).items():
+            setattr(config, key, value)
+        model = cls(config)
+        state = load_state_dict(model_dir)
+        fresh = model.load_hf_state_dict(state)
+        if fresh and verbose:
+            print(f"{model_dir}: new classifier head initialised ({', '.join(fresh)}); train it before use")
+        return model.to(device=device, dtype=dtype)
+
+    def load_hf_state_dict(self, hf_state):
+        """Copy Hugging Face weights in; returns the head weights that were initialised fresh."""
+        names = hf_names(self.config, self.state_dict())
+        state = normalise_keys(hf_state, self.config)
+        ours = self.state_dict()
+        missing, fresh, wrong_shape = [], [], []
+        for key, sources in names.items():
+            if not all(s in state for s in sources):
+                (fresh if key.startswith("head.") else missing).append(sources[0])
+                continue
+            tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
+            if tensor.shape != ours[key].shape:
+                if key.startswith("head.classifier."):  # another number of labels: a new head
+                    fresh.append(sources[0])
+                    continue
+                wrong_shape.append(f"{sources[0]}: checkpoint {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
+                continue
+            ours[key].copy_(tensor)
+        used = {s for sources in names.values() for s in sources}
+        unexpected = sorted(k for k in state if k not in used and not ignorable(k))
+        problems = []
+        if wrong_shape:
+            problems.append("weights with the wrong shape (does config.json match the weights?):\n  "
+                            + "\n  ".join(wrong_shape))
+        if missing:
+            problems.append("encoder weights missing from the checkpoint:\n  " + "\n  ".join(missing))
+        if unexpected:
+            problems.append("weights in the checkpoint that this model does not have:\n  " + "\n  ".join(unexpected))
+        if problems:
+            raise ValueError("cannot load checkpoint: " + "\n".join(problems))
+        return fresh
+
+    def hf_state_dict(self):
+        """Our weights under the reference's names (qkv split back into query/key/value for BERT)."""
+        ours = self.state_dict()
+        out = {}
+        for key, sources in hf_names(self.config, ours).items():
+            parts = ours[key].chunk(len(sources)) if len(sources) > 1 else [ours[key]]
+            for name, part in zip(sources, parts):
+                out[name] = part.contiguous()
+        return out
+
+    def save_pretrained(self, out_dir):
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config), f, indent=2, sort_keys=True)
+        state = {k: v.detach().cpu() for k, v in self.hf_state_dict().items()}
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face weight names
+
+
+def hf_names(c, model_keys):
+    """Our state-dict key -> the reference's key(s); several keys are concatenated along dim 0."""
+    if isinstance(c, BertConfig):
+        table = {
+            "encoder.word.weight": "bert.embeddings.word_embeddings.weight",
+            "encoder.position.weight": "bert.embeddings.position_embeddings.weight",
+            "encoder.token_type.weight": "bert.embeddings.token_type_embeddings.weight",
+            "encoder.embed_norm.*": "bert.embeddings.LayerNorm.*",
+            "head.pooler.*": "bert.pooler.dense.*",
+            "head.classifier.*": "classifier.*",
+        }
+        for i in range(c.num_hidden_layers):
+            ours, hf = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
+            table.update({
+                ours + "attn.qkv.*": [hf + f"attention.self.{p}.*" for p in ("query", "key", "value")],
+                ours + "attn_out.*": hf + "attention.output.dense.*",
+                ours + "attn_norm.*": hf + "attention.output.LayerNorm.*",
+                ours + "up.*": hf + "intermediate.dense.*",
+                ours + "down.*": hf + "output.dense.*",
+                ours + "mlp_norm.*": hf + "output.LayerNorm.*",
+            })
+    else:
+        table = {
+            "encoder.word.weight": "model.embeddings.tok_embeddings.weight",
+            "encoder.embed_norm.*": "model.embeddings.norm.*",
+            "encoder.final_norm.*": "model.final_norm.*",
+            "head.dense.*": "head.dense.*",
+            "head.norm.*": "head.norm.*",
+            "head.classifier.*": "classifier.*",
+        }
+        for i in range(c.num_hidden_layers):
+            ours, hf = f"encoder.layers.{i}.", f"model.layers.{i}."
+            for a, b in [("attn_norm", "attn_norm"), ("attn.qkv", "attn.Wqkv"), ("attn_out", "attn.Wo"),
+                         ("mlp_norm", "mlp_norm"), ("wi", "mlp.Wi"), ("wo", "mlp.Wo")]:
+                table[ours + a + ".*"] = hf + b + ".*"
+    names = {}
+    for pattern, hf in table.items():
+        hf = hf if isinstance(hf, list) else [hf]
+        for suffix in ("weight", "bias"):
+            key = pattern.replace("*", suffix)
+            if key in model_keys:
+                names[key] = [h.replace("*", suffix) for h in hf]
+    return names
+
+
+def normalise_keys(state, c):
+    """Accept checkpoints with or without the `bert.`/`model.` prefix and with legacy LayerNorm names."""
+    prefix = "bert." if isinstance(c, BertConfig) else "model."
+    out = {}
+    for key, tensor in state.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        bare = not key.startswith(prefix) and not key.startswith(("classifier.", "head.", "cls.", "decoder."))
+        out[prefix + key if bare else key] = tensor
+    return out
+
+
+def ignorable(key):
+    """Pretraining heads and buffers that a classifier leaves behind, as the reference does."""
+    return key.startswith(("cls.", "decoder.")) or key.endswith("position_ids")
+
+
+def load_state_dict(model_dir):
+    """All tensors of a checkpoint folder: model.safetensors (single or sharded) or pytorch_model.bin."""
+    def load_safetensors(path):
+        from safetensors.torch import load_file
+        return load_file(path)
+
+    def load_bin(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    for name, loader in [("model.safetensors", load_safetensors), ("pytorch_model.bin", load_bin)]:
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            return loader(path)
+        index = path + ".index.json"
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(loader(os.path.join(model_dir, shard)))
+            return state
+    raise FileNotFoundError(f"no weights in {model_dir!r}: expected model.safetensors, "
+                            f"model.safetensors.index.json or pytorch_model.bin")
