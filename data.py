@@ -1,0 +1,440 @@
+"""Everything between a user's file and a batch of tensors.
+
+read_table -> Table(texts, labels, multi_label, path, label_columns)
+LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
+train_val_split   seeded (stratified) validation split, returns index arrays
+TextEncoder / load_tokenizer / encode_texts   checkpoint tokenizer -> token ids
+batch_indices -> pad_batch (B x T) or pack_batch (varlen layout)
+
+Any problem with the user's data raises DataError naming the file, the row and the problem.
+Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
+"""
+import csv
+import io
+import itertools
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB default
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None}
+IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
+BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
+
+
+class DataError(ValueError):
+    """The user's data (not our code) is wrong; the message says where and how."""
+
+
+# ----------------------------------------------------------------------------- reading files
+
+@dataclass
+class Table:
+    """texts; labels = a str per row (single-label), a list[str] per row (multi-label), or None
+    when the file has no label column. label_columns: the 0/1 columns when labels came from several."""
+    texts: list
+    labels: list | None
+    multi_label: bool
+    path: str
+    label_columns: list | None = None
+
+    def __iter__(self):  # allows `texts, labels = read_table(...)`
+        return iter((self.texts, self.labels))
+
+
+def _read_utf8(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # tolerate a BOM (Excel writes one)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} (byte offset {e.start}): byte 0x{raw[e.start]:02x} is not "
+                        "valid UTF-8; re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+def _csv_records(path, text, delimiter):
+    """Returns (columns, [(where, {column: value})])."""
+    # strict: a stray quote raises instead of silently swallowing the rest of the file into one field
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records, header, last_line = [], None, 0
+    try:
+        for fields in reader:
+            start, last_line = last_line + 1, reader.line_num
+            if not fields:  # blank line
+                continue
+            if header is None:
+                header = [f.strip() for f in fields]
+                if len(set(header)) != len(header):
+                    raise DataError(f"{path}: line {start}: duplicate column names in header {header}")
+                continue
+            where = f"row {len(records) + 1} (line {start})"
+            if len(fields) != len(header):
+                raise DataError(f"{path}: {where}: has {len(fields)} fields but the header has {len(header)}; "
+                                f"quote fields that contain {delimiter!r}, quotes or newlines")
+            records.append((where, dict(zip(header, fields))))
+    except csv.Error as e:
+        raise DataError(f"{path}: line {last_line + 1}: malformed record starting here ({e}); "
+                        "check its quotes") from None
+    return header or [], records
+
+
+def _jsonl_records(path, text):
+    records, columns = [], {}
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"row {len(records) + 1} (line {line_no})"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: {where}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
+        columns.update(dict.fromkeys(record))
+        records.append((where, record))
+    return list(columns), records
+
+
+def _require_columns(path, columns, wanted, delimiter):
+    missing = [c for c in wanted if c not in columns]
+    if not missing:
+        return
+    where = "header" if delimiter else "all rows"  # JSONL has no header: no row has the field
+    message = f"{path}: {where}: column(s) {missing} not found; the columns are {columns}"
+    names = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+    other = [d for d in names if d != delimiter and len(columns) == 1 and d in columns[0]]
+    if other:  # e.g. a TSV saved as .csv parses into one big column
+        message += (f". The header is one column containing {other[0]!r}: the file looks {names[other[0]]}-"
+                    "separated; save it as .csv (comma) or .tsv (tab) to match")
+    raise DataError(message)
+
+
+def _looks_multi(value, sep):
+    return isinstance(value, list) or (isinstance(value, str) and (sep in value or _json_list(value) is not None))
+
+
+def _json_list(value):
+    """The list if value is a JSON list written as a string (CSV cells), else None."""
+    s = value.strip()
+    if not (s.startswith("[") and s.endswith("]")):
+        return None
+    try:
+        parsed = json.loads(s)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, list) else None
+
+
+def _is_blank(value):
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _parse_label(path, where, column, value, multi_label, sep):
+    if _is_blank(value):
+        raise DataError(f"{path}: {where}: no label in column {column!r}")
+    if not multi_label:
+        if isinstance(value, (list, dict)):
+            raise DataError(f"{path}: {where}: label {value!r} is a {type(value).__name__} but multi_label=False")
+        return str(value).strip()
+    items = value if isinstance(value, list) else _json_list(value) if isinstance(value, str) else [value]
+    if items is None:
+        items = value.split(sep)
+        if not any(s.strip() for s in items):
+            raise DataError(f"{path}: {where}: no label in column {column!r}")
+    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))  # dedupe, keep order
+
+
+def _flag(path, where, column, value):
+    """A 0/1 label column cell -> bool."""
+    text = str(value).strip().lower()
+    if text in ("1", "1.0", "true"):
+        return True
+    if text in ("0", "0.0", "false"):
+        return False
+    problem = "no label" if _is_blank(value) else f"must be 0 or 1, got {value!r}"
+    raise DataError(f"{path}: {where}: label column {column!r} {problem}")
+
+
+def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";") -> Table:
+    """Read a UTF-8 .csv, .tsv or .jsonl file. label_column: a name, a list of 0/1 column names
+    (multi-label), or None for `label` if present else `labels` else no labels (prediction input);
+    [] ignores any label column.
+    multi_label=None auto-detects: several label columns, or any value that is a (JSON) list or
+    contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in DELIMITERS:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(DELIMITERS)}")
+    text, delimiter = _read_utf8(path), DELIMITERS[suffix]
+    columns, records = _jsonl_records(path, text) if delimiter is None else _csv_records(path, text, delimiter)
+    if label_column is None:
+        label_column = next((c for c in ("label", "labels") if c in columns), None)
+    several = isinstance(label_column, (list, tuple))
+    label_columns = list(label_column) if several else [label_column] if label_column else []
+    _require_columns(path, columns, [text_column, *label_columns], delimiter)
+    if not records:
+        raise DataError(f"{path}: no data rows after the header")
+
+    texts = []
+    for where, record in records:
+        value = record.get(text_column)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}: {where}: empty or missing text in column {text_column!r}")
+        texts.append(value)
+
+    if not label_columns:
+        return Table(texts, None, bool(multi_label), str(path))
+    if several:
+        if multi_label is False:
+            raise DataError(f"{path}: several label columns {label_columns} need multi_label=True")
+        labels = [[c for c in label_columns if _flag(path, where, c, record.get(c))] for where, record in records]
+        return Table(texts, labels, True, str(path), label_columns)
+    values = [record.get(label_column) for _, record in records]
+    if multi_label is None:
+        multi_label = any(_looks_multi(v, label_sep) for v in values)
+    labels = [_parse_label(path, where, label_column, value, multi_label, label_sep)
+              for (where, _), value in zip(records, values)]
+    return Table(texts, labels, multi_label, str(path))
+
+
+# ----------------------------------------------------------------------------- labels
+
+def _first(items, limit, noun=None):
+    """'row 3' / 'rows 3, 7, ...': short lists for error messages."""
+    text = ", ".join(map(str, items[:limit])) + (", ..." if len(items) > limit else "")
+    return text if noun is None else f"{noun}{'s' * (len(items) > 1)} {text}"
+
+
+class LabelEncoder:
+    """Label names <-> ids. Single-label targets: int64 class ids [N]; multi-label: float32 multi-hot [N, C]."""
+
+    def __init__(self, names, multi_label: bool):
+        names = [str(n) for n in names]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"label names must be non-empty and unique, got {names}")
+        self._names, self._multi_label = names, bool(multi_label)
+        self._label2id = {n: i for i, n in enumerate(names)}
+
+    @classmethod
+    def fit(cls, raw_labels, multi_label: bool, names=()):
+        """Names sorted for determinism (numerically when all are integers, so "2" < "10").
+        names: extra names to include even if unseen (e.g. Table.label_columns)."""
+        if raw_labels is None:
+            raise ValueError("cannot fit a label encoder: the training data has no label column")
+        seen = set(map(str, names))
+        for row in raw_labels:
+            seen.update(map(str, row if multi_label else [row]))
+        numeric = all(n.lstrip("-").isdecimal() for n in seen)
+        return cls(sorted(seen, key=int if numeric else None), multi_label)
+
+    @classmethod
+    def from_id2label(cls, id2label: dict, multi_label: bool):
+        by_id = {int(i): name for i, name in id2label.items()}  # JSON turns int keys into strings
+        if sorted(by_id) != list(range(len(by_id))):
+            raise ValueError(f"id2label ids must be 0..{len(by_id) - 1}, got {sorted(by_id)}")
+        return cls([by_id[i] for i in range(len(by_id))], multi_label)
+
+    names = property(lambda self: list(self._names))
+    id2label = property(lambda self: dict(enumerate(self._names)))
+    label2id = property(lambda self: dict(self._label2id))
+    num_labels = property(lambda self: len(self._names))
+    multi_label = property(lambda self: self._multi_label)
+
+    def encode(self, raw_labels, path=None, unknown="error") -> np.ndarray:
+        """unknown="error" raises DataError on labels not seen in training; "ignore" drops them
+        (single-label rows get IGNORE_INDEX) and warns with the count."""
+        if unknown not in ("error", "ignore"):
+            raise ValueError(f'unknown must be "error" or "ignore", got {unknown!r}')
+        n, unknown_rows = len(raw_labels), {}
+        if self._multi_label:
+            targets = np.zeros((n, self.num_labels), np.float32)
+        else:
+            targets = np.full(n, IGNORE_INDEX, np.int64)
+        for row, value in enumerate(raw_labels):
+            for name in value if self._multi_label else [value]:
+                idx = self._label2id.get(str(name))
+                if idx is None:
+                    unknown_rows.setdefault(name, []).append(row + 1)
+                elif self._multi_label:
+                    targets[row, idx] = 1.0
+                else:
+                    targets[row] = idx
+        if unknown_rows:
+            message = self._unknown_message(unknown_rows, path)
+            if unknown == "error":
+                raise DataError(message + '; fix the data or pass unknown="ignore"')
+            warnings.warn(message + "; ignored them", stacklevel=2)
+        return targets
+
+    def _unknown_message(self, unknown_rows, path):
+        count = sum(map(len, unknown_rows.values()))
+        shown = ", ".join(f"{name!r} ({_first(rows, 5, 'row')})" for name, rows in unknown_rows.items())
+        return (f"{path or 'labels'}: {count} occurrence(s) of {len(unknown_rows)} label(s) not seen in "
+                f"training: {shown}; training labels: {_first(self._names, 20)}")
+
+    def decode(self, targets, threshold=0.5) -> list:
+        """Class ids -> names; multi-hot rows (or probabilities, cut at threshold) -> lists of names."""
+        targets = np.asarray(targets)
+        if self._multi_label:
+            return [[self._names[j] for j in np.flatnonzero(row >= threshold)] for row in targets]
+        return [self._names[int(i)] for i in targets]
+
+
+def train_val_split(n_or_labels, val_fraction=0.1, seed=0, stratify=True):
+    """-> (train_idx, val_idx), sorted int64 arrays. Stratified for single labels (every class keeps
+    >= 1 training example; classes with one example stay in train); plain random for an int, for
+    multi-label rows (lists, or a 2-D multi-hot array) or stratify=False."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = None if isinstance(n_or_labels, (int, np.integer)) else n_or_labels
+    n = len(labels) if labels is not None else int(n_or_labels)
+    if n < 2:
+        raise DataError(f"need at least 2 rows to split off a validation set, got {n}")
+    rng = np.random.default_rng(seed)
+    multi = labels is not None and any(isinstance(x, (list, tuple, np.ndarray)) for x in labels)  # rows of names
+    if labels is None or multi or not stratify:
+        val = rng.permutation(n)[:min(max(int(n * val_fraction + 0.5), 1), n - 1)]
+    else:
+        _, class_of = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+        val = []
+        for c in range(class_of.max() + 1):
+            members = rng.permutation(np.flatnonzero(class_of == c))
+            val.extend(members[:min(int(len(members) * val_fraction + 0.5), len(members) - 1)])
+    is_val = np.zeros(n, bool)
+    is_val[np.asarray(val, np.int64)] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _token_content(token):
+    return token["content"] if isinstance(token, dict) else token  # old configs store AddedToken dicts
+
+
+def _special_tokens(model_dir: Path) -> dict:
+    """tokenizer_config.json overlaid with special_tokens_map.json (both optional)."""
+    config = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).is_file():
+            config.update(json.loads((model_dir / name).read_text(encoding="utf-8")))
+    return config
+
+
+def _bert_wordpiece(model_dir: Path, config: dict) -> Tokenizer:
+    """The BERT tokenizer as transformers builds it from vocab.txt (BertTokenizer/BertTokenizerFast)."""
+    special = {role: str(_token_content(config.get(f"{role}_token") or f"[{role.upper()}]"))
+               for role in ("pad", "unk", "cls", "sep", "mask")}
+    vocab = WordPiece.read_file(str(model_dir / "vocab.txt"))
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token=special["unk"]))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+        strip_accents=config.get("strip_accents"),  # None = strip when lowercasing, as in BERT
+        lowercase=config.get("do_lower_case", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    extra = [_token_content(t) for t in config.get("additional_special_tokens") or []]
+    # Special tokens written in the text ("[SEP]") match as themselves, before lowercasing.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*special.values(), *extra]])
+    cls, sep = special["cls"], special["sep"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))])
+    return tokenizer
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    """tokenizer.json if present, else BERT WordPiece from vocab.txt + tokenizer_config.json.
+    Padding/truncation saved in tokenizer.json are switched off: we pad per batch ourselves."""
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    elif (model_dir / "vocab.txt").is_file():
+        tokenizer = _bert_wordpiece(model_dir, _special_tokens(model_dir))
+    else:
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json or vocab.txt")
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def encode_texts(tokenizer: Tokenizer, texts, max_length: int) -> list:
+    """Token ids with special tokens, truncated to max_length in total (like transformers'
+    truncation=True, max_length=N). Token types of single texts are all 0, so they are not returned."""
+    tokenizer.enable_truncation(max_length)
+    return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+
+
+class TextEncoder:
+    """A checkpoint's tokenizer with its max_length and pad id: TextEncoder(dir, 512).encode(texts)."""
+
+    def __init__(self, model_dir, max_length=512):
+        self.tokenizer, self.max_length = load_tokenizer(model_dir), max_length
+        pad = _token_content(_special_tokens(Path(model_dir)).get("pad_token") or "[PAD]")
+        self.pad_id = self.tokenizer.token_to_id(pad)
+        if self.pad_id is None:
+            raise ValueError(f"{model_dir}: pad token {pad!r} is not in the vocabulary")
+
+    def encode(self, texts) -> list:
+        return encode_texts(self.tokenizer, texts, self.max_length)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, drop_last=False) -> list:
+    """Row indices per batch. shuffle: a new order per (seed, epoch); with bucket, rows are sorted
+    by length within chunks of BUCKET_CHUNK_BATCHES batches (less padding) and the batch order is
+    shuffled. shuffle=False with bucket sorts everything longest first: put outputs back by index."""
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    if bucket:
+        chunk = batch_size * BUCKET_CHUNK_BATCHES if shuffle else max(len(lengths), 1)
+        order = np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
+                                for part in np.split(order, range(chunk, len(order), chunk))])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if shuffle and bucket:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return [b.tolist() for b in batches]
+
+
+def _labels_tensor(labels):
+    return {} if labels is None else {"labels": torch.as_tensor(np.asarray(labels))}
+
+
+def pad_batch(seqs, labels, pad_id) -> dict:
+    """Right-pad to the longest sequence: input_ids, attention_mask, token_type_ids [B, T] int64 (+ labels).
+    token_type_ids are all 0 (single texts); drop them for models without them (ModernBERT)."""
+    lengths = [len(s) for s in seqs]
+    input_ids = np.full((len(seqs), max(lengths)), pad_id, np.int64)
+    attention_mask = np.zeros_like(input_ids)
+    for row, seq in enumerate(seqs):
+        input_ids[row, :len(seq)] = seq
+        attention_mask[row, :len(seq)] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+            "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)), **_labels_tensor(labels)}
+
+
+def pack_batch(seqs, labels=None) -> dict:
+    """Unpadded layout for varlen attention: input_ids, position_ids, token_type_ids [T_total] int64
+    (positions restart at 0 per sequence), cu_seqlens int32 [B + 1], max_seqlen int (+ labels)."""
+    lengths = np.array([len(s) for s in seqs], np.int64)
+    cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
+    input_ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=int(cu_seqlens[-1]))
+    position_ids = np.arange(len(input_ids)) - np.repeat(cu_seqlens[:-1], lengths)
+    return {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
+            "token_type_ids": torch.zeros(len(input_ids), dtype=torch.int64),
+            "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)), "max_seqlen": int(lengths.max()),
+            **_labels_tensor(labels)}
