@@ -503,6 +503,7 @@ class EncoderClassifier(nn.Module):
         model = cls(config)
         state = load_state_dict(model_dir)
         fresh = model.load_hf_state_dict(state)
+        model.fresh_head = bool(fresh)
         if fresh and verbose:
             print(f"{model_dir}: new classifier head initialised ({', '.join(fresh)}); train it before use")
         return model.to(device=device, dtype=dtype)

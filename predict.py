@@ -1,0 +1,130 @@
+"""
+Predict labels with a fine-tuned checkpoint (a train.py output folder, or any compatible HF folder).
+
+    python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
+    python predict.py --model out --input notes.csv --output predictions.jsonl
+
+From Python:
+    from predict import Predictor
+    Predictor("out").predict(["CT shows a spiculated nodule."])
+    -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
+
+Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
+"""
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from data import TextEncoder, batch_indices, pad_batch, read_table
+from model import EncoderClassifier
+
+
+def autocast(device, amp):
+    """bf16 (or fp16) autocast on CUDA; plain fp32 elsewhere or when amp is off."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto"):
+    """Logits [N, num_labels] as float32 numpy, in the order of seqs. Batches are length-sorted
+    (little padding); each batch's logits are written back to the rows they came from."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(seqs), model.config.num_labels), np.float32)
+    for rows in batch_indices([len(s) for s in seqs], batch_size, shuffle=False, bucket=True):
+        batch = pad_batch([seqs[i] for i in rows], None, pad_id)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits, _ = model(ids, mask)
+        out[rows] = logits.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+class Predictor:
+    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts."""
+
+    def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto"):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
+        config = self.model.config
+        if config.id2label is None:
+            raise ValueError(f"{model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
+        self.names = [config.id2label[i] for i in range(config.num_labels)]
+        length = max_length or (config.long_document or {}).get("max_length") or config.max_position_embeddings
+        self.encoder = TextEncoder(model_dir, min(length, config.max_position_embeddings))
+        self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
+        self.batch_size, self.amp = batch_size, amp
+
+    def logits(self, texts):
+        return predict_logits(self.model, self.encoder.encode(texts), self.encoder.pad_id, self.batch_size, self.amp)
+
+    def predict(self, texts):
+        logits = self.logits(texts)
+        if self.model.config.multi_label:
+            probs = 1.0 / (1.0 + np.exp(-logits))
+            return [{"labels": [{"label": self.names[j], "probability": float(p[j])}
+                                for j in np.flatnonzero(p >= self.thresholds)]} for p in probs]
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        return [{"label": self.names[int(p.argmax())], "probability": float(p.max()),
+                 "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
+
+
+def write_predictions(path, texts, predictions, multi_label):
+    """CSV (label columns flattened; multi-label as `;`-joined names) or JSONL (everything)."""
+    if path.endswith((".jsonl", ".json")):
+        with open(path, "w", encoding="utf-8") as f:
+            for text, p in zip(texts, predictions):
+                f.write(json.dumps({"text": text, **p}, ensure_ascii=False) + "\n")
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        if multi_label:
+            writer.writerow(["text", "labels", "probabilities"])
+            for text, p in zip(texts, predictions):
+                writer.writerow([text, ";".join(x["label"] for x in p["labels"]),
+                                 ";".join(f"{x['probability']:.4f}" for x in p["labels"])])
+        else:
+            writer.writerow(["text", "label", "probability"])
+            for text, p in zip(texts, predictions):
+                writer.writerow([text, p["label"], f"{p['probability']:.4f}"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="out", help="checkpoint folder written by train.py")
+    parser.add_argument("--text", action="append", help="a text to label (repeatable)")
+    parser.add_argument("--input", help="CSV, TSV or JSONL file with a text column")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
+    parser.add_argument("--device", help="cuda, cpu, ...; default: cuda when available")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    args = parser.parse_args(argv)
+    if bool(args.text) == bool(args.input):
+        parser.error("give texts with --text or a file with --input (one of them)")
+    texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
+    predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp)
+    predictions = predictor.predict(texts)
+    if args.output:
+        write_predictions(args.output, texts, predictions, predictor.model.config.multi_label)
+        print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
+    else:
+        for text, p in zip(texts, predictions):
+            print(json.dumps({"text": text, **p}, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

