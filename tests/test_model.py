@@ -1,4 +1,5 @@
 """model.py against the reference (transformers), live where it is installed and via golden files."""
+import csv
 import json
 import os
 import shutil
@@ -144,12 +145,10 @@ def test_real_minilm_encoder_matches_reference():
     T = reference()
     folder = minilm_dir()
     tok = T.AutoTokenizer.from_pretrained(folder)
-    texts = [
-        "CT of the chest shows a 2 cm spiculated nodule in the right upper lobe.",
-        "Patient presented with acute abdominal pain; appendectomy was performed without complications.",
-        "MRI brain: no acute infarct.",
-    ]
-    batch = tok(texts, padding=True, return_tensors="pt")
+    shipped = os.path.join(os.path.dirname(GOLDEN), "..", "example_data", "medical_abstracts", "test.csv")
+    with open(shipped, newline="", encoding="utf-8") as f:
+        texts = [row["text"] for row, _ in zip(csv.DictReader(f), range(6))]  # real abstracts, 150-400 words
+    batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
     ref = T.AutoModel.from_pretrained(folder).eval()
     ours = EncoderClassifier.from_pretrained(folder, num_labels=5, verbose=False).eval()
     with torch.no_grad():
