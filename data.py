@@ -3,8 +3,8 @@
 read_table -> Table(texts, labels, multi_label, path, label_columns)
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
-TextEncoder / load_tokenizer / encode_texts   checkpoint tokenizer -> token ids
-batch_indices -> pad_batch (B x T) or pack_batch (varlen layout)
+TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, or windows of long documents)
+batch_indices -> pad_batch (B x T), pack_batch (varlen layout) or window_batch (windows + doc_index)
 
 Any problem with the user's data raises DataError naming the file, the row and the problem.
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
@@ -26,6 +26,7 @@ csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB defa
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None}
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
+LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
 
 
 class DataError(ValueError):
@@ -368,25 +369,74 @@ def load_tokenizer(model_dir) -> Tokenizer:
     return tokenizer
 
 
-def encode_texts(tokenizer: Tokenizer, texts, max_length: int) -> list:
-    """Token ids with special tokens, truncated to max_length in total (like transformers'
-    truncation=True, max_length=N). Token types of single texts are all 0, so they are not returned."""
-    tokenizer.enable_truncation(max_length)
-    return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+def special_ids(tokenizer: Tokenizer):
+    """(prefix, suffix): the ids the post-processor puts around one text, e.g. ([CLS], [SEP]) for BERT."""
+    content = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a").ids
+    start = full.index(content[0]) if content and content[0] in full else -1
+    if start < 0 or full[start:start + len(content)] != content:
+        raise ValueError(f"cannot find the text between the special tokens of {full}: unsupported post-processor")
+    return full[:start], full[start + len(content):]
+
+
+def truncate(ids, budget, strategy):
+    """At most budget ids: the first (head, native), the last (tail), or the first quarter of the budget and
+    the last three quarters (head_tail: a note's opening and its conclusion both survive)."""
+    if len(ids) <= budget:
+        return ids
+    if strategy in ("head", "native"):
+        return ids[:budget]
+    head = budget // 4 if strategy == "head_tail" else 0
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+def split_windows(ids, size, stride):
+    """Windows of `size` ids starting every `stride` ids, the last reaching the end: every id is in a window
+    and neighbours share size - stride ids. A text of up to `size` ids (even none) is one window."""
+    count = 1 + max(0, -(-(len(ids) - size) // stride))  # ceil division
+    return [ids[i * stride:i * stride + size] for i in range(count)]
 
 
 class TextEncoder:
-    """A checkpoint's tokenizer with its max_length and pad id: TextEncoder(dir, 512).encode(texts)."""
+    """A checkpoint's tokenizer with its max_length, pad id and long-document strategy (long_docs):
+    TextEncoder(dir, 512).encode(texts). No sequence passes max_length, special tokens included.
+    - head / tail / head_tail / native (= head; train.py gives it the model's full length) truncate the text;
+      encode() gives one list of ids per text.
+    - windows_max / windows_mean / windows_attention split it into windows of max_length whose texts start
+      `stride` tokens apart (default: half a window's text, i.e. 50% overlap); encode() gives a list of windows
+      per text, and the model turns them into one prediction (model.EncoderClassifier.aggregate).
+    Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP])."""
 
-    def __init__(self, model_dir, max_length=512):
+    def __init__(self, model_dir, max_length=512, long_docs="head", stride=0):
         self.tokenizer, self.max_length = load_tokenizer(model_dir), max_length
         pad = _token_content(_special_tokens(Path(model_dir)).get("pad_token") or "[PAD]")
         self.pad_id = self.tokenizer.token_to_id(pad)
         if self.pad_id is None:
             raise ValueError(f"{model_dir}: pad token {pad!r} is not in the vocabulary")
+        if long_docs not in LONG_DOCS:
+            raise ValueError(f"long_docs {long_docs!r} is not one of {LONG_DOCS}")
+        self.strategy, self.windows = long_docs, long_docs.startswith("windows_")
+        self.prefix, self.suffix = special_ids(self.tokenizer)
+        self.budget = max_length - len(self.prefix) - len(self.suffix)  # text tokens per sequence
+        self.stride = (stride or max(self.budget // 2, 1)) if self.windows else None
+        if self.budget < 1 or (self.windows and not 1 <= self.stride <= self.budget):
+            raise ValueError(f"max_length {max_length} with window stride {stride}: need 1 <= stride <= "
+                             f"max_length - {max_length - self.budget} special tokens")
+        # config.json's long_document: predict.py rebuilds this encoder from it
+        self.long_document = {"strategy": long_docs, "max_length": max_length}
+        if self.windows:
+            self.long_document["stride"] = self.stride
 
     def encode(self, texts) -> list:
-        return encode_texts(self.tokenizer, texts, self.max_length)
+        """Per text: its ids, or its list of windows (windows_*)."""
+        wrap = lambda ids: self.prefix + ids + self.suffix
+        out = []
+        for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
+            if self.windows:
+                out.append([wrap(w) for w in split_windows(e.ids, self.budget, self.stride)])
+            else:
+                out.append(wrap(truncate(e.ids, self.budget, self.strategy)))
+        return out
 
 
 # ----------------------------------------------------------------------------- batching
@@ -425,6 +475,14 @@ def pad_batch(seqs, labels, pad_id) -> dict:
         attention_mask[row, :len(seq)] = 1
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
             "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)), **_labels_tensor(labels)}
+
+
+def window_batch(docs, labels, pad_id) -> dict:
+    """Documents as lists of windows: pad_batch of all their windows at once (one row per window) plus
+    doc_index [W] int64, each window's document; labels stay one row per document."""
+    batch = pad_batch([window for doc in docs for window in doc], labels, pad_id)
+    batch["doc_index"] = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs]))
+    return batch
 
 
 def pack_batch(seqs, labels=None) -> dict:

@@ -8,6 +8,7 @@ BertForSequenceClassification and ModernBertForSequenceClassification.
 Attention runs on one of two layouts, chosen by the inputs to forward():
 - padded: input_ids [B, T] with attention_mask [B, T]  -> SDPA with a boolean mask
 - packed: input_ids [N] (all sequences concatenated) with cu_seqlens [B+1] -> no FLOPs on padding
+With doc_index, the sequences are windows of long documents and forward() returns one prediction per document.
 """
 import json
 import math
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
@@ -40,7 +42,7 @@ class LabelsConfig:
     id2label: dict = None
     problem_type: str = SINGLE_LABEL
     thresholds: list = None  # multi-label decision thresholds, one per label (tuned on validation data)
-    long_document: dict = None  # how documents longer than max_length are handled (train.py records it)
+    long_document: dict = None  # {"strategy", "max_length"[, "stride"]}: see data.TextEncoder; train.py records it
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @property
@@ -243,6 +245,14 @@ def apply_rope(q, k, cos, sin):
     return rotate(q), rotate(k)
 
 
+def run_layer(layer, checkpointing, *args):
+    """One encoder layer. Activation checkpointing keeps only the layer's input and recomputes the rest in
+    backward: memory for long sequences grows with one layer's activations instead of all of them."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 # -----------------------------------------------------------------------------
 # BERT: post-LN, learned absolute positions, token types, pooler
 
@@ -274,6 +284,7 @@ class BertEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.drop = nn.Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+        self.grad_checkpointing = False
 
     def forward(self, input_ids, layout, position_ids, token_type_ids=None):
         if token_type_ids is None:
@@ -281,7 +292,7 @@ class BertEncoder(nn.Module):
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
         x = self.drop(self.embed_norm(x))
         for layer in self.layers:
-            x = layer(x, layout)
+            x = run_layer(layer, self.grad_checkpointing, x, layout)
         return x
 
 
@@ -335,6 +346,7 @@ class ModernBertEncoder(nn.Module):
         self.drop = nn.Dropout(c.embedding_dropout)
         self.layers = nn.ModuleList(ModernBertLayer(c, i) for i in range(c.num_hidden_layers))
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
+        self.grad_checkpointing = False
 
     def forward(self, input_ids, layout, position_ids, token_type_ids=None):
         c = self.config
@@ -343,7 +355,7 @@ class ModernBertEncoder(nn.Module):
         rope_local = rope_cos_sin(position_ids, head_dim, c.local_rope_theta)
         x = self.drop(self.embed_norm(self.word(input_ids)))
         for layer in self.layers:
-            x = layer(x, layout, rope_local if layer.local else rope_global)
+            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global)
         return self.final_norm(x)
 
 
@@ -366,6 +378,16 @@ class ModernBertHead(nn.Module):
 # the classifier: encoder + pooling + head + loss, loading and saving
 
 
+def window_aggregation(strategy):
+    """windows_max / windows_mean / windows_attention -> "max" / "mean" / "attention"; None for the
+    strategies that truncate (one sequence per text)."""
+    if not strategy.startswith("windows_"):
+        return None
+    if strategy not in ("windows_max", "windows_mean", "windows_attention"):
+        raise ValueError(f"long-document strategy {strategy!r} is not supported")
+    return strategy.removeprefix("windows_")
+
+
 class EncoderClassifier(nn.Module):
 
     def __init__(self, config):
@@ -377,17 +399,48 @@ class EncoderClassifier(nn.Module):
         self.pooling = "cls" if bert else config.classifier_pooling
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use 'cls' or 'mean'")
+        # windows_max / windows_mean / windows_attention: how a long document's windows make one prediction
+        self.aggregation = window_aggregation((config.long_document or {}).get("strategy", "head"))
+        if self.aggregation == "attention":  # one score per window; no bias: a softmax ignores it
+            self.window_attention = nn.Linear(config.hidden_size, 1, bias=False)
         self.apply(self._init_weights)
+        if self.aggregation == "attention":  # equal weights at first: training starts from the windows' mean
+            nn.init.zeros_(self.window_attention.weight)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                position_ids=None, cu_seqlens=None, max_seqlen=None):
+                position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None):
         """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
         Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
-        Returns (logits [B, num_labels], loss or None)."""
+        doc_index [B] int64, sorted: the sequences are windows and this is each one's document; the logits
+        (and labels) are then one row per document, aggregated as in aggregate().
+        Returns (logits [B or documents, num_labels], loss or None)."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         pooled = self.pool(hidden, attention_mask, cu_seqlens)
-        logits = self.head(pooled)
+        if doc_index is None:
+            logits = self.head(pooled)
+        else:  # in training the labels count the documents without a host sync
+            num_docs = len(labels) if labels is not None else int(doc_index[-1]) + 1
+            logits = self.aggregate(pooled, doc_index, num_docs)
         return logits, (None if labels is None else self.loss(logits, labels))
+
+    def aggregate(self, pooled, doc_index, num_docs):
+        """Window vectors [W, H] -> document logits [num_docs, num_labels], with segment ops (no loop over
+        documents). max / mean: of the windows' logits. attention: a softmax over each document's windows
+        weighs their vectors; the head classifies the weighted sum."""
+        if self.aggregation is None:
+            raise ValueError("doc_index needs a windows_* strategy in config.long_document")
+        if self.aggregation != "attention":
+            logits = self.head(pooled)
+            out = logits.new_zeros(num_docs, logits.shape[-1])
+            index = doc_index[:, None].expand_as(logits)
+            reduce = "amax" if self.aggregation == "max" else "mean"
+            return out.scatter_reduce(0, index, logits, reduce, include_self=False)
+        scores = self.window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
+        top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
+        e = (scores - top[doc_index]).exp()
+        weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
+        weighted = weights[:, None].to(pooled.dtype) * pooled
+        return self.head(pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted))
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                cu_seqlens=None, max_seqlen=None):
@@ -464,7 +517,8 @@ class EncoderClassifier(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"
+        # fused also takes a found_inf flag: train.py skips non-finite steps on the device with it
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     def flops_per_token(self, seq_len):
@@ -516,7 +570,8 @@ class EncoderClassifier(nn.Module):
         missing, fresh, wrong_shape = [], [], []
         for key, sources in names.items():
             if not all(s in state for s in sources):
-                (fresh if key.startswith("head.") else missing).append(sources[0])
+                if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
+                    (fresh if key.startswith("head.") else missing).append(sources[0])
                 continue
             tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
             if tensor.shape != ours[key].shape:
@@ -598,6 +653,7 @@ def hf_names(c, model_keys):
             for a, b in [("attn_norm", "attn_norm"), ("attn.qkv", "attn.Wqkv"), ("attn_out", "attn.Wo"),
                          ("mlp_norm", "mlp_norm"), ("wi", "mlp.Wi"), ("wo", "mlp.Wo")]:
                 table[ours + a + ".*"] = hf + b + ".*"
+    table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
     names = {}
     for pattern, hf in table.items():
         hf = hf if isinstance(hf, list) else [hf]
@@ -614,14 +670,16 @@ def normalise_keys(state, c):
     out = {}
     for key, tensor in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        bare = not key.startswith(prefix) and not key.startswith(("classifier.", "head.", "cls.", "decoder."))
+        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.")
+        bare = not key.startswith(prefix) and not key.startswith(top_level)
         out[prefix + key if bare else key] = tensor
     return out
 
 
 def ignorable(key):
-    """Pretraining heads and buffers that a classifier leaves behind, as the reference does."""
-    return key.startswith(("cls.", "decoder.")) or key.endswith("position_ids")
+    """Pretraining heads and buffers that a classifier leaves behind, as the reference does; and window
+    attention weights when the model is loaded with another long-document strategy."""
+    return key.startswith(("cls.", "decoder.", "window_attention.")) or key.endswith("position_ids")
 
 
 def load_state_dict(model_dir):
