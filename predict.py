@@ -15,14 +15,14 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
 
 import numpy as np
 import torch
 
-from data import TextEncoder, batch_indices, pad_batch, read_table
-from model import EncoderClassifier
+from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, pad_batch, read_table, window_batch
+from metrics import compute_metrics
+from model import EncoderClassifier, window_aggregation
 
 
 def autocast(device, amp):
@@ -36,34 +36,57 @@ def autocast(device, amp):
 @torch.no_grad()
 def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto"):
     """Logits [N, num_labels] as float32 numpy, in the order of seqs. Batches are length-sorted
-    (little padding); each batch's logits are written back to the rows they came from."""
+    (little padding); each batch's logits are written back to the rows they came from.
+    A model with a windows_* strategy takes seqs as lists of windows (TextEncoder) and gives one row per text."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = np.zeros((len(seqs), model.config.num_labels), np.float32)
+    collate = window_batch if model.aggregation else pad_batch
     for rows in batch_indices([len(s) for s in seqs], batch_size, shuffle=False, bucket=True):
-        batch = pad_batch([seqs[i] for i in rows], None, pad_id)
+        batch = collate([seqs[i] for i in rows], None, pad_id)
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
+        doc_index = batch["doc_index"].to(device) if "doc_index" in batch else None
         with autocast(device, amp):
-            logits, _ = model(ids, mask)
+            logits, _ = model(ids, mask, doc_index=doc_index)
         out[rows] = logits.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
+def check_vocab(tokenizer, vocab_size, model_dir):
+    """Refuse, once at load, a tokenizer that can emit ids past the model's embedding table: they would
+    fail deep inside the forward pass (on CUDA as an opaque device-side assert)."""
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
+    if top >= vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has token ids up to {top} but the model's vocab_size is "
+                         f"{vocab_size}; the tokenizer files belong to another model")
+
+
 class Predictor:
     """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts."""
 
-    def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto"):
+    def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
+                 long_docs=None, window_stride=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
         config = self.model.config
         if config.id2label is None:
             raise ValueError(f"{model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
         self.names = [config.id2label[i] for i in range(config.num_labels)]
-        length = max_length or (config.long_document or {}).get("max_length") or config.max_position_embeddings
-        self.encoder = TextEncoder(model_dir, min(length, config.max_position_embeddings))
+        # long documents as in training (config.json); a checkpoint not from train.py: head at its maximum
+        trained = config.long_document or {}
+        strategy = long_docs or trained.get("strategy", "head")
+        if window_aggregation(strategy) == "attention" and not hasattr(self.model, "window_attention"):
+            raise ValueError(f"{model_dir} was trained with {trained.get('strategy', 'head')!r}, without window "
+                             "attention weights; use windows_max or windows_mean")
+        self.model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
+        positions = config.max_position_embeddings
+        length = min(max_length or trained.get("max_length") or positions, positions)
+        length = positions if strategy == "native" else length
+        self.encoder = TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
+        check_vocab(self.encoder.tokenizer, config.vocab_size, model_dir)
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
         self.batch_size, self.amp = batch_size, amp
 
@@ -79,6 +102,16 @@ class Predictor:
         probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
         return [{"label": self.names[int(p.argmax())], "probability": float(p.max()),
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
+
+
+def score_file(predictor, path, text_column="text", label_column="label"):
+    """Metrics of the checkpoint on a labelled file. Its labels must be ones the checkpoint knows
+    (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
+    config = predictor.model.config
+    columns = label_column.split(",") if "," in label_column else label_column
+    table = read_table(path, text_column, columns, config.multi_label)
+    targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(table.labels, path)
+    return compute_metrics(predictor.logits(table.texts), targets, config.multi_label, predictor.thresholds)
 
 
 def write_predictions(path, texts, predictions, multi_label):
@@ -112,11 +145,27 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
     parser.add_argument("--device", help="cuda, cpu, ...; default: cuda when available")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--long-docs", choices=LONG_DOCS, help="default: the strategy the model was trained with")
+    parser.add_argument("--window-stride", type=int, help="windows_*: default: as trained")
+    parser.add_argument("--label-column", help="score the --input file against this label column: print its "
+                        "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
     args = parser.parse_args(argv)
     if bool(args.text) == bool(args.input):
         parser.error("give texts with --text or a file with --input (one of them)")
-    texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
-    predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp)
+    if args.label_column and not args.input:
+        parser.error("--label-column scores a labelled --input file")
+    try:
+        predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp,
+                              args.long_docs, args.window_stride)
+        if args.label_column:
+            metrics = score_file(predictor, args.input, args.text_column, args.label_column)
+            print(json.dumps(metrics))
+            return metrics
+        texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
+        raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
     predictions = predictor.predict(texts)
     if args.output:
         write_predictions(args.output, texts, predictions, predictor.model.config.multi_label)

@@ -4,17 +4,22 @@ Fine-tune a BERT or ModernBERT checkpoint as a text classifier.
     python train.py                                   # MiniLM on the shipped medical abstracts
     python train.py --train-file my.csv --label-column code --epochs 3 --out-dir out/codes
     python train.py --config job.toml --lr 3e-5       # a config file, then command-line overrides
+    torchrun --nproc_per_node 4 train.py ...          # 4 GPUs: global batch = batch_size x grad_accum x 4
+    python train.py ... --resume                      # continue from out_dir/last after a crash
 
 Every option is a field of TrainConfig below; `python train.py --help` lists them with defaults.
 The output folder loads in transformers (AutoModelForSequenceClassification) and in predict.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import sys
+import tempfile
 import time
 import tomllib
 import typing
@@ -22,13 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from data import IGNORE_INDEX, DataError, LabelEncoder, TextEncoder, batch_indices, pad_batch, read_table, train_val_split
+from data import (IGNORE_INDEX, DataError, LabelEncoder, TextEncoder, batch_indices, pad_batch, read_table,
+                  train_val_split, window_batch)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import MULTI_LABEL, SINGLE_LABEL, BertConfig, EncoderClassifier
-from predict import autocast, predict_logits
+from model import MULTI_LABEL, SINGLE_LABEL, EncoderClassifier
+from predict import autocast, check_vocab, predict_logits
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -46,10 +52,14 @@ class TrainConfig:
     unknown_labels: str = "error"  # error | ignore: labels in val/test data never seen in training
     val_fraction: float = 0.1
     max_length: int = 256  # tokens per text, special tokens included; 0 = the model's maximum
+    # texts longer than max_length: head | tail | head_tail | native (head at the model's maximum) |
+    # windows_max | windows_mean | windows_attention (overlapping windows, one prediction per text)
+    long_docs: str = "head"
+    window_stride: int = 0  # windows_*: text tokens from one window's start to the next; 0 = half a window
     # optimisation
     epochs: int = 5
     max_steps: int = 0  # > 0 stops after this many optimizer steps, whatever epochs says
-    batch_size: int = 32
+    batch_size: int = 32  # per process: the global batch is batch_size * grad_accum * world_size
     grad_accum: int = 1  # optimizer step every grad_accum batches
     lr: float = 5e-5
     weight_decay: float = 0.01  # not applied to biases and norm weights
@@ -70,10 +80,14 @@ class TrainConfig:
     keep_checkpoints: int = 0  # also keep the last N evaluated checkpoints in out_dir/checkpoints
     out_dir: str = "out"
     log_every: int = 10  # optimizer steps between progress updates
+    resume: bool = False  # continue from out_dir/last (written at every evaluation); none there = start afresh
+    max_bad_steps: int = 10  # stop after this many optimizer steps in a row with a non-finite gradient; 0 = never
     # system
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     device: str = ""  # "" = cuda when available, else cpu
     amp: str = "auto"  # auto (bf16, or fp16 where bf16 is missing) | bf16 | fp16 | off; CUDA only
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute each layer in backward: less memory for long texts, ~30% slower
     bucket: bool = True  # batches of similar lengths (less padding)
     seed: int = 0
     config: str = ""  # a .toml or .json file of these options; command-line options override it
@@ -138,7 +152,7 @@ def resolve_model(name):
 
 @dataclass
 class Split:
-    seqs: list  # token ids per text
+    seqs: list  # token ids per text; with windows_*, a list of windows per text
     targets: np.ndarray  # int64 [N] or float32 multi-hot [N, L]
     texts: list
 
@@ -196,15 +210,27 @@ def linear_schedule(warmup_steps, total_steps):
 
 
 def optimizer_step(model, optimizer, scheduler, scaler, clip):
-    """Unscale, clip, step, schedule. Returns the gradient norm as a tensor (no host sync)."""
+    """Unscale, clip, step, schedule. Returns (gradient norm, bad) as tensors: no host sync.
+    bad = the gradient is not finite (a nan/inf loss or an overflow). That update is skipped on the
+    device: fused AdamW takes the grad scaler's found_inf flag and then leaves weights, moments and its
+    step count alone. Asking the host each step would stall the GPU's queue; train() reads the count
+    of bad steps only when it logs."""
     scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0 else torch.zeros(())
-    scaler.step(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)  # inf: measure, no clipping
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+    bad = ~torch.isfinite(norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fp16: the scaler finds inf/nan gradients and skips by itself
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad.float()
+        optimizer.step()
+    elif not bad.item():  # an unfused optimizer cannot skip on the device: one host sync per step
+        optimizer.step()
     scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm, bad
 
 
 def prior_bias(targets, eps=1e-4):
@@ -214,13 +240,124 @@ def prior_bias(targets, eps=1e-4):
     return torch.from_numpy(np.log(p / (1 - p))).float()
 
 
+def count_bad_step(counts, bad):
+    """counts = [bad steps in a row now, most in a row, total], kept on the device: no host sync."""
+    run = torch.where(bad, counts[0] + 1, 0)
+    counts.copy_(torch.stack([run, torch.maximum(counts[1], run), counts[2] + bad]))
+
+
+def check_bad_steps(counts, cfg, step):
+    """Total bad steps so far; ends the run once max_bad_steps came in a row (read when logging)."""
+    _, worst, total = counts.tolist()
+    if cfg.max_bad_steps and worst >= cfg.max_bad_steps:
+        raise SystemExit(f"stopped at step {step}: {worst} optimizer steps in a row had a non-finite loss or "
+                         f"gradient (nan/inf; {total} skipped in all, --max-bad-steps {cfg.max_bad_steps}). "
+                         "Lower --lr, look for broken rows in the data, or try --amp off")
+    return total
+
+
+def oom_message(cfg):
+    """What to try after an out-of-memory error: the same global batch in smaller pieces."""
+    world = rank_and_world()[1]
+    smaller = max(cfg.batch_size // 2, 1)
+    accum = math.ceil(cfg.batch_size * cfg.grad_accum / smaller)
+    return (f"out of memory with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} (global batch "
+            f"{cfg.batch_size * cfg.grad_accum * world}). Try --batch-size {smaller} --grad-accum {accum}: the "
+            "same global batch in smaller pieces; or a shorter --max-length, --grad-checkpointing, or --fsdp")
+
+
+# -----------------------------------------------------------------------------
+# several processes (torchrun --nproc_per_node N train.py ...): data parallel, one process per GPU
+
+
+def init_distributed(cfg):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; one process needs no group."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":  # each process its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def wrap_for_ranks(model, cfg, device):
+    """The module to train: the model alone; DDP (a replica per rank, gradients averaged in backward);
+    or with --fsdp, FSDP2 (weights, gradients and optimizer state sharded; each layer's weights are
+    gathered just for its forward and backward), for models that do not fit on one GPU."""
+    if not dist.is_initialized():
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.encoder.layers:
+            fully_shard(layer)
+        return fully_shard(model)  # shards in place: `model` is now the FSDP module too
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def rank_batches(order, grad_accum, rank, world, skip_steps=0):
+    """This rank's batches of an epoch as (rows, weight, last batch of its step). A step takes the next
+    grad_accum * world batches of the epoch's order (the same on every rank; the last step may be
+    short) and rank r takes every world-th from the r-th, so with the gradients averaged over ranks a
+    step is the one a single process makes with grad_accum * world. A rank left with no batch in a
+    short last step re-runs the step's first one with weight 0: all ranks must run backward equally
+    often or DDP's all-reduce hangs. skip_steps: steps of this epoch already done (--resume)."""
+    size = grad_accum * world
+    for start in range(skip_steps * size, len(order), size):
+        mine = [(rows, 1.0) for rows in order[start:start + size][rank::world]] or [(order[start], 0.0)]
+        for j, (rows, weight) in enumerate(mine):
+            yield rows, weight, j == len(mine) - 1
+
+
+def sync_gradients(model, last):
+    """DDP all-reduces the gradients in every backward; only the last batch of a step needs it."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+
+def global_mean(sums):
+    """[sum of losses, batches] on this rank (a device tensor) -> the mean loss over all ranks' batches."""
+    sums = sums.clone()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    total, count = sums.tolist()
+    return total / max(count, 1)
+
+
+def gather_logits(model, seqs, pad_id, batch_size, amp):
+    """predict_logits over all ranks, every row exactly once. Rank r scores rows r, r + world, ...; a
+    rank with one row fewer adds a copy of row 0, so all ranks run the same batches (FSDP needs that),
+    and the copies are dropped when each rank's logits are put back at their row indices."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return predict_logits(model, seqs, pad_id, batch_size, amp)
+    n, per_rank = len(seqs), math.ceil(len(seqs) / world)
+    rows = lambda r: np.arange(r, per_rank * world, world)  # indices >= n are the copies
+    logits = predict_logits(model, [seqs[i if i < n else 0] for i in rows(rank)], pad_id, batch_size, amp)
+    device = next(model.parameters()).device
+    parts = [torch.empty(per_rank, logits.shape[1], device=device) for _ in range(world)]
+    dist.all_gather(parts, torch.from_numpy(logits).to(device))
+    out = np.empty((n, logits.shape[1]), np.float32)
+    for r, part in enumerate(parts):
+        keep = rows(r) < n
+        out[rows(r)[keep]] = part.cpu().numpy()[keep]
+    return out
+
+
 # -----------------------------------------------------------------------------
 # evaluation and logs
 
 
 def evaluate(model, split, pad_id, cfg, threshold):
     """Metrics dict for a split; multi-label thresholds are tuned here when threshold is None."""
-    logits = predict_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp)
+    logits = gather_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp)  # all ranks' rows
     loss = model.loss(torch.from_numpy(logits), torch.from_numpy(split.targets)).item()
     if not model.config.multi_label:
         return {"loss": loss, **compute_metrics(logits, split.targets, False)}, None, logits
@@ -239,12 +376,12 @@ def tuned_threshold(cfg, logits, targets):
 class Progress:
     """One line of progress: a live bar on a terminal, a plain line every log_every steps in a log."""
 
-    def __init__(self, total):
-        self.total, self.start, self.tty = total, time.time(), sys.stdout.isatty()
+    def __init__(self, total, first=0):  # first: the step a resumed run starts from
+        self.total, self.first, self.start, self.tty = total, first, time.time(), sys.stdout.isatty()
 
     def update(self, step, loss, lr, tokens_per_s):
         elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
+        eta = elapsed / max(step - self.first, 1) * (self.total - step)
         done = int(30 * step / self.total)
         line = (f"step {step}/{self.total} [{'#' * done}{'.' * (30 - done)}] loss {loss:.4f} lr {lr:.2e} "
                 f"{tokens_per_s / 1e3:.1f}k tok/s eta {eta / 60:.1f} min")
@@ -290,14 +427,156 @@ def plot_curves(log_path, png_path):
     plt.close(fig)
 
 
+
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically; out_dir/last/state.pt holds all that --resume needs
+
+
+TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
+RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
+                     "test_file", "config", "grad_checkpointing"}  # they leave the training trajectory as it was
+
+
 def save_checkpoint(model, folder, model_dir, cfg):
-    """Weights + config.json (labels, thresholds) + tokenizer files + the exact training options."""
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(model_dir, name)):
-            shutil.copy(os.path.join(model_dir, name), folder)
-    with open(os.path.join(folder, "train_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    """Weights + config.json (labels, thresholds) + tokenizer files + the exact training options.
+    They are written into a temp folder inside `folder`, then each file is renamed over the old one:
+    a kill mid-write leaves the previous model.safetensors whole, never a torn one."""
+    os.makedirs(folder, exist_ok=True)
+    remove_debris(folder)
+    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), tmp)
+        with open(os.path.join(tmp, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        for name in sorted(os.listdir(tmp)):
+            fsync(os.path.join(tmp, name))
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        fsync(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save into a temp file beside path, fsync, rename over path: whenever a kill comes, path
+    holds the previous state or the new one, whole."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    remove_debris(folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync(folder)
+
+
+def fsync(path):
+    """Flush a file, or a folder's entries (a rename is durable only once its folder is), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_debris(folder):
+    """Temp files and folders left by a killed save (only rank 0 writes: none is still being written)."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
+def full_state(model, optimizer, sharded):
+    """Model and optimizer state dicts with whole tensors; under FSDP a collective, filled on rank 0."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded(model, weights):
+    """A plain copy of an FSDP model, to save. Built on the meta device: no memory, no random draws."""
+    with torch.device("meta"):
+        copy = EncoderClassifier(model.config)
+    copy.load_state_dict(weights, assign=True)
+    return copy
+
+
+def rng_state():
+    """This process's random generators (dropout draws from torch's) in types torch.load(weights_only) reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def all_rng_states():
+    """Every rank's generator states (each rank draws its own dropout masks); a collective."""
+    states = [rng_state()] * rank_and_world()[1]
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
+def load_training_state(cfg, labels, world):
+    """out_dir/last/state.pt, checked against this run; None when there is none yet (start afresh)."""
+    path = os.path.join(cfg.out_dir, "last", "state.pt")
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["options"]
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in sorted(saved)
+               if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != saved[k]]
+    if changed:
+        raise SystemExit(f"--resume: {path} was written with other options: {', '.join(changed)}; "
+                         "resume with the options of the interrupted run")
+    if state["world_size"] != world:
+        raise SystemExit(f"--resume: {path} was written by {state['world_size']} process(es), this run has "
+                         f"{world}; resume with the same --nproc_per_node")
+    if state["id2label"] != labels.id2label:
+        raise SystemExit(f"--resume: the training data's labels {labels.names} are not those of {path} "
+                         f"{list(state['id2label'].values())}; did the data change?")
+    return state
+
+
+def restore_training_state(state, model, optimizer, scheduler, scaler, sharded, rank):
+    """Put weights, optimizer moments, schedule, grad scale and this rank's random generators back."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    model.config.thresholds = state["thresholds"]
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][rank])
+
+
+def trim_log(path, step):
+    """Keep metrics.jsonl's rows up to the resumed step: the steps after it are run (and logged) again."""
+    rows = open(path).readlines() if os.path.isfile(path) else []
+    with open(path, "w") as f:
+        f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
 
 
 # -----------------------------------------------------------------------------
@@ -306,105 +585,160 @@ def save_checkpoint(model, folder, model_dir, cfg):
 
 def train(cfg):
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = init_distributed(cfg)
+    main_rank, sharded = rank == 0, cfg.fsdp and world > 1  # only rank 0 prints and writes files
     model_dir = resolve_model(cfg.model)
     hf = json.load(open(os.path.join(model_dir, "config.json")))
-    max_length = cfg.max_length or hf.get("max_position_embeddings", 512)
-    encoder = TextEncoder(model_dir, min(max_length, hf.get("max_position_embeddings", max_length)))
+    positions = hf.get("max_position_embeddings", 512)
+    max_length = positions if cfg.long_docs == "native" else min(cfg.max_length or positions, positions)
+    encoder = TextEncoder(model_dir, max_length, cfg.long_docs, cfg.window_stride)
     splits, labels = load_splits(cfg, encoder)
     train_split, val = splits["train"], splits["val"]
     multi = labels.multi_label
     metric = cfg.metric if cfg.metric != "auto" else ("micro_f1" if multi else "macro_f1")
     sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in splits.items())
-    print(f"{sizes} texts; {labels.num_labels} labels ({'multi' if multi else 'single'}-label); device {device}")
+    if main_rank:
+        print(f"{sizes} texts; {labels.num_labels} labels ({'multi' if multi else 'single'}-label); device "
+              f"{device}" + (f" x {world} processes ({'FSDP' if sharded else 'DDP'})" if world > 1 else ""))
 
-    model = EncoderClassifier.from_pretrained(
-        model_dir, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
-        overrides=dropout_overrides(cfg, hf), verbose=True)
+    model = load_model(
+        model_dir, encoder, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
+        overrides={**dropout_overrides(cfg, hf), "long_document": encoder.long_document}, verbose=main_rank)
     if multi and cfg.prior_bias and model.fresh_head:
         with torch.no_grad():
             model.head.classifier.bias.copy_(prior_bias(train_split.targets))
     model.to(device)
-    model.config.long_document = {"strategy": "head", "max_length": encoder.max_length}
-    step_model = torch.compile(model, dynamic=True) if cfg.compile else model
+    model.encoder.grad_checkpointing = cfg.grad_checkpointing
+    collate = window_batch if encoder.windows else pad_batch  # windows: one batch of all the texts' windows
+    step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
+    step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
 
     batches_per_epoch = math.ceil(len(train_split.seqs) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum * world))  # global batch: x world
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
     fp16 = device.type == "cuda" and (cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()))
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    if fp16 and sharded:
+        raise SystemExit("--fsdp has no fp16 grad scaler here: use --amp bf16 (or off)")
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    log = open(log_path, "w")
     columns = ["micro_f1", "macro_f1", "exact_match"] if multi else ["accuracy", "macro_f1", "micro_f1"]
     best, bad_evals, step, epoch, evals, last_eval = None, 0, 0, 0, 0, -1
-    progress = Progress(total_steps)
-    running_loss, running_batches, tokens, clock = torch.zeros((), device=device), 0, 0, time.time()
+    position = 0  # optimizer steps done in this epoch
+    bad_counts = torch.zeros(3, dtype=torch.long, device=device)  # see count_bad_step
+    state = load_training_state(cfg, labels, world) if cfg.resume else None
+    if state:
+        restore_training_state(state, model, optimizer, scheduler, scaler, sharded, rank)
+        best, bad_evals, step, epoch, evals, last_eval, position = (state[k] for k in (
+            "best", "bad_evals", "step", "epoch", "evals", "last_eval", "position"))
+        bad_counts.copy_(state["bad_steps"])
+    if main_rank and cfg.resume:
+        print(f"resuming at step {step}" if state else f"--resume: no {cfg.out_dir}/last yet, starting afresh")
+        trim_log(log_path, step)
+    log = open(log_path, "a" if state else "w") if main_rank else open(os.devnull, "w")
+    progress = Progress(total_steps, step)
+    # [sum of losses, batches] since the last evaluation, and of the current step; on the device
+    running, step_sums, tokens, clock = torch.zeros(2, device=device), torch.zeros(2, device=device), 0, time.time()
 
     def evaluate_and_checkpoint():
-        nonlocal best, bad_evals, evals, last_eval, running_batches, tokens, clock
-        train_loss = running_loss.item() / max(running_batches, 1)
-        running_loss.zero_()
-        running_batches, last_eval = 0, step
-        metrics, threshold, _ = evaluate(model, val, encoder.pad_id, cfg, None)
-        progress.newline()
-        print(evaluation_row(step / steps_per_epoch, step, train_loss, metrics, columns, evals == 0))
+        nonlocal best, bad_evals, evals, last_eval, tokens, clock
+        train_loss = global_mean(running)
+        running.zero_()
+        last_eval = step
+        metrics, threshold, _ = evaluate(model, val, encoder.pad_id, cfg, None)  # the same on every rank
+        if main_rank:
+            progress.newline()
+            print(evaluation_row(step / steps_per_epoch, step, train_loss, metrics, columns, evals == 0))
         log.write(json.dumps({"kind": "eval", "step": step, "epoch": step / steps_per_epoch,
                               "metric": metric, **metrics}) + "\n")
         log.flush()
         evals += 1
-        score = metrics[metric]
+        score = float(metrics[metric])
         improved = best is None or (score > best if cfg.greater_is_better else score < best)
+        weights, optim = full_state(model, optimizer, sharded)  # a collective under FSDP
+        saved = unsharded(model, weights) if sharded and main_rank else model
         if improved:
             best, bad_evals = score, 0
             model.config.thresholds = threshold_list(threshold, labels.num_labels)
-            save_checkpoint(model, cfg.out_dir, model_dir, cfg)
+            if main_rank:
+                save_checkpoint(saved, cfg.out_dir, model_dir, cfg)
         else:
             bad_evals += 1
-        if cfg.keep_checkpoints:
-            keep_recent(model, cfg, step, model_dir)
+        if cfg.keep_checkpoints and main_rank:
+            keep_recent(saved, cfg, step, model_dir)
+        rngs = all_rng_states()  # a collective
+        if main_rank:  # after the best model: a kill between the two redoes this evaluation on --resume
+            atomic_torch_save({
+                "model": weights, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs, "bad_steps": bad_counts.cpu(), "step": step,
+                "epoch": epoch, "position": position, "best": best, "bad_evals": bad_evals, "evals": evals,
+                "last_eval": last_eval, "thresholds": model.config.thresholds, "world_size": world,
+                "id2label": labels.id2label, "options": dataclasses.asdict(cfg)},
+                os.path.join(cfg.out_dir, "last", "state.pt"))
         tokens, clock = 0, time.time()  # throughput of training alone
         return cfg.patience and bad_evals >= cfg.patience
 
     model.train()
-    stop = False
+    stop = bool(cfg.patience and bad_evals >= cfg.patience)  # a resumed run that had stopped early
     while not stop and step < total_steps:
         order = batch_indices([len(s) for s in train_split.seqs], cfg.batch_size, shuffle=True,
-                              seed=cfg.seed, epoch=epoch, bucket=cfg.bucket)
-        for i, rows in enumerate(order):
-            batch = pad_batch([train_split.seqs[r] for r in rows], train_split.targets[rows], encoder.pad_id)
+                              seed=cfg.seed, epoch=epoch, bucket=cfg.bucket)  # the same on every rank
+        for rows, weight, last in rank_batches(order, cfg.grad_accum, rank, world, position):
+            batch = collate([train_split.seqs[r] for r in rows], train_split.targets[rows], encoder.pad_id)
+            tokens += int(batch["attention_mask"].sum())  # on the CPU copy: no device sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, cfg.amp):
-                _, loss = step_model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-            scaler.scale(loss / cfg.grad_accum).backward()
-            running_loss += loss.detach()
-            running_batches += 1
-            tokens += sum(len(train_split.seqs[r]) for r in rows)
-            if (i + 1) % cfg.grad_accum and i + 1 != len(order):
+            with sync_gradients(step_model, last):
+                with autocast(device, cfg.amp):
+                    _, loss = step_model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                                         doc_index=batch.get("doc_index"))
+                scaler.scale(loss * weight / cfg.grad_accum).backward()
+            if weight:
+                step_sums += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            if not last:
                 continue
-            optimizer_step(model, optimizer, scheduler, scaler, cfg.clip)
-            step += 1
+            _, bad = optimizer_step(model, optimizer, scheduler, scaler, cfg.clip)
+            count_bad_step(bad_counts, bad)
+            running += torch.where(bad, 0.0, step_sums)  # a skipped step's nan stays out of the logged loss
+            step_sums.zero_()
+            step, position = step + 1, position + 1
             if step % cfg.log_every == 0 or step == total_steps:
-                loss_now = running_loss.item() / running_batches  # the only host sync between evaluations
+                loss_now = global_mean(running)  # with the next line, the only host syncs between evaluations
+                skipped = check_bad_steps(bad_counts, cfg, step)
                 log.write(json.dumps({"kind": "train", "step": step, "loss": loss_now,
-                                      "lr": scheduler.get_last_lr()[0]}) + "\n")
-                progress.update(step, loss_now, scheduler.get_last_lr()[0], tokens / (time.time() - clock))
+                                      "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped}) + "\n")
+                if main_rank:
+                    progress.update(step, loss_now, scheduler.get_last_lr()[0], tokens / (time.time() - clock))
             if cfg.eval_every and step % cfg.eval_every == 0:
                 stop = evaluate_and_checkpoint()
             if stop or step >= total_steps:
                 break
-        epoch += 1
+        epoch, position = epoch + 1, 0
         if not cfg.eval_every:
             stop = evaluate_and_checkpoint()
     if last_eval != step:  # steps after the last evaluation still count
         evaluate_and_checkpoint()
     log.close()
+    if world > 1:
+        dist.destroy_process_group()  # what follows is rank 0's alone
+    if not main_rank:
+        return None
     plot_curves(log_path, os.path.join(cfg.out_dir, "training_curves.png"))
-    return final_report(cfg, splits, labels, device, metric, best)
+    return final_report(cfg, splits, labels, device, metric, best, encoder.pad_id)
+
+
+def load_model(model_dir, encoder, **kwargs):
+    """from_pretrained + check_vocab: a folder without weights, weights that do not fit its config.json
+    or a tokenizer from another model end the job with the reason, not a traceback."""
+    try:
+        model = EncoderClassifier.from_pretrained(model_dir, **kwargs)
+        check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
+    return model
 
 
 def dropout_overrides(cfg, hf):
@@ -431,16 +765,15 @@ def keep_recent(model, cfg, step, model_dir):
         shutil.rmtree(os.path.join(folder, old))
 
 
-def final_report(cfg, splits, labels, device, metric, best):
+def final_report(cfg, splits, labels, device, metric, best, pad_id):
     """Reload the best checkpoint from disk (proves it loads), then report on the test data."""
     model = EncoderClassifier.from_pretrained(cfg.out_dir, device=device, verbose=False)
-    encoder = TextEncoder(cfg.out_dir, model.config.long_document["max_length"])
     lines = [f"best validation {metric}: {best:.4f}"]
     result = {"best_val": best}
     if "test" in splits:
         test = splits["test"]
         threshold = np.asarray(model.config.thresholds) if model.config.multi_label else None
-        metrics, _, logits = evaluate(model, test, encoder.pad_id, cfg, threshold)
+        metrics, _, logits = evaluate(model, test, pad_id, cfg, threshold)
         rows = per_class_report(logits, test.targets, model.config.multi_label, labels.names,
                                 threshold if threshold is not None else 0.5)
         lines += ["", f"test ({len(test.seqs)} texts)", format_table(metrics), "", format_report(rows)]
@@ -460,6 +793,11 @@ def main(argv=None):
         return train(cfg)
     except DataError as e:
         raise SystemExit(f"data error: {e}")
+    except torch.OutOfMemoryError:  # raised by the forward, backward or optimizer step (or an evaluation)
+        raise SystemExit(oom_message(cfg)) from None
+    finally:
+        if dist.is_initialized():  # a run that ended early: leave the process group cleanly
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

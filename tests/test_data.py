@@ -1,7 +1,6 @@
 """data.py: reading files, labels, splits, tokenization parity with transformers, batching."""
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 

@@ -158,3 +158,10 @@ def test_prior_bias_matches_label_frequencies():
     targets = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32)
     bias = train.prior_bias(targets)
     assert torch.allclose(torch.sigmoid(bias), torch.tensor([0.75, 0.25, 1e-4]), atol=1e-6)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"could not fetch 'no-such-org/no-such-model' from the hub"):
+        train.resolve_model("no-such-org/no-such-model")
