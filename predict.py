@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, pad_batch, read_table, window_batch
-from metrics import compute_metrics
+from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
 
 
@@ -96,10 +96,10 @@ class Predictor:
     def predict(self, texts):
         logits = self.logits(texts)
         if self.model.config.multi_label:
-            probs = 1.0 / (1.0 + np.exp(-logits))
+            probs = sigmoid(logits)
             return [{"labels": [{"label": self.names[j], "probability": float(p[j])}
                                 for j in np.flatnonzero(p >= self.thresholds)]} for p in probs]
-        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        probs = softmax(logits)
         return [{"label": self.names[int(p.argmax())], "probability": float(p.max()),
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
 

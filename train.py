@@ -154,7 +154,6 @@ def resolve_model(name):
 class Split:
     seqs: list  # token ids per text; with windows_*, a list of windows per text
     targets: np.ndarray  # int64 [N] or float32 multi-hot [N, L]
-    texts: list
 
 
 def load_splits(cfg, encoder):
@@ -174,8 +173,7 @@ def load_splits(cfg, encoder):
         targets = labels.encode([table.labels[i] for i in rows], table.path, cfg.unknown_labels)
         if not multi_label:  # a row whose only label was unknown (and ignored) has nothing left to score
             rows, targets = [r for r, t in zip(rows, targets) if t != IGNORE_INDEX], targets[targets != IGNORE_INDEX]
-        texts = [table.texts[i] for i in rows]
-        return Split(encoder.encode(texts), targets, texts)
+        return Split(encoder.encode([table.texts[i] for i in rows]), targets)
 
     def read_other(path):
         table = read(path)
@@ -643,6 +641,7 @@ def train(cfg):
     progress = Progress(total_steps, step)
     # [sum of losses, batches] since the last evaluation, and of the current step; on the device
     running, step_sums, tokens, clock = torch.zeros(2, device=device), torch.zeros(2, device=device), 0, time.time()
+    one_batch = torch.ones((), device=device)  # made once, not per batch
 
     def evaluate_and_checkpoint():
         nonlocal best, bad_evals, evals, last_eval, tokens, clock
@@ -697,7 +696,7 @@ def train(cfg):
                                          doc_index=batch.get("doc_index"))
                 scaler.scale(loss * weight / cfg.grad_accum).backward()
             if weight:
-                step_sums += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+                step_sums += torch.stack([loss.detach().float(), one_batch])
             if not last:
                 continue
             _, bad = optimizer_step(model, optimizer, scheduler, scaler, cfg.clip)
