@@ -202,10 +202,22 @@ def packed_mask(cu_seqlens, window=None):
 def attend(q, k, v, layout, window, dropout):
     """q, k, v: padded [B, H, T, D] or packed [1, H, N, D]; window: None (global) or the half-width."""
     if layout.cu_seqlens is not None:
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+            return flash_varlen(q, k, v, layout, window)
         mask = packed_mask(layout.cu_seqlens, window)
     else:
         mask = layout.mask if window is None else layout.local_mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def flash_varlen(q, k, v, layout, window):
+    """Packed attention with torch's flash kernel: each sequence sees only its own tokens, a local layer
+    only its window (flash's window is inclusive on both sides, like ModernBERT's). No dropout."""
+    from torch.nn.attention.varlen import varlen_attn
+    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [N, H, D]
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    y = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, -1) if window is None else (window, window))
+    return y.transpose(0, 1)[None]
 
 
 class SelfAttention(nn.Module):
@@ -526,8 +538,12 @@ class EncoderClassifier(nn.Module):
         c = self.config
         lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
         matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and n not in lookups)
-        attn = 12 * c.num_hidden_layers * c.hidden_size * seq_len  # QK^T and AV, forward + backward
-        return 6 * matrix_params + attn
+        # QK^T and AV, forward + backward, over the keys each query sees (a local layer: its window only)
+        keys = c.num_hidden_layers * seq_len
+        if isinstance(c, ModernBertConfig):
+            local = sum(layer.local for layer in self.encoder.layers)
+            keys -= local * max(0, seq_len - 2 * (c.local_attention // 2) - 1)
+        return 6 * matrix_params + 12 * c.hidden_size * keys
 
     def estimate_mfu(self, tokens_per_second, seq_len, peak_flops):
         return self.flops_per_token(seq_len) * tokens_per_second / peak_flops

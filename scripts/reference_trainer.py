@@ -45,6 +45,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", default="random", choices=["random", "group_by_length"],
+                   help="group_by_length batches texts of similar length, as train.py does: far less padding")
     p.add_argument("--out", default="runs/reference")
     args = p.parse_args()
     import transformers as T
@@ -69,7 +71,7 @@ def main():
     training_args = T.TrainingArguments(
         output_dir=args.out, learning_rate=args.lr, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, warmup_steps=0.1,  # a ratio (transformers 5)
-        weight_decay=0.01, seed=args.seed, save_strategy="no", report_to=[], logging_steps=50,
+        weight_decay=0.01, seed=args.seed, train_sampling_strategy=args.sampling, save_strategy="no", report_to=[], logging_steps=50,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     trainer = T.Trainer(model=model, args=training_args, train_dataset=train_set,
                         data_collator=T.DataCollatorWithPadding(tok))
