@@ -35,6 +35,20 @@ class Encoded(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.targets[i]}
 
 
+@torch.no_grad()
+def predict_in_order(model, dataset, collate, batch_size=64):
+    """Test logits in the dataset's order. Not trainer.predict(): with group_by_length the Trainer reorders
+    the test set too, and its predictions come back without their row indices."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(logits)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="")
@@ -76,7 +90,7 @@ def main():
     trainer = T.Trainer(model=model, args=training_args, train_dataset=train_set,
                         data_collator=T.DataCollatorWithPadding(tok))
     trainer.train()
-    logits = trainer.predict(test_set).predictions
+    logits = predict_in_order(trainer.model, test_set, T.DataCollatorWithPadding(tok))
     targets = np.stack(test_set.targets)
     metrics = compute_metrics(logits, targets, train.multi_label)
     print(format_table(metrics))
