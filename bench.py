@@ -120,13 +120,12 @@ class Ours:
 class Reference:
     name = "transformers (sdpa)"
 
-    def __init__(self, hf, device, model=None):
+    def __init__(self, hf, device):
         import transformers
         config = transformers.AutoConfig.for_model(**hf)
         config.problem_type = "single_label_classification"
-        self.model = model or transformers.AutoModelForSequenceClassification.from_config(
-            config, attn_implementation="sdpa")
-        self.model.to(device)
+        self.model = transformers.AutoModelForSequenceClassification.from_config(
+            config, attn_implementation="sdpa").to(device)
         self.device = device
 
     def inputs(self, seqs, labels):
