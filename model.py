@@ -545,9 +545,6 @@ class EncoderClassifier(nn.Module):
             keys -= local * max(0, seq_len - 2 * (c.local_attention // 2) - 1)
         return 6 * matrix_params + 12 * c.hidden_size * keys
 
-    def estimate_mfu(self, tokens_per_second, seq_len, peak_flops):
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
-
     # --- checkpoints
 
     @classmethod
