@@ -15,6 +15,7 @@ inference batch; bf16 autocast on CUDA. Only real (non-pad) tokens are counted. 
 """
 import argparse
 import contextlib
+import importlib.util
 import time
 
 import numpy as np
@@ -232,12 +233,10 @@ def report(rows, peak_flops):
 
 
 def reference_available():
-    try:
-        import transformers  # noqa: F401
-        return True
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         print("transformers is not installed: the reference is skipped")
         return False
+    return True
 
 
 def main(argv=None):
