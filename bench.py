@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from data import pack_batch, pad_batch
+from data import make_batch, pad_batch, to_device
 from model import EncoderClassifier, config_from_hf
 
 NUM_LABELS = 24
@@ -104,8 +104,7 @@ class Ours:
             self.name = "ours (packed)"
 
     def inputs(self, seqs, labels):
-        batch = pack_batch(seqs, labels) if self.packed else pad_batch(seqs, labels, 0)
-        out = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        out = to_device(make_batch(seqs, labels, 0, packed=self.packed), self.device)
         if not self.bert:
             out.pop("token_type_ids")
         return out

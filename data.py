@@ -4,7 +4,7 @@ read_table -> Table(texts, labels, multi_label, path, label_columns)
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
 TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, or windows of long documents)
-batch_indices -> pad_batch (B x T), pack_batch (varlen layout) or window_batch (windows + doc_index)
+batch_indices -> make_batch: pad_batch (B x T) or pack_batch (varlen layout), + doc_index for windows
 
 Any problem with the user's data raises DataError naming the file, the row and the problem.
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
@@ -477,14 +477,6 @@ def pad_batch(seqs, labels, pad_id) -> dict:
             "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)), **_labels_tensor(labels)}
 
 
-def window_batch(docs, labels, pad_id) -> dict:
-    """Documents as lists of windows: pad_batch of all their windows at once (one row per window) plus
-    doc_index [W] int64, each window's document; labels stay one row per document."""
-    batch = pad_batch([window for doc in docs for window in doc], labels, pad_id)
-    batch["doc_index"] = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs]))
-    return batch
-
-
 def pack_batch(seqs, labels=None) -> dict:
     """Unpadded layout for varlen attention: input_ids, position_ids, token_type_ids [T_total] int64
     (positions restart at 0 per sequence), cu_seqlens int32 [B + 1], max_seqlen int (+ labels)."""
@@ -496,3 +488,21 @@ def pack_batch(seqs, labels=None) -> dict:
             "token_type_ids": torch.zeros(len(input_ids), dtype=torch.int64),
             "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)), "max_seqlen": int(lengths.max()),
             **_labels_tensor(labels)}
+
+
+def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
+    """The model's inputs for one batch: pad_batch, or pack_batch (no padding; what flash attention runs).
+    windows: seqs are texts as lists of windows (TextEncoder with windows_*); every window is a row, and
+    doc_index [W] int64 gives each window's text, while labels stay one row per text."""
+    if windows:
+        counts = torch.tensor([len(doc) for doc in seqs])
+        seqs = [window for doc in seqs for window in doc]
+    batch = pack_batch(seqs, labels) if packed else pad_batch(seqs, labels, pad_id)
+    if windows:
+        batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return batch
+
+
+def to_device(batch, device):
+    """A batch's tensors on the device (max_seqlen stays a Python int)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -202,21 +202,24 @@ def packed_mask(cu_seqlens, window=None):
 def attend(q, k, v, layout, window, dropout):
     """q, k, v: padded [B, H, T, D] or packed [1, H, N, D]; window: None (global) or the half-width."""
     if layout.cu_seqlens is not None:
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
-            return flash_varlen(q, k, v, layout, window)
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return flash_varlen(q, k, v, layout, window, dropout)
         mask = packed_mask(layout.cu_seqlens, window)
     else:
         mask = layout.mask if window is None else layout.local_mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
-def flash_varlen(q, k, v, layout, window):
+def flash_varlen(q, k, v, layout, window, dropout):
     """Packed attention with torch's flash kernel: each sequence sees only its own tokens, a local layer
-    only its window (flash's window is inclusive on both sides, like ModernBERT's). No dropout."""
-    from torch.nn.attention.varlen import varlen_attn
+    only its window (flash's window is inclusive on both sides, like ModernBERT's). The aten op rather
+    than torch.nn.attention.varlen.varlen_attn, which has no dropout (BERT trains with 0.1); autograd
+    knows its backward, which replays the same dropout mask from the returned rng state."""
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [N, H, D]
     cu, longest = layout.cu_seqlens, layout.max_seqlen
-    y = varlen_attn(q, k, v, cu, cu, longest, longest, window_size=(-1, -1) if window is None else (window, window))
+    y = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, longest, longest, dropout, False, False,
+        window_size_left=window, window_size_right=window)[0]  # window None = global
     return y.transpose(0, 1)[None]
 
 
@@ -480,7 +483,8 @@ class EncoderClassifier(nn.Module):
             if self.pooling == "cls":
                 return hidden[cu_seqlens[:-1].long()]
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+            seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                             output_size=hidden.shape[0])  # known size: no host sync
             sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
             return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
         if attention_mask is None:

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 
-from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, pad_batch, read_table, window_batch
+from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch, read_table, to_device
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
 
@@ -33,23 +33,27 @@ def autocast(device, amp):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def use_packing(device, amp):
+    """Packed batches where flash attention runs them: CUDA under autocast. Elsewhere packed attention falls
+    back to a dense mask over the whole batch, and length-bucketed padded batches are faster."""
+    return device.type == "cuda" and amp != "off"
+
+
 @torch.no_grad()
-def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto"):
+def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     """Logits [N, num_labels] as float32 numpy, in the order of seqs. Batches are length-sorted
     (little padding); each batch's logits are written back to the rows they came from.
-    A model with a windows_* strategy takes seqs as lists of windows (TextEncoder) and gives one row per text."""
+    A model with a windows_* strategy takes seqs as lists of windows (TextEncoder) and gives one row per text.
+    packed: None = use_packing()."""
     device = next(model.parameters()).device
+    packed = use_packing(device, amp) if packed is None else packed
     was_training = model.training
     model.eval()
     out = np.zeros((len(seqs), model.config.num_labels), np.float32)
-    collate = window_batch if model.aggregation else pad_batch
     for rows in batch_indices([len(s) for s in seqs], batch_size, shuffle=False, bucket=True):
-        batch = collate([seqs[i] for i in rows], None, pad_id)
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
-        doc_index = batch["doc_index"].to(device) if "doc_index" in batch else None
+        batch = make_batch([seqs[i] for i in rows], None, pad_id, model.aggregation is not None, packed)
         with autocast(device, amp):
-            logits, _ = model(ids, mask, doc_index=doc_index)
+            logits, _ = model(**to_device(batch, device))
         out[rows] = logits.float().cpu().numpy()
     model.train(was_training)
     return out

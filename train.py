@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import (IGNORE_INDEX, DataError, LabelEncoder, TextEncoder, batch_indices, pad_batch, read_table,
-                  train_val_split, window_batch)
+from data import (IGNORE_INDEX, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch, read_table,
+                  to_device, train_val_split)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
 from model import MULTI_LABEL, SINGLE_LABEL, EncoderClassifier
-from predict import autocast, check_vocab, predict_logits
+from predict import autocast, check_vocab, predict_logits, use_packing
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -89,6 +89,7 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False  # recompute each layer in backward: less memory for long texts, ~30% slower
     bucket: bool = True  # batches of similar lengths (less padding)
+    pack: bool | None = None  # batches without padding (flash varlen attention); None = on CUDA with amp
     seed: int = 0
     config: str = ""  # a .toml or .json file of these options; command-line options override it
 
@@ -329,16 +330,16 @@ def global_mean(sums):
     return total / max(count, 1)
 
 
-def gather_logits(model, seqs, pad_id, batch_size, amp):
+def gather_logits(model, seqs, pad_id, batch_size, amp, packed):
     """predict_logits over all ranks, every row exactly once. Rank r scores rows r, r + world, ...; a
     rank with one row fewer adds a copy of row 0, so all ranks run the same batches (FSDP needs that),
     and the copies are dropped when each rank's logits are put back at their row indices."""
     rank, world = rank_and_world()
     if world == 1:
-        return predict_logits(model, seqs, pad_id, batch_size, amp)
+        return predict_logits(model, seqs, pad_id, batch_size, amp, packed)
     n, per_rank = len(seqs), math.ceil(len(seqs) / world)
     rows = lambda r: np.arange(r, per_rank * world, world)  # indices >= n are the copies
-    logits = predict_logits(model, [seqs[i if i < n else 0] for i in rows(rank)], pad_id, batch_size, amp)
+    logits = predict_logits(model, [seqs[i if i < n else 0] for i in rows(rank)], pad_id, batch_size, amp, packed)
     device = next(model.parameters()).device
     parts = [torch.empty(per_rank, logits.shape[1], device=device) for _ in range(world)]
     dist.all_gather(parts, torch.from_numpy(logits).to(device))
@@ -355,7 +356,9 @@ def gather_logits(model, seqs, pad_id, batch_size, amp):
 
 def evaluate(model, split, pad_id, cfg, threshold):
     """Metrics dict for a split; multi-label thresholds are tuned here when threshold is None."""
-    logits = gather_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp)  # all ranks' rows
+    device = next(model.parameters()).device
+    packed = use_packing(device, cfg.amp) if cfg.pack is None else cfg.pack
+    logits = gather_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp, packed)  # all ranks' rows
     loss = model.loss(torch.from_numpy(logits), torch.from_numpy(split.targets)).item()
     if not model.config.multi_label:
         return {"loss": loss, **compute_metrics(logits, split.targets, False)}, None, logits
@@ -432,7 +435,7 @@ def plot_curves(log_path, png_path):
 
 TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
-                     "test_file", "config", "grad_checkpointing"}  # they leave the training trajectory as it was
+                     "test_file", "config", "grad_checkpointing", "pack"}  # they leave the training trajectory as it was
 
 
 def save_checkpoint(model, folder, model_dir, cfg):
@@ -607,7 +610,7 @@ def train(cfg):
             model.head.classifier.bias.copy_(prior_bias(train_split.targets))
     model.to(device)
     model.encoder.grad_checkpointing = cfg.grad_checkpointing
-    collate = window_batch if encoder.windows else pad_batch  # windows: one batch of all the texts' windows
+    packed = use_packing(device, cfg.amp) if cfg.pack is None else cfg.pack
     step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
 
@@ -687,13 +690,12 @@ def train(cfg):
         order = batch_indices([len(s) for s in train_split.seqs], cfg.batch_size, shuffle=True,
                               seed=cfg.seed, epoch=epoch, bucket=cfg.bucket)  # the same on every rank
         for rows, weight, last in rank_batches(order, cfg.grad_accum, rank, world, position):
-            batch = collate([train_split.seqs[r] for r in rows], train_split.targets[rows], encoder.pad_id)
-            tokens += int(batch["attention_mask"].sum())  # on the CPU copy: no device sync
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = make_batch([train_split.seqs[r] for r in rows], train_split.targets[rows], encoder.pad_id,
+                               encoder.windows, packed)
+            tokens += real_tokens(batch)  # on the CPU copy: no device sync
             with sync_gradients(step_model, last):
                 with autocast(device, cfg.amp):
-                    _, loss = step_model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                                         doc_index=batch.get("doc_index"))
+                    _, loss = step_model(**to_device(batch, device))
                 scaler.scale(loss * weight / cfg.grad_accum).backward()
             if weight:
                 step_sums += torch.stack([loss.detach().float(), one_batch])
@@ -727,6 +729,11 @@ def train(cfg):
         return None
     plot_curves(log_path, os.path.join(cfg.out_dir, "training_curves.png"))
     return final_report(cfg, splits, labels, device, metric, best, encoder.pad_id)
+
+
+def real_tokens(batch):
+    mask = batch.get("attention_mask")
+    return len(batch["input_ids"]) if mask is None else int(mask.sum())
 
 
 def load_model(model_dir, encoder, **kwargs):

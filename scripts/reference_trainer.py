@@ -95,6 +95,7 @@ def main():
     metrics = compute_metrics(logits, targets, train.multi_label)
     print(format_table(metrics))
     os.makedirs(args.out, exist_ok=True)
+    np.save(os.path.join(args.out, "test_logits.npy"), logits)  # to rescore without retraining
     with open(os.path.join(args.out, "test_metrics.json"), "w") as f:
         json.dump({"args": vars(args), "test": metrics}, f, indent=2)
 

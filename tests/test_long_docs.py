@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import train
-from data import TextEncoder, split_windows, window_batch
+from data import TextEncoder, make_batch, split_windows
 from model import BertConfig, EncoderClassifier, ModernBertConfig
 from predict import Predictor
 
@@ -116,17 +116,18 @@ def by_hand(model, windows):
 
 @pytest.mark.parametrize("arch", ["bert", "modernbert"])
 @pytest.mark.parametrize("strategy", ["windows_max", "windows_mean", "windows_attention"])
-def test_window_aggregation_matches_windows_encoded_one_by_one(tmp_path, arch, strategy):
+@pytest.mark.parametrize("packed", [False, True])
+def test_window_aggregation_matches_windows_encoded_one_by_one(tmp_path, arch, strategy, packed):
     model = tiny_checkpoint(tmp_path, arch, strategy).eval()
     if strategy == "windows_attention":  # trained-looking scores, not the all-equal start
         torch.nn.init.normal_(model.window_attention.weight, std=1.0)
     g = torch.Generator().manual_seed(1)
     docs = [[torch.randint(5, len(VOCAB), (n,), generator=g).tolist() for n in lengths]
             for lengths in [(20, 20, 7), (5,), (20, 13)]]  # windows of different lengths: padding in the batch
-    batch = window_batch(docs, None, pad_id=0)
+    batch = make_batch(docs, None, pad_id=0, windows=True, packed=packed)
     assert batch["doc_index"].tolist() == [0, 0, 0, 1, 2, 2]
     with torch.no_grad():
-        logits, _ = model(batch["input_ids"], batch["attention_mask"], doc_index=batch["doc_index"])
+        logits, _ = model(**batch)
     expected = torch.stack([by_hand(model, doc) for doc in docs])
     assert (logits - expected).abs().max() <= 1e-5
 
@@ -138,7 +139,7 @@ def test_attention_pooling_saves_loads_and_transformers_ignores_it(tmp_path):
     assert "window_attention.weight" in load_file(tmp_path / "a" / "model.safetensors")
     assert json.load(open(tmp_path / "a" / "config.json"))["long_document"] == {"strategy": "windows_attention"}
     reloaded = EncoderClassifier.from_pretrained(tmp_path / "a", verbose=False).eval()
-    batch = window_batch([[[2, 7, 8, 3], [2, 9, 3]], [[2, 10, 11, 12, 3]]], None, pad_id=0)
+    batch = make_batch([[[2, 7, 8, 3], [2, 9, 3]], [[2, 10, 11, 12, 3]]], None, pad_id=0, windows=True)
     args = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         assert torch.equal(model(*args, doc_index=batch["doc_index"])[0],

@@ -114,6 +114,21 @@ def test_two_processes_match_one(tiny, one_process, tmp_path, mode):
     assert best.config.id2label == {0: "c0", 1: "c1", 2: "c2"}
 
 
+def test_packed_batches_train_like_padded_ones(tiny, one_process, tmp_path):
+    """--pack (the layout train.py uses on a GPU; on the CPU through the dense-mask fallback): the same
+    losses, evaluations and weights as padded batches."""
+    out = tmp_path / "packed"
+    train.main(job(tiny, out, "--grad-accum", "2", "--pack", *NO_DROPOUT))
+    for kind in ("train", "eval"):
+        ours, ref = log_rows(out, kind), log_rows(one_process, kind)
+        assert [r["step"] for r in ours] == [r["step"] for r in ref] and len(ref) >= 4
+        for a, b in zip(ours, ref):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    ours, ref = last_state(out)["model"], last_state(one_process)["model"]
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- resume
 
 @pytest.fixture(scope="module")
