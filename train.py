@@ -356,9 +356,7 @@ def gather_logits(model, seqs, pad_id, batch_size, amp, packed):
 
 def evaluate(model, split, pad_id, cfg, threshold):
     """Metrics dict for a split; multi-label thresholds are tuned here when threshold is None."""
-    device = next(model.parameters()).device
-    packed = use_packing(device, cfg.amp) if cfg.pack is None else cfg.pack
-    logits = gather_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp, packed)  # all ranks' rows
+    logits = gather_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp, cfg.pack)  # all ranks' rows
     loss = model.loss(torch.from_numpy(logits), torch.from_numpy(split.targets)).item()
     if not model.config.multi_label:
         return {"loss": loss, **compute_metrics(logits, split.targets, False)}, None, logits
