@@ -271,17 +271,6 @@ def test_error_messages(tmp_path):
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-COMPILE_CONFIGS = {
-    "bert": dict(model_type="bert", vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=512, num_labels=5),
-    "modernbert": dict(model_type="modernbert", vocab_size=500, hidden_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=96, max_position_embeddings=512,
-                       global_attn_every_n_layers=2, local_attention=16, classifier_pooling="mean",
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
-                       num_labels=5),
-}
-
-
 @pytest.mark.parametrize("arch,packed", [("bert", True), ("modernbert", True), ("bert", False)])
 def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, monkeypatch):
     """torch.compile(dynamic=True), train and eval: batches of other sizes and lengths reuse the first graph
@@ -289,13 +278,14 @@ def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, monkeyp
     on the meta device through the flash path a GPU takes (its meta kernels give the shapes)."""
     from torch._dynamo.utils import counters
     from data import make_batch, to_device
+    from test_gpu import CONFIGS  # the GPU tests' tiny configs
     import model as M
     device = "meta" if packed else "cpu"
     if packed:  # the GPU branch of attend(), whatever the device
         monkeypatch.setattr(M, "attend", lambda q, k, v, layout, window, dropout:
                             M.flash_varlen(q, k, v, layout, window, dropout))
     with torch.device(device):
-        model = EncoderClassifier(M.config_from_hf(COMPILE_CONFIGS[arch]))
+        model = EncoderClassifier(M.config_from_hf(CONFIGS[arch]))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, dynamic=True, backend="eager")
