@@ -33,10 +33,11 @@ def autocast(device, amp):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def use_packing(device, amp):
-    """Packed batches where flash attention runs them: CUDA under autocast. Elsewhere packed attention falls
-    back to a dense mask over the whole batch, and length-bucketed padded batches are faster."""
-    return device.type == "cuda" and amp != "off"
+def use_packing(device, amp, pack=None):
+    """pack, or when it is None: packed batches where flash attention runs them, CUDA under autocast.
+    Elsewhere packed attention falls back to a dense mask over the whole batch, and length-bucketed
+    padded batches are faster."""
+    return device.type == "cuda" and amp != "off" if pack is None else pack
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     A model with a windows_* strategy takes seqs as lists of windows (TextEncoder) and gives one row per text.
     packed: None = use_packing()."""
     device = next(model.parameters()).device
-    packed = use_packing(device, amp) if packed is None else packed
+    packed = use_packing(device, amp, packed)
     was_training = model.training
     model.eval()
     out = np.zeros((len(seqs), model.config.num_labels), np.float32)

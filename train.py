@@ -608,7 +608,7 @@ def train(cfg):
             model.head.classifier.bias.copy_(prior_bias(train_split.targets))
     model.to(device)
     model.encoder.grad_checkpointing = cfg.grad_checkpointing
-    packed = use_packing(device, cfg.amp) if cfg.pack is None else cfg.pack
+    packed = use_packing(device, cfg.amp, cfg.pack)
     step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
 
