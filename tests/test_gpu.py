@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from data import pack_batch, pad_batch
+import train
+from data import make_batch, pack_batch, pad_batch, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,12 +24,15 @@ CONFIGS = {
 }
 
 
+def random_texts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 500, (n,), generator=g).tolist() for n in LENGTHS], [0, 1, 2, 3, 4]
+
+
 def setup(arch):
     torch.manual_seed(0)
     model = M.EncoderClassifier(M.config_from_hf(CONFIGS[arch])).cuda().eval()
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(3, 500, (n,), generator=g).tolist() for n in LENGTHS]
-    labels = [0, 1, 2, 3, 4]
+    seqs, labels = random_texts()
     padded = {k: v.cuda() for k, v in pad_batch(seqs, labels, 0).items()}
     packed = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in pack_batch(seqs, labels).items()}
     if arch == "modernbert":
@@ -130,3 +134,36 @@ def check_dropout_replay(attention, window, device="cuda", lengths=(40, 24), hea
 def test_flash_replays_its_dropout_mask_in_backward(window):
     torch.manual_seed(0)
     check_dropout_replay(M.flash_varlen, window)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_training_step_never_waits_for_the_gpu(arch, packed):
+    """train.py's step between two log lines: the batch moved to the GPU, forward and backward under bf16,
+    clipping, fused AdamW (which skips a non-finite step on the device) and the bad-step count. None of it
+    may make the host wait for the GPU: with sync debug mode "error", torch raises at any call that does."""
+    model, _, _ = setup(arch)
+    model.train()
+    optimizer = model.configure_optimizers(0.01, 1e-4, device_type="cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.linear_schedule(2, 10))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16: no loss scaling
+    counts = torch.zeros(3, dtype=torch.long, device="cuda")
+    batch = make_batch(*random_texts(), pad_id=0, packed=packed)
+    if arch == "modernbert":
+        batch.pop("token_type_ids")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(**to_device(batch, "cuda"))
+        loss.backward()
+        _, bad = train.optimizer_step(model, optimizer, scheduler, scaler, clip=1.0)
+        train.count_bad_step(counts, bad)
+
+    step()  # the first step creates the optimizer state and the kernels' handles
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert counts.tolist() == [0, 0, 0]
