@@ -542,11 +542,12 @@ class EncoderClassifier(nn.Module):
         c = self.config
         lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
         matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and n not in lookups)
-        # QK^T and AV, forward + backward, over the keys each query sees (a local layer: its window only)
+        # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
+        # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
         keys = c.num_hidden_layers * seq_len
         if isinstance(c, ModernBertConfig):
-            local = sum(layer.local for layer in self.encoder.layers)
-            keys -= local * max(0, seq_len - 2 * (c.local_attention // 2) - 1)
+            local, w = sum(layer.local for layer in self.encoder.layers), c.local_attention // 2
+            keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
         return 6 * matrix_params + 12 * c.hidden_size * keys
 
     # --- checkpoints

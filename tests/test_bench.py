@@ -1,4 +1,5 @@
 """bench.py stays runnable (a tiny CPU run) and counts FLOPs as documented."""
+import pytest
 import torch
 
 import bench
@@ -32,6 +33,9 @@ def test_flops_modernbert_local_layers_see_only_their_window():
     c = model.config
     local = sum(t == "sliding_attention" for t in c.layer_types)
     assert local == 14  # 22 layers, every third global
-    short, long = model.flops_per_token(100), model.flops_per_token(4096)
-    # below the window every layer sees every key; above it only the global layers grow with the length
-    assert long - short == 12 * c.hidden_size * ((22 - local) * (4096 - 100) + local * (129 - 100))
+    base = model.flops_per_token(1) - 12 * c.hidden_size * 22  # the weights' share: one key per layer
+    for n in (50, 65, 66, 100, 200, 300, 4096):
+        pos = torch.arange(n)
+        window_keys = ((pos[:, None] - pos[None, :]).abs() <= c.local_attention // 2).sum().item() / n
+        expected = base + 12 * c.hidden_size * ((22 - local) * n + local * window_keys)
+        assert model.flops_per_token(n) == pytest.approx(expected, rel=1e-12), n
