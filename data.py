@@ -493,16 +493,18 @@ def pack_batch(seqs, labels=None) -> dict:
 def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
     """The model's inputs for one batch: pad_batch, or pack_batch (no padding; what flash attention runs).
     windows: seqs are texts as lists of windows (TextEncoder with windows_*); every window is a row, and
-    doc_index [W] int64 gives each window's text, while labels stay one row per text."""
+    doc_index [W] int64 gives each window's text and num_docs (an int) their count, while labels stay one
+    row per text."""
     if windows:
         counts = torch.tensor([len(doc) for doc in seqs])
         seqs = [window for doc in seqs for window in doc]
     batch = pack_batch(seqs, labels) if packed else pad_batch(seqs, labels, pad_id)
     if windows:
         batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        batch["num_docs"] = len(counts)  # known here: the model need not ask the device
     return batch
 
 
 def to_device(batch, device):
-    """A batch's tensors on the device (max_seqlen stays a Python int)."""
+    """A batch's tensors on the device (max_seqlen and num_docs stay Python ints)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

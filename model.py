@@ -423,18 +423,20 @@ class EncoderClassifier(nn.Module):
             nn.init.zeros_(self.window_attention.weight)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None):
+                position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None, num_docs=None):
         """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
         Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
         doc_index [B] int64, sorted: the sequences are windows and this is each one's document; the logits
-        (and labels) are then one row per document, aggregated as in aggregate().
+        (and labels) are then one row per document, aggregated as in aggregate(). num_docs: how many documents
+        (make_batch gives it; else len(labels), else doc_index[-1] + 1, which waits for the device).
         Returns (logits [B or documents, num_labels], loss or None)."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         pooled = self.pool(hidden, attention_mask, cu_seqlens)
         if doc_index is None:
             logits = self.head(pooled)
-        else:  # in training the labels count the documents without a host sync
-            num_docs = len(labels) if labels is not None else int(doc_index[-1]) + 1
+        else:
+            if num_docs is None:
+                num_docs = len(labels) if labels is not None else int(doc_index[-1]) + 1
             logits = self.aggregate(pooled, doc_index, num_docs)
         return logits, (None if labels is None else self.loss(logits, labels))
 

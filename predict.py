@@ -50,12 +50,16 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     packed = use_packing(device, amp, packed)
     was_training = model.training
     model.eval()
-    out = np.zeros((len(seqs), model.config.num_labels), np.float32)
+    order, parts = [], []
     for rows in batch_indices([len(s) for s in seqs], batch_size, shuffle=False, bucket=True):
         batch = make_batch([seqs[i] for i in rows], None, pad_id, model.aggregation is not None, packed)
         with autocast(device, amp):
             logits, _ = model(**to_device(batch, device))
-        out[rows] = logits.float().cpu().numpy()
+        order.extend(rows)
+        parts.append(logits.float())  # kept on the device: one copy at the end, no wait per batch
+    out = np.zeros((len(seqs), model.config.num_labels), np.float32)
+    if parts:
+        out[order] = torch.cat(parts).cpu().numpy()
     model.train(was_training)
     return out
 

@@ -125,7 +125,7 @@ def test_window_aggregation_matches_windows_encoded_one_by_one(tmp_path, arch, s
     docs = [[torch.randint(5, len(VOCAB), (n,), generator=g).tolist() for n in lengths]
             for lengths in [(20, 20, 7), (5,), (20, 13)]]  # windows of different lengths: padding in the batch
     batch = make_batch(docs, None, pad_id=0, windows=True, packed=packed)
-    assert batch["doc_index"].tolist() == [0, 0, 0, 1, 2, 2]
+    assert batch["doc_index"].tolist() == [0, 0, 0, 1, 2, 2] and batch["num_docs"] == 3
     with torch.no_grad():
         logits, _ = model(**batch)
     expected = torch.stack([by_hand(model, doc) for doc in docs])

@@ -271,11 +271,13 @@ def test_error_messages(tmp_path):
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-@pytest.mark.parametrize("arch,packed", [("bert", True), ("modernbert", True), ("bert", False)])
-def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, monkeypatch):
+@pytest.mark.parametrize("arch,packed,windows", [("bert", True, False), ("modernbert", True, False),
+                                                 ("bert", False, False), ("modernbert", True, True)])
+def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, windows, monkeypatch):
     """torch.compile(dynamic=True), train and eval: batches of other sizes and lengths reuse the first graph
     (no recompiles) and nothing breaks it (a graph break is often a host sync). The packed layout is traced
-    on the meta device through the flash path a GPU takes (its meta kernels give the shapes)."""
+    on the meta device through the flash path a GPU takes (its meta kernels give the shapes). windows: long
+    documents as windows, weighed by attention pooling."""
     from torch._dynamo.utils import counters
     from data import make_batch, to_device
     from test_gpu import CONFIGS  # the GPU tests' tiny configs
@@ -284,8 +286,10 @@ def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, monkeyp
     if packed:  # the GPU branch of attend(), whatever the device
         monkeypatch.setattr(M, "attend", lambda q, k, v, layout, window, dropout:
                             M.flash_varlen(q, k, v, layout, window, dropout))
+    hf = dict(CONFIGS[arch], long_document={"strategy": "windows_attention", "max_length": 32}) if windows \
+        else CONFIGS[arch]
     with torch.device(device):
-        model = EncoderClassifier(M.config_from_hf(CONFIGS[arch]))
+        model = EncoderClassifier(M.config_from_hf(hf))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, dynamic=True, backend="eager")
@@ -293,7 +297,11 @@ def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, monkeyp
     for batch_size, longest in [(4, 30), (5, 41), (3, 17)]:
         seqs = [torch.randint(3, 500, (int(torch.randint(2, longest + 1, (1,), generator=g)),), generator=g).tolist()
                 for _ in range(batch_size)]
-        batch = to_device(make_batch(seqs, torch.randint(0, 5, (batch_size,)), 0, packed=packed), device)
+        if windows:  # documents of 1, 2, 1, 2, ... windows
+            starts = [i for i in range(batch_size) if i % 3 != 2]
+            seqs = [seqs[a:b] for a, b in zip(starts, starts[1:] + [batch_size])]
+        labels = torch.randint(0, 5, (len(seqs),))
+        batch = to_device(make_batch(seqs, labels, 0, windows=windows, packed=packed), device)
         compiled.train()(**batch)[1].backward()
         with torch.no_grad():
             compiled.eval()(**{k: v for k, v in batch.items() if k != "labels"})
