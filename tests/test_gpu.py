@@ -122,7 +122,7 @@ def check_dropout_replay(attention, window, device="cuda", lengths=(40, 24), hea
     dropped = 1 - kept.sum() / (allowed.sum() * heads)
     assert abs(dropped - p) < 0.1, f"{dropped:.2f} of the weights dropped, dropout_p {p}"
     kept_weight = 1 / (allowed.sum(1) * (1 - p))  # uniform over the row's keys, scaled by 1 / (1 - p)
-    torch.testing.assert_close(weights, kept_weight[:, None].expand_as(weights) * kept, rtol=1e-2, atol=0)
+    torch.testing.assert_close(weights, kept_weight[:, None] * kept, rtol=1e-2, atol=0)
     g = torch.randn(y.shape, device=device)
     (y.float() * g).sum().backward()
     want = torch.einsum("hij,hid->hjd", weights, g[0])
