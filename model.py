@@ -10,6 +10,7 @@ Attention runs on one of two layouts, chosen by the inputs to forward():
 - packed: input_ids [N] (all sequences concatenated) with cu_seqlens [B+1] -> no FLOPs on padding
 With doc_index, the sequences are windows of long documents and forward() returns one prediction per document.
 """
+import contextlib
 import json
 import math
 import os
@@ -390,6 +391,25 @@ class ModernBertHead(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# running the model on a device: precision and input layout (train.py and predict.py alike)
+
+
+def autocast(device, amp):
+    """bf16 (or fp16) autocast on CUDA; plain fp32 elsewhere or when amp is off."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def use_packing(device, amp, pack=None):
+    """pack, or when it is None: packed batches where flash attention runs them, CUDA under autocast.
+    Elsewhere packed attention falls back to a dense mask over the whole batch, and length-bucketed
+    padded batches are faster."""
+    return device.type == "cuda" and amp != "off" if pack is None else pack
+
+
+# -----------------------------------------------------------------------------
 # the classifier: encoder + pooling + head + loss, loading and saving
 
 
@@ -702,6 +722,10 @@ def ignorable(key):
     return key.startswith(("cls.", "decoder.", "window_attention.")) or key.endswith("position_ids")
 
 
+# -----------------------------------------------------------------------------
+# checkpoint folders: weights and the tokenizer that goes with them
+
+
 def load_state_dict(model_dir):
     """All tensors of a checkpoint folder: model.safetensors (single or sharded) or pytorch_model.bin."""
     def load_safetensors(path):
@@ -725,3 +749,12 @@ def load_state_dict(model_dir):
             return state
     raise FileNotFoundError(f"no weights in {model_dir!r}: expected model.safetensors, "
                             f"model.safetensors.index.json or pytorch_model.bin")
+
+
+def check_vocab(tokenizer, vocab_size, model_dir):
+    """Refuse, once at load, a tokenizer that can emit ids past the model's embedding table: they would
+    fail deep inside the forward pass (on CUDA as an opaque device-side assert)."""
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
+    if top >= vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has token ids up to {top} but the model's vocab_size is "
+                         f"{vocab_size}; the tokenizer files belong to another model")

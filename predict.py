@@ -12,7 +12,6 @@ From Python:
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
 """
 import argparse
-import contextlib
 import csv
 import json
 import sys
@@ -22,22 +21,7 @@ import torch
 
 from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch, read_table, to_device
 from metrics import compute_metrics, sigmoid, softmax
-from model import EncoderClassifier, window_aggregation
-
-
-def autocast(device, amp):
-    """bf16 (or fp16) autocast on CUDA; plain fp32 elsewhere or when amp is off."""
-    if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def use_packing(device, amp, pack=None):
-    """pack, or when it is None: packed batches where flash attention runs them, CUDA under autocast.
-    Elsewhere packed attention falls back to a dense mask over the whole batch, and length-bucketed
-    padded batches are faster."""
-    return device.type == "cuda" and amp != "off" if pack is None else pack
+from model import EncoderClassifier, autocast, check_vocab, use_packing, window_aggregation
 
 
 @torch.no_grad()
@@ -62,15 +46,6 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
         out[order] = torch.cat(parts).cpu().numpy()
     model.train(was_training)
     return out
-
-
-def check_vocab(tokenizer, vocab_size, model_dir):
-    """Refuse, once at load, a tokenizer that can emit ids past the model's embedding table: they would
-    fail deep inside the forward pass (on CUDA as an opaque device-side assert)."""
-    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
-    if top >= vocab_size:
-        raise ValueError(f"{model_dir}: the tokenizer has token ids up to {top} but the model's vocab_size is "
-                         f"{vocab_size}; the tokenizer files belong to another model")
 
 
 class Predictor:

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from data import (IGNORE_INDEX, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch, read_table,
                   to_device, train_val_split)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import MULTI_LABEL, SINGLE_LABEL, EncoderClassifier
-from predict import autocast, check_vocab, predict_logits, use_packing
+from model import MULTI_LABEL, SINGLE_LABEL, EncoderClassifier, autocast, check_vocab, use_packing
+from predict import predict_logits
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
