@@ -196,7 +196,35 @@ def load_splits(cfg, encoder):
 
 
 # -----------------------------------------------------------------------------
-# training pieces (tests/test_train.py checks them against the reference's loop)
+# the model and what trains it
+
+
+def load_model(model_dir, encoder, **kwargs):
+    """from_pretrained + check_vocab: a folder without weights, weights that do not fit its config.json
+    or a tokenizer from another model end the job with the reason, not a traceback."""
+    try:
+        model = EncoderClassifier.from_pretrained(model_dir, **kwargs)
+        check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
+    return model
+
+
+def dropout_overrides(cfg, hf):
+    """Our option names -> the architecture's config fields."""
+    bert = hf.get("model_type") == "bert"
+    names = {"hidden_dropout": ["hidden_dropout_prob"] if bert else ["embedding_dropout", "mlp_dropout"],
+             "attention_dropout": ["attention_probs_dropout_prob"] if bert else ["attention_dropout"],
+             "classifier_dropout": ["classifier_dropout"]}
+    return {field: getattr(cfg, ours) for ours, fields in names.items() for field in fields
+            if getattr(cfg, ours) is not None}
+
+
+def prior_bias(targets, eps=1e-4):
+    """Log-odds of each label's training frequency: a new multi-label head starts predicting the base
+    rates instead of 0.5, so BCE's first steps are not spent pushing every logit down."""
+    p = np.clip(targets.mean(axis=0), eps, 1 - eps)
+    return torch.from_numpy(np.log(p / (1 - p))).float()
 
 
 def linear_schedule(warmup_steps, total_steps):
@@ -206,6 +234,10 @@ def linear_schedule(warmup_steps, total_steps):
             return step / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
+
+
+# -----------------------------------------------------------------------------
+# a training step (tests/test_train.py checks the pieces against the reference's loop)
 
 
 def optimizer_step(model, optimizer, scheduler, scaler, clip):
@@ -230,13 +262,6 @@ def optimizer_step(model, optimizer, scheduler, scaler, clip):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, bad
-
-
-def prior_bias(targets, eps=1e-4):
-    """Log-odds of each label's training frequency: a new multi-label head starts predicting the base
-    rates instead of 0.5, so BCE's first steps are not spent pushing every logit down."""
-    p = np.clip(targets.mean(axis=0), eps, 1 - eps)
-    return torch.from_numpy(np.log(p / (1 - p))).float()
 
 
 def count_bad_step(counts, bad):
@@ -372,6 +397,17 @@ def tuned_threshold(cfg, logits, targets):
     return float(cfg.threshold)
 
 
+def threshold_list(threshold, num_labels):
+    if threshold is None:
+        return None
+    return [float(t) for t in np.broadcast_to(np.asarray(threshold, np.float64), (num_labels,))]
+
+
+def real_tokens(batch):
+    mask = batch.get("attention_mask")
+    return len(batch["input_ids"]) if mask is None else int(mask.sum())
+
+
 class Progress:
     """One line of progress: a live bar on a terminal, a plain line every log_every steps in a log."""
 
@@ -401,6 +437,13 @@ def evaluation_row(epoch, step, train_loss, metrics, columns, first):
     return (header + "\n" + "-" * len(header) + "\n" + row) if first else row
 
 
+def trim_log(path, step):
+    """Keep metrics.jsonl's rows up to the resumed step: the steps after it are run (and logged) again."""
+    rows = open(path).readlines() if os.path.isfile(path) else []
+    with open(path, "w") as f:
+        f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
+
+
 def plot_curves(log_path, png_path):
     """Training loss and the validation metric against steps; needs matplotlib (optional)."""
     try:
@@ -426,10 +469,8 @@ def plot_curves(log_path, png_path):
     plt.close(fig)
 
 
-
 # -----------------------------------------------------------------------------
 # checkpoints: written atomically; out_dir/last/state.pt holds all that --resume needs
-
 
 TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
@@ -456,6 +497,14 @@ def save_checkpoint(model, folder, model_dir, cfg):
         fsync(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def keep_recent(model, cfg, step, model_dir):
+    folder = os.path.join(cfg.out_dir, "checkpoints")
+    save_checkpoint(model, os.path.join(folder, f"step-{step}"), model_dir, cfg)
+    saved = sorted(os.listdir(folder), key=lambda name: int(name.split("-")[1]))
+    for old in saved[:-cfg.keep_checkpoints]:
+        shutil.rmtree(os.path.join(folder, old))
 
 
 def atomic_torch_save(obj, path):
@@ -569,13 +618,6 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, sharded, 
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank])
-
-
-def trim_log(path, step):
-    """Keep metrics.jsonl's rows up to the resumed step: the steps after it are run (and logged) again."""
-    rows = open(path).readlines() if os.path.isfile(path) else []
-    with open(path, "w") as f:
-        f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
 
 
 # -----------------------------------------------------------------------------
@@ -727,46 +769,6 @@ def train(cfg):
         return None
     plot_curves(log_path, os.path.join(cfg.out_dir, "training_curves.png"))
     return final_report(cfg, splits, labels, device, metric, best, encoder.pad_id)
-
-
-def real_tokens(batch):
-    mask = batch.get("attention_mask")
-    return len(batch["input_ids"]) if mask is None else int(mask.sum())
-
-
-def load_model(model_dir, encoder, **kwargs):
-    """from_pretrained + check_vocab: a folder without weights, weights that do not fit its config.json
-    or a tokenizer from another model end the job with the reason, not a traceback."""
-    try:
-        model = EncoderClassifier.from_pretrained(model_dir, **kwargs)
-        check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
-    return model
-
-
-def dropout_overrides(cfg, hf):
-    """Our option names -> the architecture's config fields."""
-    bert = hf.get("model_type") == "bert"
-    names = {"hidden_dropout": ["hidden_dropout_prob"] if bert else ["embedding_dropout", "mlp_dropout"],
-             "attention_dropout": ["attention_probs_dropout_prob"] if bert else ["attention_dropout"],
-             "classifier_dropout": ["classifier_dropout"]}
-    return {field: getattr(cfg, ours) for ours, fields in names.items() for field in fields
-            if getattr(cfg, ours) is not None}
-
-
-def threshold_list(threshold, num_labels):
-    if threshold is None:
-        return None
-    return [float(t) for t in np.broadcast_to(np.asarray(threshold, np.float64), (num_labels,))]
-
-
-def keep_recent(model, cfg, step, model_dir):
-    folder = os.path.join(cfg.out_dir, "checkpoints")
-    save_checkpoint(model, os.path.join(folder, f"step-{step}"), model_dir, cfg)
-    saved = sorted(os.listdir(folder), key=lambda name: int(name.split("-")[1]))
-    for old in saved[:-cfg.keep_checkpoints]:
-        shutil.rmtree(os.path.join(folder, old))
 
 
 def final_report(cfg, splits, labels, device, metric, best, pad_id):
