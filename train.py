@@ -147,6 +147,10 @@ def resolve_model(name):
                          "download it elsewhere and pass the folder")
 
 
+def selection_metric(cfg, multi_label):
+    return cfg.metric if cfg.metric != "auto" else ("micro_f1" if multi_label else "macro_f1")
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -155,6 +159,13 @@ def resolve_model(name):
 class Split:
     seqs: list  # token ids per text; with windows_*, a list of windows per text
     targets: np.ndarray  # int64 [N] or float32 multi-hot [N, L]
+
+
+def text_encoder(cfg, model_dir, hf):
+    """The checkpoint's tokenizer, cutting texts at max_length (at most the model's positions) as long_docs says."""
+    positions = hf.get("max_position_embeddings", 512)
+    max_length = positions if cfg.long_docs == "native" else min(cfg.max_length or positions, positions)
+    return TextEncoder(model_dir, max_length, cfg.long_docs, cfg.window_stride)
 
 
 def load_splits(cfg, encoder):
@@ -199,14 +210,23 @@ def load_splits(cfg, encoder):
 # the model and what trains it
 
 
-def load_model(model_dir, encoder, **kwargs):
-    """from_pretrained + check_vocab: a folder without weights, weights that do not fit its config.json
-    or a tokenizer from another model end the job with the reason, not a traceback."""
+def build_model(cfg, model_dir, hf, encoder, labels, train_targets, device):
+    """The checkpoint's encoder with a head for our labels, on the device. A folder without weights, weights
+    that do not fit its config.json or a tokenizer from another model end the job with the reason."""
+    multi = labels.multi_label
     try:
-        model = EncoderClassifier.from_pretrained(model_dir, **kwargs)
+        model = EncoderClassifier.from_pretrained(
+            model_dir, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
+            overrides={**dropout_overrides(cfg, hf), "long_document": encoder.long_document},
+            verbose=rank_and_world()[0] == 0)
         check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
+    if multi and cfg.prior_bias and model.fresh_head:
+        with torch.no_grad():
+            model.head.classifier.bias.copy_(prior_bias(train_targets))
+    model.to(device)
+    model.encoder.grad_checkpointing = cfg.grad_checkpointing
     return model
 
 
@@ -227,6 +247,39 @@ def prior_bias(targets, eps=1e-4):
     return torch.from_numpy(np.log(p / (1 - p))).float()
 
 
+@dataclass
+class Learner:
+    """The model and what trains it. Training steps run step_model: the model itself, or the model wrapped
+    for several processes (DDP, FSDP) and compiled; evaluations and checkpoints use model."""
+    model: EncoderClassifier
+    step_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+
+
+def build_learner(cfg, model, total_steps, device):
+    """What trains the model: the module the steps run (wrapped for several processes, compiled if asked),
+    AdamW with linear warmup and decay, and the grad scaler (active with fp16 only)."""
+    step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
+    step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+    fp16 = device.type == "cuda" and (cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()))
+    if fp16 and is_sharded(cfg):
+        raise SystemExit("--fsdp has no fp16 grad scaler here: use --amp bf16 (or off)")
+    return Learner(model, step_model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16), device)
+
+
+def count_steps(cfg, num_texts):
+    """(optimizer steps per epoch, in all). A step takes grad_accum batches on each process."""
+    batches_per_epoch = math.ceil(num_texts / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum * rank_and_world()[1]))  # global batch: x world
+    return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
 def linear_schedule(warmup_steps, total_steps):
     """LR multiplier: linear warmup from 0, then linear decay to 0 at total_steps."""
     def factor(step):
@@ -238,6 +291,33 @@ def linear_schedule(warmup_steps, total_steps):
 
 # -----------------------------------------------------------------------------
 # a training step (tests/test_train.py checks the pieces against the reference's loop)
+
+
+def epoch_steps(cfg, split, encoder, progress, device):
+    """This process's batches, as (batch, weight) lists, for each optimizer step of the epoch still to do."""
+    rank, world = rank_and_world()
+    packed = use_packing(device, cfg.amp, cfg.pack)
+    order = batch_indices([len(s) for s in split.seqs], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                          epoch=progress.epoch, bucket=cfg.bucket)  # the same on every rank
+    for step in rank_steps(order, cfg.grad_accum, rank, world, progress.position):
+        yield [(make_batch([split.seqs[r] for r in rows], split.targets[rows], encoder.pad_id, encoder.windows,
+                           packed), weight) for rows, weight in step]
+
+
+def train_step(cfg, learner, batches):
+    """Forward and backward over a step's batches, then the update. Returns the step's [sum of losses,
+    batches] and whether its gradient was bad, both on the device: no host sync."""
+    sums = torch.zeros(2, device=learner.device)
+    for i, (batch, weight) in enumerate(batches):
+        with sync_gradients(learner.step_model, last=i == len(batches) - 1):
+            with autocast(learner.device, cfg.amp):
+                _, loss = learner.step_model(**to_device(batch, learner.device))
+            learner.scaler.scale(loss * weight / cfg.grad_accum).backward()
+        if weight:
+            sums[0] += loss.detach().float()
+            sums[1] += 1
+    _, bad = optimizer_step(learner.model, learner.optimizer, learner.scheduler, learner.scaler, cfg.clip)
+    return sums, bad
 
 
 def optimizer_step(model, optimizer, scheduler, scaler, clip):
@@ -311,6 +391,10 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def is_sharded(cfg):
+    return cfg.fsdp and rank_and_world()[1] > 1
+
+
 def wrap_for_ranks(model, cfg, device):
     """The module to train: the model alone; DDP (a replica per rank, gradients averaged in backward);
     or with --fsdp, FSDP2 (weights, gradients and optimizer state sharded; each layer's weights are
@@ -326,18 +410,16 @@ def wrap_for_ranks(model, cfg, device):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def rank_batches(order, grad_accum, rank, world, skip_steps=0):
-    """This rank's batches of an epoch as (rows, weight, last batch of its step). A step takes the next
-    grad_accum * world batches of the epoch's order (the same on every rank; the last step may be
-    short) and rank r takes every world-th from the r-th, so with the gradients averaged over ranks a
-    step is the one a single process makes with grad_accum * world. A rank left with no batch in a
-    short last step re-runs the step's first one with weight 0: all ranks must run backward equally
-    often or DDP's all-reduce hangs. skip_steps: steps of this epoch already done (--resume)."""
+def rank_steps(order, grad_accum, rank, world, skip_steps=0):
+    """This rank's batches of each step of an epoch, as lists of (rows, weight). A step takes the next
+    grad_accum * world batches of the epoch's order (the same on every rank; the last step may be short)
+    and rank r takes every world-th from the r-th, so with the gradients averaged over ranks a step is the
+    one a single process makes with grad_accum * world. A rank left with no batch in a short last step
+    re-runs the step's first one with weight 0: all ranks must run backward equally often or DDP's
+    all-reduce hangs. skip_steps: steps of this epoch already done (--resume)."""
     size = grad_accum * world
     for start in range(skip_steps * size, len(order), size):
-        mine = [(rows, 1.0) for rows in order[start:start + size][rank::world]] or [(order[start], 0.0)]
-        for j, (rows, weight) in enumerate(mine):
-            yield rows, weight, j == len(mine) - 1
+        yield [(rows, 1.0) for rows in order[start:start + size][rank::world]] or [(order[start], 0.0)]
 
 
 def sync_gradients(model, last):
@@ -403,12 +485,62 @@ def threshold_list(threshold, num_labels):
     return [float(t) for t in np.broadcast_to(np.asarray(threshold, np.float64), (num_labels,))]
 
 
+class TrainLog:
+    """What a run reports: metrics.jsonl (rank 0 writes it), the progress line and a table row per
+    evaluation. It sums the training loss since the last evaluation on the device, and counts the tokens
+    trained on since then for the throughput."""
+
+    def __init__(self, cfg, progress, total_steps, steps_per_epoch, multi_label, device):
+        self.main_rank = rank_and_world()[0] == 0  # the other ranks write to /dev/null
+        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.metric, self.steps_per_epoch = selection_metric(cfg, multi_label), steps_per_epoch
+        self.columns = ["micro_f1", "macro_f1", "exact_match"] if multi_label else ["accuracy", "macro_f1", "micro_f1"]
+        resumed = progress.evals > 0  # a saved state always comes after an evaluation
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.main_rank and cfg.resume:
+            print(f"resuming at step {progress.step}" if resumed else
+                  f"--resume: no {cfg.out_dir}/last yet, starting afresh")
+            trim_log(self.path, progress.step)
+        self.file = open(self.path, "a" if resumed else "w") if self.main_rank else open(os.devnull, "w")
+        self.bar = ProgressBar(total_steps, progress.step)
+        self.running = torch.zeros(2, device=device)  # [sum of losses, batches]
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.tokens, self.clock = 0, time.time()  # the throughput of training alone
+
+    def add_step(self, sums, bad, batches):
+        self.running += torch.where(bad, 0.0, sums)  # a skipped step's nan stays out of the logged loss
+        self.tokens += sum(real_tokens(batch) for batch, _ in batches)  # on the CPU copies: no device sync
+
+    def training(self, step, lr, skipped):
+        loss = global_mean(self.running)  # with check_bad_steps, the only host syncs between evaluations
+        row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "skipped_steps": skipped}
+        self.file.write(json.dumps(row) + "\n")
+        if self.main_rank:
+            self.bar.update(step, loss, lr, self.tokens / (time.time() - self.clock))
+
+    def evaluation(self, progress, metrics):
+        train_loss = global_mean(self.running)
+        self.running.zero_()
+        epoch = progress.step / self.steps_per_epoch
+        if self.main_rank:
+            self.bar.newline()
+            print(evaluation_row(epoch, progress.step, train_loss, metrics, self.columns, progress.evals == 0))
+        self.file.write(json.dumps({"kind": "eval", "step": progress.step, "epoch": epoch, "metric": self.metric,
+                                    **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
 def real_tokens(batch):
     mask = batch.get("attention_mask")
     return len(batch["input_ids"]) if mask is None else int(mask.sum())
 
 
-class Progress:
+class ProgressBar:
     """One line of progress: a live bar on a terminal, a plain line every log_every steps in a log."""
 
     def __init__(self, total, first=0):  # first: the step a resumed run starts from
@@ -471,6 +603,7 @@ def plot_curves(log_path, png_path):
 
 # -----------------------------------------------------------------------------
 # checkpoints: written atomically; out_dir/last/state.pt holds all that --resume needs
+
 
 TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
@@ -584,6 +717,31 @@ def all_rng_states():
     return states
 
 
+def save_training_state(cfg, learner, progress, weights, optim):
+    """The progress, weights and optimizer state (full_state), schedule, grad scale and every rank's random
+    generators into out_dir/last/state.pt, as types torch.load(weights_only=True) reads. A collective."""
+    rank, world = rank_and_world()
+    rngs = all_rng_states()
+    if rank == 0:
+        atomic_torch_save({
+            **progress.state_dict(), "model": weights, "optimizer": optim, "scheduler": learner.scheduler.state_dict(),
+            "scaler": learner.scaler.state_dict(), "rng": rngs, "thresholds": learner.model.config.thresholds,
+            "world_size": world, "id2label": learner.model.config.id2label, "options": dataclasses.asdict(cfg)},
+            os.path.join(cfg.out_dir, "last", "state.pt"))
+
+
+def start_or_resume(cfg, learner, labels):
+    """Progress at step 0; with --resume, as out_dir/last/state.pt left it, with the weights, optimizer
+    moments, schedule, grad scale and this rank's random generators put back."""
+    rank, world = rank_and_world()
+    state = load_training_state(cfg, labels, world) if cfg.resume else None
+    progress = Progress.from_state_dict(state) if state else Progress()
+    if state:
+        restore_training_state(state, learner, is_sharded(cfg), rank)
+    progress.bad_steps = progress.bad_steps.to(learner.device)  # counted on the device: see count_bad_step
+    return progress
+
+
 def load_training_state(cfg, labels, world):
     """out_dir/last/state.pt, checked against this run; None when there is none yet (start afresh)."""
     path = os.path.join(cfg.out_dir, "last", "state.pt")
@@ -605,8 +763,9 @@ def load_training_state(cfg, labels, world):
     return state
 
 
-def restore_training_state(state, model, optimizer, scheduler, scaler, sharded, rank):
+def restore_training_state(state, learner, sharded, rank):
     """Put weights, optimizer moments, schedule, grad scale and this rank's random generators back."""
+    model, optimizer = learner.model, learner.optimizer
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
@@ -615,8 +774,8 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, sharded, 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     model.config.thresholds = state["thresholds"]
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    learner.scheduler.load_state_dict(state["scheduler"])
+    learner.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank])
 
 
@@ -624,157 +783,112 @@ def restore_training_state(state, model, optimizer, scheduler, scaler, sharded, 
 # the job
 
 
+@dataclass
+class Progress:
+    """How far the run has come. Saved with the weights at every evaluation (out_dir/last/state.pt) and
+    read back by --resume: a field added here is saved and restored with the others."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    position: int = 0  # optimizer steps done in this epoch
+    evals: int = 0
+    last_eval: int = -1  # the step of the latest evaluation
+    best: float | None = None  # the best validation score so far
+    bad_evals: int = 0  # evaluations in a row without improvement (--patience)
+    # optimizer steps with a non-finite gradient: [in a row now, most in a row, in all]; see count_bad_step
+    bad_steps: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(3, dtype=torch.long))
+
+    def state_dict(self):
+        return {**dataclasses.asdict(self), "bad_steps": self.bad_steps.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+    def out_of_patience(self, cfg):
+        return bool(cfg.patience) and self.bad_evals >= cfg.patience
+
+
 def train(cfg):
     torch.manual_seed(cfg.seed)
     rank, world, device = init_distributed(cfg)
-    main_rank, sharded = rank == 0, cfg.fsdp and world > 1  # only rank 0 prints and writes files
     model_dir = resolve_model(cfg.model)
     hf = json.load(open(os.path.join(model_dir, "config.json")))
-    positions = hf.get("max_position_embeddings", 512)
-    max_length = positions if cfg.long_docs == "native" else min(cfg.max_length or positions, positions)
-    encoder = TextEncoder(model_dir, max_length, cfg.long_docs, cfg.window_stride)
+    encoder = text_encoder(cfg, model_dir, hf)
     splits, labels = load_splits(cfg, encoder)
     train_split, val = splits["train"], splits["val"]
-    multi = labels.multi_label
-    metric = cfg.metric if cfg.metric != "auto" else ("micro_f1" if multi else "macro_f1")
-    sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in splits.items())
-    if main_rank:
-        print(f"{sizes} texts; {labels.num_labels} labels ({'multi' if multi else 'single'}-label); device "
-              f"{device}" + (f" x {world} processes ({'FSDP' if sharded else 'DDP'})" if world > 1 else ""))
-
-    model = load_model(
-        model_dir, encoder, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
-        overrides={**dropout_overrides(cfg, hf), "long_document": encoder.long_document}, verbose=main_rank)
-    if multi and cfg.prior_bias and model.fresh_head:
-        with torch.no_grad():
-            model.head.classifier.bias.copy_(prior_bias(train_split.targets))
-    model.to(device)
-    model.encoder.grad_checkpointing = cfg.grad_checkpointing
-    packed = use_packing(device, cfg.amp, cfg.pack)
-    step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
-    step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
-
-    batches_per_epoch = math.ceil(len(train_split.seqs) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum * world))  # global batch: x world
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
-    fp16 = device.type == "cuda" and (cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()))
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    if fp16 and sharded:
-        raise SystemExit("--fsdp has no fp16 grad scaler here: use --amp bf16 (or off)")
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    columns = ["micro_f1", "macro_f1", "exact_match"] if multi else ["accuracy", "macro_f1", "micro_f1"]
-    best, bad_evals, step, epoch, evals, last_eval = None, 0, 0, 0, 0, -1
-    position = 0  # optimizer steps done in this epoch
-    bad_counts = torch.zeros(3, dtype=torch.long, device=device)  # see count_bad_step
-    state = load_training_state(cfg, labels, world) if cfg.resume else None
-    if state:
-        restore_training_state(state, model, optimizer, scheduler, scaler, sharded, rank)
-        best, bad_evals, step, epoch, evals, last_eval, position = (state[k] for k in (
-            "best", "bad_evals", "step", "epoch", "evals", "last_eval", "position"))
-        bad_counts.copy_(state["bad_steps"])
-    if main_rank and cfg.resume:
-        print(f"resuming at step {step}" if state else f"--resume: no {cfg.out_dir}/last yet, starting afresh")
-        trim_log(log_path, step)
-    log = open(log_path, "a" if state else "w") if main_rank else open(os.devnull, "w")
-    progress = Progress(total_steps, step)
-    # [sum of losses, batches] since the last evaluation, and of the current step; on the device
-    running, step_sums, tokens, clock = torch.zeros(2, device=device), torch.zeros(2, device=device), 0, time.time()
-    one_batch = torch.ones((), device=device)  # made once, not per batch
-
-    def evaluate_and_checkpoint():
-        nonlocal best, bad_evals, evals, last_eval, tokens, clock
-        train_loss = global_mean(running)
-        running.zero_()
-        last_eval = step
-        metrics, threshold, _ = evaluate(model, val, encoder.pad_id, cfg, None)  # the same on every rank
-        if main_rank:
-            progress.newline()
-            print(evaluation_row(step / steps_per_epoch, step, train_loss, metrics, columns, evals == 0))
-        log.write(json.dumps({"kind": "eval", "step": step, "epoch": step / steps_per_epoch,
-                              "metric": metric, **metrics}) + "\n")
-        log.flush()
-        evals += 1
-        score = float(metrics[metric])
-        improved = best is None or (score > best if cfg.greater_is_better else score < best)
-        weights, optim = full_state(model, optimizer, sharded)  # a collective under FSDP
-        saved = unsharded(model, weights) if sharded and main_rank else model
-        if improved:
-            best, bad_evals = score, 0
-            model.config.thresholds = threshold_list(threshold, labels.num_labels)
-            if main_rank:
-                save_checkpoint(saved, cfg.out_dir, model_dir, cfg)
-        else:
-            bad_evals += 1
-        if cfg.keep_checkpoints and main_rank:
-            keep_recent(saved, cfg, step, model_dir)
-        rngs = all_rng_states()  # a collective
-        if main_rank:  # after the best model: a kill between the two redoes this evaluation on --resume
-            atomic_torch_save({
-                "model": weights, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "bad_steps": bad_counts.cpu(), "step": step,
-                "epoch": epoch, "position": position, "best": best, "bad_evals": bad_evals, "evals": evals,
-                "last_eval": last_eval, "thresholds": model.config.thresholds, "world_size": world,
-                "id2label": labels.id2label, "options": dataclasses.asdict(cfg)},
-                os.path.join(cfg.out_dir, "last", "state.pt"))
-        tokens, clock = 0, time.time()  # throughput of training alone
-        return cfg.patience and bad_evals >= cfg.patience
+    if rank == 0:  # only rank 0 prints and writes files
+        print(describe(cfg, splits, labels, device))
+    model = build_model(cfg, model_dir, hf, encoder, labels, train_split.targets, device)
+    steps_per_epoch, total_steps = count_steps(cfg, len(train_split.seqs))
+    learner = build_learner(cfg, model, total_steps, device)
+    progress = start_or_resume(cfg, learner, labels)
+    log = TrainLog(cfg, progress, total_steps, steps_per_epoch, labels.multi_label, device)
 
     model.train()
-    stop = bool(cfg.patience and bad_evals >= cfg.patience)  # a resumed run that had stopped early
-    while not stop and step < total_steps:
-        order = batch_indices([len(s) for s in train_split.seqs], cfg.batch_size, shuffle=True,
-                              seed=cfg.seed, epoch=epoch, bucket=cfg.bucket)  # the same on every rank
-        for rows, weight, last in rank_batches(order, cfg.grad_accum, rank, world, position):
-            batch = make_batch([train_split.seqs[r] for r in rows], train_split.targets[rows], encoder.pad_id,
-                               encoder.windows, packed)
-            tokens += real_tokens(batch)  # on the CPU copy: no device sync
-            with sync_gradients(step_model, last):
-                with autocast(device, cfg.amp):
-                    _, loss = step_model(**to_device(batch, device))
-                scaler.scale(loss * weight / cfg.grad_accum).backward()
-            if weight:
-                step_sums += torch.stack([loss.detach().float(), one_batch])
-            if not last:
-                continue
-            _, bad = optimizer_step(model, optimizer, scheduler, scaler, cfg.clip)
-            count_bad_step(bad_counts, bad)
-            running += torch.where(bad, 0.0, step_sums)  # a skipped step's nan stays out of the logged loss
-            step_sums.zero_()
-            step, position = step + 1, position + 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss_now = global_mean(running)  # with the next line, the only host syncs between evaluations
-                skipped = check_bad_steps(bad_counts, cfg, step)
-                log.write(json.dumps({"kind": "train", "step": step, "loss": loss_now,
-                                      "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped}) + "\n")
-                if main_rank:
-                    progress.update(step, loss_now, scheduler.get_last_lr()[0], tokens / (time.time() - clock))
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                stop = evaluate_and_checkpoint()
-            if stop or step >= total_steps:
+    while not progress.out_of_patience(cfg) and progress.step < total_steps:
+        for batches in epoch_steps(cfg, train_split, encoder, progress, device):
+            sums, bad = train_step(cfg, learner, batches)
+            count_bad_step(progress.bad_steps, bad)
+            log.add_step(sums, bad, batches)
+            progress.step, progress.position = progress.step + 1, progress.position + 1
+            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                skipped = check_bad_steps(progress.bad_steps, cfg, progress.step)
+                log.training(progress.step, learner.scheduler.get_last_lr()[0], skipped)
+            if cfg.eval_every and progress.step % cfg.eval_every == 0:
+                evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir)
+            if progress.out_of_patience(cfg) or progress.step >= total_steps:
                 break
-        epoch, position = epoch + 1, 0
+        progress.epoch, progress.position = progress.epoch + 1, 0
         if not cfg.eval_every:
-            stop = evaluate_and_checkpoint()
-    if last_eval != step:  # steps after the last evaluation still count
-        evaluate_and_checkpoint()
+            evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir)
+    if progress.last_eval != progress.step:  # steps after the last evaluation still count
+        evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir)
     log.close()
+
     if world > 1:
         dist.destroy_process_group()  # what follows is rank 0's alone
-    if not main_rank:
+    if rank != 0:
         return None
-    plot_curves(log_path, os.path.join(cfg.out_dir, "training_curves.png"))
-    return final_report(cfg, splits, labels, device, metric, best, encoder.pad_id)
+    plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
+    return final_report(cfg, splits, labels, device, progress.best, encoder.pad_id)
 
 
-def final_report(cfg, splits, labels, device, metric, best, pad_id):
+def describe(cfg, splits, labels, device):
+    world = rank_and_world()[1]
+    sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in splits.items())
+    return (f"{sizes} texts; {labels.num_labels} labels ({'multi' if labels.multi_label else 'single'}-label); "
+            f"device {device}" + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
+
+
+def evaluate_and_checkpoint(cfg, learner, progress, log, val, pad_id, model_dir):
+    """Score the model on the validation data and log it; save it to out_dir when it is the best so far
+    (and to out_dir/checkpoints with --keep-checkpoints); then all that --resume needs to out_dir/last."""
+    model, main_rank = learner.model, rank_and_world()[0] == 0
+    metrics, threshold, _ = evaluate(model, val, pad_id, cfg, None)  # the same on every rank
+    log.evaluation(progress, metrics)
+    score = float(metrics[log.metric])
+    improved = progress.best is None or (score > progress.best if cfg.greater_is_better else score < progress.best)
+    progress.last_eval, progress.evals = progress.step, progress.evals + 1
+    if improved:
+        progress.best, progress.bad_evals = score, 0
+        model.config.thresholds = threshold_list(threshold, model.config.num_labels)
+    else:
+        progress.bad_evals += 1
+    weights, optim = full_state(model, learner.optimizer, is_sharded(cfg))  # a collective under FSDP
+    saved = unsharded(model, weights) if is_sharded(cfg) and main_rank else model
+    if main_rank and improved:
+        save_checkpoint(saved, cfg.out_dir, model_dir, cfg)
+    if main_rank and cfg.keep_checkpoints:
+        keep_recent(saved, cfg, progress.step, model_dir)
+    # after the best model: a kill between the two redoes this evaluation on --resume
+    save_training_state(cfg, learner, progress, weights, optim)
+    log.restart_clock()
+
+
+def final_report(cfg, splits, labels, device, best, pad_id):
     """Reload the best checkpoint from disk (proves it loads), then report on the test data."""
     model = EncoderClassifier.from_pretrained(cfg.out_dir, device=device, verbose=False)
-    lines = [f"best validation {metric}: {best:.4f}"]
+    lines = [f"best validation {selection_metric(cfg, labels.multi_label)}: {best:.4f}"]
     result = {"best_val": best}
     if "test" in splits:
         test = splits["test"]
