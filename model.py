@@ -410,7 +410,7 @@ def use_packing(device, amp, pack=None):
 
 
 # -----------------------------------------------------------------------------
-# the classifier: encoder + pooling + head + loss, loading and saving
+# the classifier: encoder + pooling + head + loss; loading and saving
 
 
 def window_aggregation(strategy):
@@ -572,68 +572,19 @@ class EncoderClassifier(nn.Module):
             keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
         return 6 * matrix_params + 12 * c.hidden_size * keys
 
-    # --- checkpoints
+    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names below)
 
     @classmethod
     def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
                         dtype=None, device=None, overrides=None, verbose=True):
         """Load a Hugging Face checkpoint folder. Label options replace the checkpoint's; a classifier
         head that is missing or has another number of labels is initialised fresh and reported."""
-        path = os.path.join(model_dir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in {model_dir!r}: not a Hugging Face checkpoint folder")
-        with open(path) as f:
-            hf = json.load(f)
-        config = config_from_hf(hf)
-        if id2label is not None:
-            config.id2label = {int(k): v for k, v in id2label.items()}
-            config.num_labels = len(config.id2label)
-        elif num_labels is not None and num_labels != config.num_labels:
-            config.num_labels, config.id2label = num_labels, None
-        if problem_type is not None:
-            config.problem_type = problem_type
-        for key, value in (overrides or {}).items():
-            setattr(config, key, value)
-        model = cls(config)
-        state = load_state_dict(model_dir)
-        fresh = model.load_hf_state_dict(state)
+        model = cls(read_config(model_dir, num_labels, id2label, problem_type, overrides))
+        fresh = load_hf_weights(model, load_state_dict(model_dir))
         model.fresh_head = bool(fresh)
         if fresh and verbose:
             print(f"{model_dir}: new classifier head initialised ({', '.join(fresh)}); train it before use")
         return model.to(device=device, dtype=dtype)
-
-    def load_hf_state_dict(self, hf_state):
-        """Copy Hugging Face weights in; returns the head weights that were initialised fresh."""
-        names = hf_names(self.config, self.state_dict())
-        state = normalise_keys(hf_state, self.config)
-        ours = self.state_dict()
-        missing, fresh, wrong_shape = [], [], []
-        for key, sources in names.items():
-            if not all(s in state for s in sources):
-                if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
-                    (fresh if key.startswith("head.") else missing).append(sources[0])
-                continue
-            tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
-            if tensor.shape != ours[key].shape:
-                if key.startswith("head.classifier."):  # another number of labels: a new head
-                    fresh.append(sources[0])
-                    continue
-                wrong_shape.append(f"{sources[0]}: checkpoint {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
-                continue
-            ours[key].copy_(tensor)
-        used = {s for sources in names.values() for s in sources}
-        unexpected = sorted(k for k in state if k not in used and not ignorable(k))
-        problems = []
-        if wrong_shape:
-            problems.append("weights with the wrong shape (does config.json match the weights?):\n  "
-                            + "\n  ".join(wrong_shape))
-        if missing:
-            problems.append("encoder weights missing from the checkpoint:\n  " + "\n  ".join(missing))
-        if unexpected:
-            problems.append("weights in the checkpoint that this model does not have:\n  " + "\n  ".join(unexpected))
-        if problems:
-            raise ValueError("cannot load checkpoint: " + "\n".join(problems))
-        return fresh
 
     def hf_state_dict(self):
         """Our weights under the reference's names (qkv split back into query/key/value for BERT)."""
@@ -704,6 +655,41 @@ def hf_names(c, model_keys):
     return names
 
 
+def load_hf_weights(model, hf_state):
+    """Copy a checkpoint's tensors (Hugging Face names) into model; returns the head weights that were
+    initialised fresh instead (none in the checkpoint, or another number of labels)."""
+    ours = model.state_dict()
+    names = hf_names(model.config, ours)
+    state = normalise_keys(hf_state, model.config)
+    missing, fresh, wrong_shape = [], [], []
+    for key, sources in names.items():
+        if not all(s in state for s in sources):
+            if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
+                (fresh if key.startswith("head.") else missing).append(sources[0])
+            continue
+        tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
+        if tensor.shape != ours[key].shape:
+            if key.startswith("head.classifier."):  # another number of labels: a new head
+                fresh.append(sources[0])
+                continue
+            wrong_shape.append(f"{sources[0]}: checkpoint {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
+            continue
+        ours[key].copy_(tensor)
+    used = {s for sources in names.values() for s in sources}
+    unexpected = sorted(k for k in state if k not in used and not ignorable(k))
+    problems = []
+    if wrong_shape:
+        problems.append("weights with the wrong shape (does config.json match the weights?):\n  "
+                        + "\n  ".join(wrong_shape))
+    if missing:
+        problems.append("encoder weights missing from the checkpoint:\n  " + "\n  ".join(missing))
+    if unexpected:
+        problems.append("weights in the checkpoint that this model does not have:\n  " + "\n  ".join(unexpected))
+    if problems:
+        raise ValueError("cannot load checkpoint: " + "\n".join(problems))
+    return fresh
+
+
 def normalise_keys(state, c):
     """Accept checkpoints with or without the `bert.`/`model.` prefix and with legacy LayerNorm names."""
     prefix = "bert." if isinstance(c, BertConfig) else "model."
@@ -723,7 +709,27 @@ def ignorable(key):
 
 
 # -----------------------------------------------------------------------------
-# checkpoint folders: weights and the tokenizer that goes with them
+# checkpoint folders: config.json, the weights, and the tokenizer that goes with them
+
+
+def read_config(model_dir, num_labels=None, id2label=None, problem_type=None, overrides=None):
+    """A checkpoint folder's config.json as our config. Label options replace the checkpoint's; overrides
+    set any other field (train.py: dropout, long_document)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {model_dir!r}: not a Hugging Face checkpoint folder")
+    with open(path) as f:
+        config = config_from_hf(json.load(f))
+    if id2label is not None:
+        config.id2label = {int(k): v for k, v in id2label.items()}
+        config.num_labels = len(config.id2label)
+    elif num_labels is not None and num_labels != config.num_labels:
+        config.num_labels, config.id2label = num_labels, None
+    if problem_type is not None:
+        config.problem_type = problem_type
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    return config
 
 
 def load_state_dict(model_dir):
