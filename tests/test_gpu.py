@@ -4,6 +4,7 @@ kernel's place). Skipped without CUDA."""
 import pytest
 import torch
 
+import bench
 import model as M
 import train
 from data import make_batch, pack_batch, pad_batch, to_device
@@ -36,6 +37,12 @@ def setup(arch):
     if arch == "modernbert":
         padded.pop("token_type_ids"), packed.pop("token_type_ids")
     return model, padded, packed
+
+
+def test_acceptance_check_passes():
+    """python bench.py --check: the flash kernel passes its self-check, batches are packed, and packed and
+    padded training steps under autocast agree with fp32 padded ones, both architectures."""
+    assert bench.check(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -395,3 +395,26 @@ def test_batches_go_to_the_device_without_waiting(monkeypatch):
     assert all(moved[k].device.type == "meta" for k in tensors)
     assert moved["max_seqlen"] == 3 and moved["num_docs"] == 2
 
+
+# ----------------------------------------------------------------------------- the acceptance check's own code
+
+def test_acceptance_check_runs_the_packed_path_and_catches_what_the_self_check_cannot(monkeypatch, capsys):
+    """bench.py --check on the GPU path (the reference kernel): the packed rows run and agree. A kernel
+    whose window is off by one past 64 tokens passes the self-check (its sequences are shorter); the
+    acceptance check, with sequences up to 300 tokens, sees ModernBERT's packed path disagree."""
+    import bench
+    kernel = gpu_path_on_cpu(monkeypatch)
+    assert bench.check(torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "packed batches: on; flash varlen attention passed its self-check" in out
+    assert out.count("packed torch.float32") == 2 and out.count(" ok\n") == 4 and kernel.calls > 4
+
+    def window_off_by_one_when_long(q, k, v, cu, longest, window, dropout):
+        return reference_varlen_kernel(q, k, v, cu, longest, window - 1 if window and longest > 64 else window,
+                                       dropout)
+
+    gpu_path_on_cpu(monkeypatch, window_off_by_one_when_long)
+    assert not bench.check(torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "passed its self-check" in out and "modernbert packed torch.float32" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.endswith("DISAGREES")] == [["modernbert", "packed"]]
