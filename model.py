@@ -177,6 +177,7 @@ class AttentionLayout:
     local_mask: torch.Tensor = None  # padded: the same with ModernBERT's sliding window applied
     cu_seqlens: torch.Tensor = None  # packed: [B+1] int32 sequence starts in the flat token axis
     max_seqlen: int = 0
+    pad_index: torch.Tensor = None   # packed off the flash path: each token's row in a padded [B * T] copy
 
 
 def padded_layout(attention_mask, window=None):
@@ -191,8 +192,41 @@ def padded_layout(attention_mask, window=None):
     return AttentionLayout(mask=keys, local_mask=local)
 
 
+def packed_layout(cu_seqlens, max_seqlen, n_tokens, window, weight_dtype):
+    """Packed inputs' layout. Where flash runs (flash_runs, for the dtype attention will compute in) the kernel
+    needs cu_seqlens only. Elsewhere attention runs on a padded copy of q, k, v, with that copy's masks and
+    pad_index, while the layers' matmuls stay packed: none is spent on padding either way."""
+    device = cu_seqlens.device
+    autocast_on = device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if flash_runs(device, torch.get_autocast_dtype("cuda") if autocast_on else weight_dtype):
+        return layout
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=n_tokens)
+    position = torch.arange(n_tokens, device=device) - cu_seqlens[:-1].long()[seq_id]
+    padded = padded_layout(torch.arange(max_seqlen, device=device) < lengths[:, None], window)
+    layout.mask, layout.local_mask, layout.pad_index = padded.mask, padded.local_mask, seq_id * max_seqlen + position
+    return layout
+
+
+def padded_attention(q, k, v, layout, window, dropout):
+    """Packed attention off the flash path: q, k, v [1, H, N, D] copied into a padded [B, H, T, D] (the
+    rows pad_index names; zeros elsewhere), SDPA with the padded masks, the real rows taken back. It costs
+    what padded attention costs, where a dense [N, N] mask would grow with the whole batch's tokens squared."""
+    batch, longest = layout.mask.shape[0], layout.max_seqlen
+    heads, n, dim = q.shape[1:]
+
+    def pad(t):
+        rows = t.new_zeros(batch * longest, heads, dim).index_copy(0, layout.pad_index, t[0].transpose(0, 1))
+        return rows.view(batch, longest, heads, dim).transpose(1, 2)
+
+    mask = layout.mask if window is None else layout.local_mask
+    y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout)
+    return y.transpose(1, 2).reshape(batch * longest, heads, dim)[layout.pad_index].transpose(0, 1)[None]
+
+
 def packed_mask(cu_seqlens, window=None):
-    """Dense block-diagonal mask for a packed batch: the exact but slow fallback (CPU, tests)."""
+    """Dense block-diagonal mask [1, 1, N, N] for a packed batch: the self-check's reference."""
     n = int(cu_seqlens[-1])
     seq_id = torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=cu_seqlens.device), right=True)
     allowed = seq_id[:, None] == seq_id[None, :]
@@ -204,13 +238,12 @@ def packed_mask(cu_seqlens, window=None):
 
 def attend(q, k, v, layout, window, dropout):
     """q, k, v: padded [B, H, T, D] or packed [1, H, N, D]; window: None (global) or the half-width."""
-    if layout.cu_seqlens is not None:
-        if flash_runs(q.device, q.dtype):
-            return flash_varlen(q, k, v, layout, window, dropout)
-        mask = packed_mask(layout.cu_seqlens, window)
-    else:
+    if layout.cu_seqlens is None:
         mask = layout.mask if window is None else layout.local_mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if layout.pad_index is None:  # packed_layout found the flash kernel runs here
+        return flash_varlen(q, k, v, layout, window, dropout)
+    return padded_attention(q, k, v, layout, window, dropout)
 
 
 # -----------------------------------------------------------------------------
@@ -220,7 +253,7 @@ def attend(q, k, v, layout, window, dropout):
 
 def flash_runs(device, dtype):
     """Whether packed attention goes to varlen_kernel: torch has flash kernels for CUDA fp16/bf16 only.
-    Elsewhere packed batches take the dense mask (exact, but memory grows with the batch's tokens squared)."""
+    Elsewhere it runs on a padded copy (padded_attention)."""
     return torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
@@ -539,13 +572,15 @@ _flash_checks = {}  # (device, dtype) -> flash_check's answer: the self-check ru
 
 
 def use_packing(device, amp, pack=None):
-    """Packed batches (True) or padded ones. pack None: packed where the flash kernel runs them (CUDA under
-    autocast) and passed its self-check (flash_check, the first time); a failed check prints one warning and
-    padded batches (SDPA) go on. pack True: packed; a failed self-check is an error; off the flash path (CPU,
-    amp off) packed attention takes the dense mask, slower than length-bucketed padded batches. False: padded."""
+    """Packed batches (True), padded ones (False), or None: make_batch decides per batch, packing those with
+    much padding. pack None: packed where the flash kernel runs them (CUDA under autocast) and passed its
+    self-check (flash_check, the first time); a failed check prints one warning and padded batches (SDPA) go
+    on. Off the flash path (CPU, amp off) packed attention runs on a padded copy (padded_attention), which
+    pays where batches have much padding: None. pack True: packed; a failed self-check is an error. False:
+    padded."""
     dtype = amp_dtype(device, amp)
     if pack is False or not flash_runs(device, dtype):
-        return bool(pack)
+        return pack
     key = (str(device), dtype)
     first = key not in _flash_checks
     if first:
@@ -638,7 +673,7 @@ class EncoderClassifier(nn.Module):
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
-            layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            layout = packed_layout(cu_seqlens, max_seqlen, len(input_ids), window, self.encoder.word.weight.dtype)
             assert position_ids is not None, "packed inputs need position_ids (restarting at 0 per sequence)"
             longest = max_seqlen
         else:
