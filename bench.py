@@ -17,8 +17,9 @@ and goes) slows both sides alike instead of whichever runs second.
 The workload (so numbers compare between runs and machines): random weights of the base configs (MiniLM
 6x384; bert-base 12x768; ModernBERT-base 22x768, intermediate 1152), 24 labels, lengths from a lognormal
 (median --median tokens, sigma 0.7) clipped to [16, --max-len]; training and inference time the same
-batches. On CUDA: batches of 32, median 300, bf16 autocast, our padded and packed layouts. On a CPU: batches
-of 8, median 128, fp32, our padded layout (train.py's choice there): a 2-core machine takes a few minutes.
+batches, in the layout train.py would give them (--layout: packed on a GPU; on a CPU packed where a batch
+has over 20% padding). On CUDA: batches of 32, median 300, bf16 autocast. On a CPU: batches of 8, median 128,
+fp32: a 2-core machine takes a few minutes.
 Only real (non-pad) tokens are counted. MFU: useful FLOPs (no padding; ModernBERT's local layers over their
 window) over the matmul peak measured here (bf16 on CUDA, fp32 on a CPU). step GiB (CUDA): the most a step
 allocated above what was there before it (activations, gradients; not the weights or optimizer state).
@@ -126,14 +127,15 @@ def useful_flops(model, lengths, train):
 class Ours:
     name = "ours"
 
-    def __init__(self, hf, device, packed, grad_checkpointing):
-        if packed:  # on a GPU, only after the flash kernel passed its self-check (else an error)
-            M.use_packing(device, "auto", pack=True)
+    def __init__(self, hf, device, layout, grad_checkpointing):
+        # default: train.py's choice, packed on a GPU (once the flash kernel passed its self-check, else an
+        # error under "packed"), elsewhere per batch (make_batch)
+        self.packed = M.use_packing(device, "auto", {"default": None, "padded": False, "packed": True}[layout])
         self.model = EncoderClassifier(config_from_hf(hf)).to(device)
         self.model.encoder.grad_checkpointing = grad_checkpointing
-        self.packed, self.device = packed, device
+        self.device = device
         self.bert = hf["model_type"] == "bert"
-        self.name = "ours (packed)" if packed else "ours (padded)"
+        self.name = "ours" if layout == "default" else f"ours ({layout})"
 
     def inputs(self, seqs, labels):
         out = to_device(make_batch(seqs, labels, 0, packed=self.packed), self.device)
@@ -239,14 +241,14 @@ def compare(name, mode, args, device, peak_flops):
     hf = hf_config(name, args.tiny)
     with torch.device("meta"):  # shapes only: it counts FLOPs
         counter = EncoderClassifier(config_from_hf(hf))
-    layouts = {"padded": [False], "packed": [True], "both": [False, True]}[args.layout]
+    layouts = ["padded", "packed", "default"] if args.layout == "all" else [args.layout]
     for fixed_len in args.fixed_len or [None]:
         batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
         if fixed_len:  # long documents: about 16k tokens per batch
             batch_size = args.batch_size or max(1, 16384 // fixed_len)
         max_len = fixed_len or args.max_len
         batches = workload(args.batches, batch_size, max_len, hf["vocab_size"], args.seed, fixed_len, args.median)
-        impls = [Ours(hf, device, packed, args.grad_checkpointing) for packed in layouts]
+        impls = [Ours(hf, device, layout, args.grad_checkpointing) for layout in layouts]
         if not args.no_reference and reference_available():
             impls.append(Reference(hf, device))
         runners = [Runner(impl, batches, mode, device, args.compile) for impl in impls]
@@ -449,8 +451,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*MODELS, "all"], default="all")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
-    p.add_argument("--layout", choices=["padded", "packed", "both"], default=None,
-                   help="our batches: default both on CUDA, padded on a CPU (packed there is the dense-mask fallback)")
+    p.add_argument("--layout", choices=["default", "padded", "packed", "all"], default="default",
+                   help="our batches: train.py's choice (default: packed on a GPU; on a CPU packed where a batch "
+                        "has over 20%% padding), always padded, always packed, or all three")
     p.add_argument("--max-len", type=int, default=512, help="longest sequence (64 with --tiny)")
     p.add_argument("--median", type=int, default=None, help="median length: default 300 on CUDA, 128 on a CPU")
     p.add_argument("--fixed-len", type=int, nargs="*", default=None,
@@ -478,8 +481,8 @@ def main(argv=None):
             report_predict(predict_vs_pipeline(args.predict, model_dir, device, args.rounds or 1), model_dir, device)
         return
     cuda = device.type == "cuda"
-    defaults = dict(layout="both" if cuda else "padded", median=300 if cuda else 128, batches=10 if cuda else 2,
-                    rounds=10 if cuda else 3, warmup=3 if cuda else 1)
+    defaults = dict(median=300 if cuda else 128, batches=10 if cuda else 2, rounds=10 if cuda else 3,
+                    warmup=3 if cuda else 1)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
