@@ -177,7 +177,7 @@ class AttentionLayout:
     local_mask: torch.Tensor = None  # padded: the same with ModernBERT's sliding window applied
     cu_seqlens: torch.Tensor = None  # packed: [B+1] int32 sequence starts in the flat token axis
     max_seqlen: int = 0
-    pad_index: torch.Tensor = None   # packed off the flash path: each token's row in a padded [B * T] copy
+    pad_index: tuple = None          # packed off the flash path: each token's (row, position) in a padded copy
 
 
 def padded_layout(attention_mask, window=None):
@@ -205,24 +205,25 @@ def packed_layout(cu_seqlens, max_seqlen, n_tokens, window, weight_dtype):
     seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=n_tokens)
     position = torch.arange(n_tokens, device=device) - cu_seqlens[:-1].long()[seq_id]
     padded = padded_layout(torch.arange(max_seqlen, device=device) < lengths[:, None], window)
-    layout.mask, layout.local_mask, layout.pad_index = padded.mask, padded.local_mask, seq_id * max_seqlen + position
+    layout.mask, layout.local_mask, layout.pad_index = padded.mask, padded.local_mask, (seq_id, position)
     return layout
 
 
 def padded_attention(q, k, v, layout, window, dropout):
-    """Packed attention off the flash path: q, k, v [1, H, N, D] copied into a padded [B, H, T, D] (the
-    rows pad_index names; zeros elsewhere), SDPA with the padded masks, the real rows taken back. It costs
+    """Packed attention off the flash path: q, k, v [1, H, N, D] copied into a padded [B, H, T, D] (at the
+    places pad_index names; zeros elsewhere), SDPA with the padded masks, the real tokens taken back. It costs
     what padded attention costs, where a dense [N, N] mask would grow with the whole batch's tokens squared."""
     batch, longest = layout.mask.shape[0], layout.max_seqlen
     heads, n, dim = q.shape[1:]
 
     def pad(t):
-        rows = t.new_zeros(batch * longest, heads, dim).index_copy(0, layout.pad_index, t[0].transpose(0, 1))
-        return rows.view(batch, longest, heads, dim).transpose(1, 2)
+        padded = t.new_zeros(batch, longest, heads, dim)
+        padded[layout.pad_index] = t.squeeze(0).transpose(0, 1)  # in place: no copy of the zeros
+        return padded.transpose(1, 2)
 
     mask = layout.mask if window is None else layout.local_mask
     y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout)
-    return y.transpose(1, 2).reshape(batch * longest, heads, dim)[layout.pad_index].transpose(0, 1)[None]
+    return y.transpose(1, 2)[layout.pad_index].transpose(0, 1)[None]  # [N, H, D] -> [1, H, N, D]
 
 
 def packed_mask(cu_seqlens, window=None):
@@ -259,7 +260,7 @@ def flash_runs(device, dtype):
 
 def flash_varlen(q, k, v, layout, window, dropout):
     """Packed attention through varlen_kernel: [1, H, N, D] in and out, [N, H, D] views for the kernel."""
-    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (q, k, v))  # squeeze: a view both ways, [0] copies in backward
     y = varlen_kernel(q, k, v, layout.cu_seqlens, layout.max_seqlen, window, dropout)
     return y.transpose(0, 1)[None]
 
@@ -333,11 +334,11 @@ def compare_with_sdpa(device, dtype, window, dropout):
     g, layout, mask = check_case(device, window)
     n, heads = int(layout.cu_seqlens[-1]), 2
     qkv = torch.randn(1, n, 3, heads, CHECK_HEAD_DIM, generator=g).to(device, dtype).requires_grad_()
-    y = flash_varlen(*qkv.permute(2, 0, 3, 1, 4), layout, window, dropout)  # views, as SelfAttention makes them
+    y = flash_varlen(*(t.transpose(1, 2) for t in qkv.unbind(2)), layout, window, dropout)  # as SelfAttention
     grad = torch.randn(y.shape, generator=g).to(device, dtype)
     y.backward(grad)
     exact = qkv.detach().float().requires_grad_()
-    want = F.scaled_dot_product_attention(*exact.permute(2, 0, 3, 1, 4), attn_mask=mask)
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in exact.unbind(2)), attn_mask=mask)
     want.backward(grad.float())
     checks = [("forward", y, want)] + [(f"backward d{name}", qkv.grad[:, :, i], exact.grad[:, :, i])
                                        for i, name in enumerate("qkv")]
@@ -391,7 +392,8 @@ class SelfAttention(nn.Module):
         if len(lead) == 1:  # packed: one long "batch" of N tokens
             x = x[None]
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        # unbind the qkv axis in place: backward stacks the gradients straight into the matmul's layout
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, T, 3, self.heads, hidden // self.heads).unbind(2))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
         dropout = self.dropout if self.training else 0.0
@@ -572,15 +574,14 @@ _flash_checks = {}  # (device, dtype) -> flash_check's answer: the self-check ru
 
 
 def use_packing(device, amp, pack=None):
-    """Packed batches (True), padded ones (False), or None: make_batch decides per batch, packing those with
-    much padding. pack None: packed where the flash kernel runs them (CUDA under autocast) and passed its
-    self-check (flash_check, the first time); a failed check prints one warning and padded batches (SDPA) go
-    on. Off the flash path (CPU, amp off) packed attention runs on a padded copy (padded_attention), which
-    pays where batches have much padding: None. pack True: packed; a failed self-check is an error. False:
-    padded."""
+    """Packed batches or padded ones. pack None: packed where the flash kernel runs them (CUDA under autocast)
+    and passed its self-check (flash_check, the first time); a failed check prints one warning and padded
+    batches (SDPA) go on. Off the flash path (CPU, amp off) padded: there packed attention runs on a padded
+    copy (padded_attention), whose extra copies cost more than length-bucketed batches' little padding. pack
+    True: packed; a failed self-check is an error. False: padded."""
     dtype = amp_dtype(device, amp)
     if pack is False or not flash_runs(device, dtype):
-        return pack
+        return bool(pack)
     key = (str(device), dtype)
     first = key not in _flash_checks
     if first:
