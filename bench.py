@@ -17,8 +17,8 @@ and goes) slows both sides alike instead of whichever runs second.
 The workload (so numbers compare between runs and machines): random weights of the base configs (MiniLM
 6x384; bert-base 12x768; ModernBERT-base 22x768, intermediate 1152), 24 labels, lengths from a lognormal
 (median --median tokens, sigma 0.7) clipped to [16, --max-len]; training and inference time the same
-batches, ours in the layout train.py would give them (packed on a GPU, padded on a CPU; --layout for the
-others). On CUDA: batches of 32, median 300, bf16 autocast. On a CPU: batches of 4, median 96,
+batches, ours in the layout train.py would give them (packed on a GPU; on a CPU packed where a batch has
+over 20% padding; --layout for the others). On CUDA: batches of 32, median 300, bf16 autocast. On a CPU: batches of 4, median 96,
 fp32: a 2-core machine takes a few minutes.
 Only real (non-pad) tokens are counted. MFU: useful FLOPs (no padding; ModernBERT's local layers over their
 window) over the matmul peak measured here (bf16 on CUDA, fp32 on a CPU). step GiB (CUDA): the most a step
@@ -132,13 +132,13 @@ class Ours:
 
     def __init__(self, hf, device, layout, grad_checkpointing):
         # default: train.py's choice: packed on a GPU once the flash kernel passed its self-check (under
-        # "packed", a failed check is an error), padded elsewhere
+        # "packed", a failed check is an error); elsewhere per batch, packed where padding is over 20%
         self.packed = M.use_packing(device, "auto", {"default": None, "padded": False, "packed": True}[layout])
         self.model = EncoderClassifier(config_from_hf(hf)).to(device)
         self.model.encoder.grad_checkpointing = grad_checkpointing
         self.device = device
         self.bert = hf["model_type"] == "bert"
-        self.name = f"ours ({'packed' if self.packed else 'padded'})"
+        self.name = {True: "ours (packed)", False: "ours (padded)", None: "ours"}[self.packed]
 
     def inputs(self, seqs, labels):
         out = to_device(make_batch(seqs, labels, 0, packed=self.packed), self.device)
@@ -244,7 +244,7 @@ def compare(name, mode, args, device, peak_flops):
     hf = hf_config(name, args.tiny)
     with torch.device("meta"):  # shapes only: it counts FLOPs
         counter = EncoderClassifier(config_from_hf(hf))
-    layouts = ["padded", "packed"] if args.layout == "both" else [args.layout]
+    layouts = ["padded", "packed", "default"] if args.layout == "all" else [args.layout]
     for fixed_len in args.fixed_len or [None]:
         batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
         if fixed_len:  # long documents: about 16k tokens per batch
@@ -256,6 +256,9 @@ def compare(name, mode, args, device, peak_flops):
             impls.append(Reference(hf, device))
         runners = [Runner(impl, batches, mode, device, args.compile) for impl in impls]
         del impls
+        for runner in runners:
+            if runner.name == "ours":  # packed or padded batch by batch: say how many it packed
+                runner.name += f" ({sum('cu_seqlens' in b for b in runner.inputs)}/{len(batches)} packed)"
         for runner in runners:
             for i in range(args.warmup):
                 runner.step(i % len(batches))
@@ -455,9 +458,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*MODELS, "all"], default="all")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
-    p.add_argument("--layout", choices=["default", "padded", "packed", "both"], default="default",
-                   help="our batches: train.py's choice (default: packed on a GPU, padded on a CPU), or padded, "
-                        "packed, or both side by side")
+    p.add_argument("--layout", choices=["default", "padded", "packed", "all"], default="default",
+                   help="our batches: train.py's choice (default: packed on a GPU; on a CPU packed where a batch "
+                        "has over 20%% padding), always padded, always packed, or all three side by side")
     p.add_argument("--max-len", type=int, default=512, help="longest sequence (64 with --tiny)")
     p.add_argument("--median", type=int, default=None, help="median length: default 300 on CUDA, 96 on a CPU")
     p.add_argument("--fixed-len", type=int, nargs="*", default=None,

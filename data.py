@@ -26,6 +26,11 @@ csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB defa
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None}
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
+# make_batch(packed=None), off the flash kernel (CPU): packing saves the layers' matmuls on padding and adds
+# copies around attention: worth it above this share of padding (bench.py on this CPU, batches with 26% and
+# 40% padding: packed 1.09-1.30x transformers, padded 0.89-1.09x). Length-bucketed batches (train.py,
+# predict.py) seldom have that much and stay padded.
+PACK_ABOVE_PADDING = 0.2
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
 
 
@@ -492,12 +497,16 @@ def pack_batch(seqs, labels=None) -> dict:
 
 def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
     """The model's inputs for one batch: pad_batch, or pack_batch (no padding; what flash attention runs).
+    packed None: packed when padding would take more than PACK_ABOVE_PADDING of the padded batch.
     windows: seqs are texts as lists of windows (TextEncoder with windows_*); every window is a row, and
     doc_index [W] int64 gives each window's text and num_docs (an int) their count, while labels stay one
     row per text."""
     if windows:
         counts = torch.tensor([len(doc) for doc in seqs])
         seqs = [window for doc in seqs for window in doc]
+    if packed is None:
+        lengths = [len(s) for s in seqs]
+        packed = sum(lengths) < (1 - PACK_ABOVE_PADDING) * len(lengths) * max(lengths)
     batch = pack_batch(seqs, labels) if packed else pad_batch(seqs, labels, pad_id)
     if windows:
         batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)

@@ -11,13 +11,13 @@ from model import EncoderClassifier, config_from_hf
 
 def test_tiny_bench_runs_every_implementation(capsys):
     bench.main(["--tiny", "--rounds", "1", "--warmup", "1", "--batches", "1", "--batch-size", "4",
-                "--layout", "both", "--no-reference"])
+                "--layout", "all", "--no-reference"])
     out = capsys.readouterr().out
     for name in bench.MODELS:
         for mode in ("train", "infer"):
             assert f"{name} {mode}: batch 4" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("ours")]
-    assert len(rows) == 12  # padded and packed; 3 models x 2 modes
+    assert len(rows) == 18  # padded, packed, and train.py's choice per batch; 3 models x 2 modes
     assert all(float(row[-5].replace(",", "")) > 0 for row in rows)  # tokens/s
 
 
