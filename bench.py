@@ -10,9 +10,10 @@ check for a new GPU machine; and predict.py against transformers' pipeline on re
     python bench.py --tiny --rounds 1                 # a smoke run
 
 Order-fair: each implementation takes --warmup untimed steps, then every round runs the same batches through
-all of them in alternating order (A B, B A, A B, ...), each step timed alone. The ratio to the reference is
-taken per round; its median and range over the rounds are reported, so load from other jobs (which comes
-and goes) slows both sides alike instead of whichever runs second.
+all of them, back to back in alternating order (A B, B A, A B, ...), each step timed alone. The ratio to the
+reference is taken for each batch visit (the steps that ran it back to back); its median and range are
+reported, so load from other jobs (which comes and goes) slows both sides alike instead of whichever runs
+second.
 
 The workload (so numbers compare between runs and machines): random weights of the base configs (MiniLM
 6x384; bert-base 12x768; ModernBERT-base 22x768, intermediate 1152), 24 labels, lengths from a lognormal
@@ -84,13 +85,13 @@ def workload(n_batches, batch_size, max_len, vocab, seed, fixed_len=None, median
 
 
 def measured_peak_flops(device):
-    """Dense matmul FLOP/s (bf16 on CUDA, fp32 on CPU): the roof MFU is measured against. The best of five
-    tries: on a shared machine a try can fall in someone else's busy moment."""
+    """Dense matmul FLOP/s (bf16 on CUDA, fp32 on CPU): the roof MFU is measured against. The best of ten
+    tries: on a shared machine a try can fall in someone else's busy moment (and MFU can then pass 100%)."""
     n, dtype, reps = (8192, torch.bfloat16, 20) if device.type == "cuda" else (1024, torch.float32, 4)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         sync(device)
         t = time.perf_counter()
         for _ in range(reps):
@@ -217,26 +218,24 @@ class Runner:
 
 
 def time_rounds(runners, n_batches, rounds):
-    """seconds[runner][round] and each runner's largest step memory. Every round runs each batch through
-    every runner, in alternating order (A B, B A, ...): neither side always runs first, after the other, or
-    during the same stretch of someone else's job. A runner out of memory drops out (its seconds: None)."""
-    seconds = [[0.0] * rounds for _ in runners]
+    """seconds[runner][visit] (a visit: one batch in one round) and each runner's largest step memory. Every
+    round runs each batch through every runner, back to back and in alternating order (A B, B A, ...):
+    neither side always runs first, after the other, or in another stretch of someone else's job. A runner
+    out of memory drops out (its seconds: None)."""
+    seconds = [[] for _ in runners]
     memory = [float("nan")] * len(runners)
-    turn = 0
-    for r in range(rounds):
-        for i in range(n_batches):
-            order = range(len(runners)) if turn % 2 == 0 else reversed(range(len(runners)))
-            turn += 1
-            for j in order:
-                if seconds[j] is None:
-                    continue
-                try:
-                    dt, peak = runners[j].timed_step(i)
-                except torch.OutOfMemoryError:
-                    seconds[j] = None
-                    continue
-                seconds[j][r] += dt
-                memory[j] = peak if np.isnan(memory[j]) else max(memory[j], peak)
+    for visit in range(rounds * n_batches):
+        order = range(len(runners)) if visit % 2 == 0 else reversed(range(len(runners)))
+        for j in order:
+            if seconds[j] is None:
+                continue
+            try:
+                dt, peak = runners[j].timed_step(visit % n_batches)
+            except torch.OutOfMemoryError:
+                seconds[j] = None
+                continue
+            seconds[j].append(dt)
+            memory[j] = peak if np.isnan(memory[j]) else max(memory[j], peak)
     return seconds, memory
 
 
@@ -276,8 +275,8 @@ def compare(name, mode, args, device, peak_flops):
 
 
 def report(names, seconds, memory, work, peak_flops):
-    """A row per implementation; x ref: its speed over the reference's, the median of the rounds' ratios,
-    and their range."""
+    """A row per implementation; x ref: its speed over the reference's: the median of the ratios of the
+    steps that ran the same batch back to back, and their range."""
     reference = next((s for n, s in zip(names, seconds) if n.startswith("transformers") and s), None)
     print(f"{'implementation':22s} {'tokens/s':>11s} {'seqs/s':>9s} {'MFU':>6s} {'step GiB':>9s} {'x ref':>6s} "
           f"{'range':>11s}")
@@ -288,7 +287,7 @@ def report(names, seconds, memory, work, peak_flops):
         total = sum(s)
         ratio, spread = "-", ""
         if reference:
-            ratios = [ref / ours for ref, ours in zip(reference, s)]
+            ratios = [ref / ours for ref, ours in zip(reference, s)]  # visit by visit
             ratio, spread = f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}"
         gib = "-" if np.isnan(mem) else f"{mem / 2 ** 30:.2f}"
         print(f"{name:22s} {work['tokens'] / total:11,.0f} {work['seqs'] / total:9.1f} "
