@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 
 SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
+POOLINGS = ("cls", "mean", "max", "label_attention")
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -44,6 +45,9 @@ class LabelsConfig:
     problem_type: str = SINGLE_LABEL
     thresholds: list = None  # multi-label decision thresholds, one per label (tuned on validation data)
     long_document: dict = None  # {"strategy", "max_length"[, "stride"]}: see data.TextEncoder; train.py records it
+    # how the token vectors become the head's input (POOLINGS); "cls" is the reference's for both architectures.
+    # ModernBERT's config.json has this key; for BERT it is ours (transformers ignores it and uses [CLS])
+    classifier_pooling: str = "cls"
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @property
@@ -93,7 +97,6 @@ class ModernBertConfig(LabelsConfig):
     embedding_dropout: float = 0.0
     mlp_bias: bool = False
     mlp_dropout: float = 0.0
-    classifier_pooling: str = "cls"
     classifier_dropout: float = 0.0
     classifier_bias: bool = False
     classifier_activation: str = "gelu"
@@ -313,17 +316,30 @@ class BertEncoder(nn.Module):
 
 
 class BertHead(nn.Module):
-    """The pooler (dense + tanh on the [CLS] vector), dropout, then the linear classifier."""
+    """The pooler (dense + tanh) on the [CLS] vector, dropout, then the linear classifier. The pooler was
+    pretrained on [CLS] alone (next-sentence prediction), so other poolings skip it; its weights stay in
+    the checkpoint all the same."""
 
     def __init__(self, c):
         super().__init__()
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+        self.use_pooler = c.classifier_pooling == "cls"
         p = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         self.drop = nn.Dropout(p)
         self.classifier = nn.Linear(c.hidden_size, c.num_labels)
 
-    def forward(self, cls_vectors):
-        return self.classifier(self.drop(torch.tanh(self.pooler(cls_vectors))))
+    def forward(self, pooled):
+        if self.use_pooler:
+            pooled = torch.tanh(self.pooler(pooled))
+        return classify(self.classifier, self.drop(pooled))
+
+
+def classify(classifier, pooled):
+    """Logits from pooled [B, H] (one vector per text), or [B, L, H] (label_attention: one vector per label,
+    each scored by its own row of the classifier)."""
+    if pooled.dim() == 2:
+        return classifier(pooled)
+    return (pooled * classifier.weight).sum(-1) + classifier.bias
 
 
 # -----------------------------------------------------------------------------
@@ -387,7 +403,7 @@ class ModernBertHead(nn.Module):
         self.classifier = nn.Linear(c.hidden_size, c.num_labels)
 
     def forward(self, pooled):
-        return self.classifier(self.drop(self.norm(self.act(self.dense(pooled)))))
+        return classify(self.classifier, self.drop(self.norm(self.act(self.dense(pooled)))))
 
 
 # -----------------------------------------------------------------------------
@@ -413,6 +429,26 @@ def use_packing(device, amp, pack=None):
 # the classifier: encoder + pooling + head + loss; loading and saving
 
 
+def packed_mean(hidden, cu_seqlens):
+    """Mean of each packed sequence's token vectors [N, H] -> [B, H]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                     output_size=hidden.shape[0])  # known size: no host sync
+    sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
+
+
+def unpack(hidden, cu_seqlens, max_seqlen):
+    """Packed token vectors [N, H] -> right-padded [B, max_seqlen, H] and their mask [B, max_seqlen]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                     output_size=hidden.shape[0])
+    position = torch.arange(hidden.shape[0], device=hidden.device) - cu_seqlens[:-1].long()[seq_id]
+    padded = hidden.new_zeros(len(lengths), max_seqlen, hidden.shape[-1]).index_put_((seq_id, position), hidden)
+    mask = torch.zeros(len(lengths), max_seqlen, dtype=torch.bool, device=hidden.device)
+    return padded, mask.index_put_((seq_id, position), torch.ones_like(seq_id, dtype=torch.bool))
+
+
 def window_aggregation(strategy):
     """windows_max / windows_mean / windows_attention -> "max" / "mean" / "attention"; None for the
     strategies that truncate (one sequence per text)."""
@@ -431,11 +467,16 @@ class EncoderClassifier(nn.Module):
         bert = isinstance(config, BertConfig)
         self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
         self.head = BertHead(config) if bert else ModernBertHead(config)
-        self.pooling = "cls" if bert else config.classifier_pooling
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use 'cls' or 'mean'")
+        self.pooling = config.classifier_pooling
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use one of {POOLINGS}")
+        if self.pooling == "label_attention":  # one learned query per label over the tokens
+            self.label_attention = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         # windows_max / windows_mean / windows_attention: how a long document's windows make one prediction
         self.aggregation = window_aggregation((config.long_document or {}).get("strategy", "head"))
+        if self.aggregation == "attention" and self.pooling == "label_attention":
+            raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
+                             "use windows_max or windows_mean with it")
         if self.aggregation == "attention":  # one score per window; no bias: a softmax ignores it
             self.window_attention = nn.Linear(config.hidden_size, 1, bias=False)
         self.apply(self._init_weights)
@@ -451,7 +492,7 @@ class EncoderClassifier(nn.Module):
         (make_batch gives it; else len(labels), else doc_index[-1] + 1, which waits for the device).
         Returns (logits [B or documents, num_labels], loss or None)."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
-        pooled = self.pool(hidden, attention_mask, cu_seqlens)
+        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen)
         if doc_index is None:
             logits = self.head(pooled)
         else:
@@ -500,22 +541,28 @@ class EncoderClassifier(nn.Module):
                              f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
         return self.encoder(input_ids, layout, position_ids, token_type_ids)
 
-    def pool(self, hidden, attention_mask, cu_seqlens):
+    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention)."""
         if cu_seqlens is not None:
             if self.pooling == "cls":
                 return hidden[cu_seqlens[:-1].long()]
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
-                                             output_size=hidden.shape[0])  # known size: no host sync
-            sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-            return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
+            if self.pooling == "mean":
+                return packed_mean(hidden, cu_seqlens)
+            hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
         if attention_mask is None:
-            return hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = attention_mask.bool()
         if self.pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
-            first = attention_mask.long().argmax(dim=1)
+            first = mask.long().argmax(dim=1)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-        m = attention_mask.to(hidden.dtype)[..., None]
-        return (hidden * m).sum(dim=1) / m.sum(dim=1)
+        if self.pooling == "mean":
+            m = mask.to(hidden.dtype)[..., None]
+            return (hidden * m).sum(dim=1) / m.sum(dim=1)
+        if self.pooling == "max":
+            return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
+        # label_attention: each label's softmax over the text's tokens weighs their vectors
+        scores = self.label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]
+        return torch.einsum("btl,bth->blh", scores.softmax(dim=1).to(hidden.dtype), hidden)
 
     def loss(self, logits, labels):
         if self.config.multi_label:
@@ -548,16 +595,21 @@ class EncoderClassifier(nn.Module):
 
     # --- training helpers, as in nanoGPT
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.999), eps=1e-8, device_type="cpu"):
-        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+    def configure_optimizers(self, weight_decay, learning_rate, head_lr=None, betas=(0.9, 0.999), eps=1e-8,
+                             device_type="cpu"):
+        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed.
+        head_lr: the peak lr of everything above the encoder (head, label or window attention), which starts
+        from scratch; None = learning_rate."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = []
+        for part, lr in (("encoder", learning_rate), ("head", learning_rate if head_lr is None else head_lr)):
+            mine = [p for n, p in named if n.startswith("encoder.") == (part == "encoder")]
+            groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+                       {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
         # fused also takes a found_inf flag: train.py skips non-finite steps on the device with it
         fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
+                                 fused=fused)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs (forward + backward) per real token: 6 per weight plus attention scores."""
@@ -645,6 +697,7 @@ def hf_names(c, model_keys):
                          ("mlp_norm", "mlp_norm"), ("wi", "mlp.Wi"), ("wo", "mlp.Wo")]:
                 table[ours + a + ".*"] = hf + b + ".*"
     table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
+    table["label_attention.*"] = "label_attention.*"  # classifier_pooling label_attention only; likewise
     names = {}
     for pattern, hf in table.items():
         hf = hf if isinstance(hf, list) else [hf]
@@ -665,11 +718,11 @@ def load_hf_weights(model, hf_state):
     for key, sources in names.items():
         if not all(s in state for s in sources):
             if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
-                (fresh if key.startswith("head.") else missing).append(sources[0])
+                (fresh if key.startswith(("head.", "label_attention.")) else missing).append(sources[0])
             continue
         tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
         if tensor.shape != ours[key].shape:
-            if key.startswith("head.classifier."):  # another number of labels: a new head
+            if key.startswith(("head.classifier.", "label_attention.")):  # another number of labels: a new head
                 fresh.append(sources[0])
                 continue
             wrong_shape.append(f"{sources[0]}: checkpoint {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
@@ -696,16 +749,17 @@ def normalise_keys(state, c):
     out = {}
     for key, tensor in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.")
+        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.", "label_attention.")
         bare = not key.startswith(prefix) and not key.startswith(top_level)
         out[prefix + key if bare else key] = tensor
     return out
 
 
 def ignorable(key):
-    """Pretraining heads and buffers that a classifier leaves behind, as the reference does; and window
-    attention weights when the model is loaded with another long-document strategy."""
-    return key.startswith(("cls.", "decoder.", "window_attention.")) or key.endswith("position_ids")
+    """Pretraining heads and buffers that a classifier leaves behind, as the reference does; and window or
+    label attention weights when the model is loaded with another long-document strategy or pooling."""
+    ours = ("window_attention.", "label_attention.")
+    return key.startswith(("cls.", "decoder.", *ours)) or key.endswith("position_ids")
 
 
 # -----------------------------------------------------------------------------

@@ -72,6 +72,10 @@ class TrainConfig:
     # multi-label
     threshold: str = "global"  # global | per_label (tuned on validation data) | a number such as 0.5
     prior_bias: bool = True  # start a new multi-label head at each label's training frequency
+    # the head: how token vectors are pooled (cls | mean | max | label_attention) and the head's own peak lr;
+    # auto = the checkpoint's pooling and --lr for single-label, MULTI_LABEL_RECIPE for multi-label
+    pooling: str = "auto"
+    head_lr: float | None = None
     # evaluation, checkpoints, logs
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
     metric: str = "auto"  # model selection metric; auto = macro_f1 (single-label), micro_f1 (multi-label)
@@ -147,6 +151,21 @@ def resolve_model(name):
                          "download it elsewhere and pass the folder")
 
 
+# Multi-label defaults, measured on roco_radiology (README, "Multi-label"): a fresh head for hundreds of
+# rare labels learns too slowly at the encoder's lr, and one query per label finds the words that name it.
+MULTI_LABEL_RECIPE = {"pooling": "label_attention", "head_lr": 1e-3}
+
+
+def with_task_defaults(cfg, multi_label):
+    """cfg with the multi-label recipe in place of its auto options (single-label keeps the checkpoint's
+    pooling and --lr for the head), so that train_config.json and --resume see what the run used."""
+    if not multi_label:
+        return cfg
+    return dataclasses.replace(
+        cfg, pooling=MULTI_LABEL_RECIPE["pooling"] if cfg.pooling == "auto" else cfg.pooling,
+        head_lr=MULTI_LABEL_RECIPE["head_lr"] if cfg.head_lr is None else cfg.head_lr)
+
+
 def selection_metric(cfg, multi_label):
     return cfg.metric if cfg.metric != "auto" else ("micro_f1" if multi_label else "macro_f1")
 
@@ -217,7 +236,7 @@ def build_model(cfg, model_dir, hf, encoder, labels, train_targets, device):
     try:
         model = EncoderClassifier.from_pretrained(
             model_dir, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
-            overrides={**dropout_overrides(cfg, hf), "long_document": encoder.long_document},
+            overrides={**dropout_overrides(cfg, hf), **pooling_override(cfg), "long_document": encoder.long_document},
             verbose=rank_and_world()[0] == 0)
         check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -228,6 +247,10 @@ def build_model(cfg, model_dir, hf, encoder, labels, train_targets, device):
     model.to(device)
     model.encoder.grad_checkpointing = cfg.grad_checkpointing
     return model
+
+
+def pooling_override(cfg):
+    return {} if cfg.pooling == "auto" else {"classifier_pooling": cfg.pooling}
 
 
 def dropout_overrides(cfg, hf):
@@ -265,7 +288,7 @@ def build_learner(cfg, model, total_steps, device):
     step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.head_lr, device_type=device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
     fp16 = device.type == "cuda" and (cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()))
     if fp16 and is_sharded(cfg):
@@ -815,6 +838,7 @@ def train(cfg):
     hf = json.load(open(os.path.join(model_dir, "config.json")))
     encoder = text_encoder(cfg, model_dir, hf)
     splits, labels = load_splits(cfg, encoder)
+    cfg = with_task_defaults(cfg, labels.multi_label)
     train_split, val = splits["train"], splits["val"]
     if rank == 0:  # only rank 0 prints and writes files
         print(describe(cfg, splits, labels, device))
