@@ -27,6 +27,9 @@ DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson"
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
+# label cells that spell a missing value (pandas' str(NaN), JSON's null, Python's None): an error like a blank cell,
+# never a class of their own; compared case-insensitively
+MISSING_LABELS = ("nan", "null", "none", "n/a", "<na>")
 
 
 class DataError(ValueError):
@@ -97,14 +100,26 @@ def _jsonl_records(path, text):
             continue
         where = f"row {len(records) + 1} (line {line_no})"
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: {where}: invalid JSON ({e.msg}, column {e.colno})") from None
+        except KeyError as e:
+            raise DataError(f"{path}: {where}: key {e.args[0]!r} appears twice in one record; keep one") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
         columns.update(dict.fromkeys(record))
         records.append((where, record))
     return list(columns), records
+
+
+def _no_duplicate_keys(pairs):
+    """json.loads keeps the last of two equal keys without a word: which label was meant is unknowable."""
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise KeyError(key)
+        record[key] = value
+    return record
 
 
 def _require_columns(path, columns, wanted, delimiter):
@@ -147,13 +162,21 @@ def _parse_label(path, where, column, value, multi_label, sep):
     if not multi_label:
         if isinstance(value, (list, dict)):
             raise DataError(f"{path}: {where}: label {value!r} is a {type(value).__name__} but multi_label=False")
-        return str(value).strip()
+        return _check_present(path, where, column, str(value).strip())
     items = value if isinstance(value, list) else _json_list(value) if isinstance(value, str) else [value]
     if items is None:
         items = value.split(sep)
         if not any(s.strip() for s in items):
             raise DataError(f"{path}: {where}: no label in column {column!r}")
-    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))  # dedupe, keep order
+    names = [_check_present(path, where, column, str(x).strip()) for x in items if str(x).strip()]
+    return list(dict.fromkeys(names))  # dedupe, keep order
+
+
+def _check_present(path, where, column, name):
+    if name.lower() in MISSING_LABELS:
+        raise DataError(f"{path}: {where}: label {name!r} in column {column!r} is how a missing value is written "
+                        "(pandas, JSON); missing labels are an error: fill it in or remove the row")
+    return name
 
 
 def _flag(path, where, column, value):
@@ -252,9 +275,10 @@ class LabelEncoder:
     num_labels = property(lambda self: len(self._names))
     multi_label = property(lambda self: self._multi_label)
 
-    def encode(self, raw_labels, path=None, unknown="error") -> np.ndarray:
-        """unknown="error" raises DataError on labels not seen in training; "ignore" drops them
-        (single-label rows get IGNORE_INDEX) and warns with the count."""
+    def encode(self, raw_labels, path=None, unknown="error", hint='or pass unknown="ignore"') -> np.ndarray:
+        """unknown="error" raises DataError on labels not seen in training, ending with hint (what the caller's
+        user can do: train.py names its flag); "ignore" drops them (single-label rows get IGNORE_INDEX) and
+        warns with the count."""
         if unknown not in ("error", "ignore"):
             raise ValueError(f'unknown must be "error" or "ignore", got {unknown!r}')
         n, unknown_rows = len(raw_labels), {}
@@ -274,7 +298,7 @@ class LabelEncoder:
         if unknown_rows:
             message = self._unknown_message(unknown_rows, path)
             if unknown == "error":
-                raise DataError(message + '; fix the data or pass unknown="ignore"')
+                raise DataError(f"{message}; fix the data {hint}")
             warnings.warn(message + "; ignored them", stacklevel=2)
         return targets
 
@@ -419,9 +443,13 @@ class TextEncoder:
         self.prefix, self.suffix = special_ids(self.tokenizer)
         self.budget = max_length - len(self.prefix) - len(self.suffix)  # text tokens per sequence
         self.stride = (stride or max(self.budget // 2, 1)) if self.windows else None
-        if self.budget < 1 or (self.windows and not 1 <= self.stride <= self.budget):
-            raise ValueError(f"max_length {max_length} with window stride {stride}: need 1 <= stride <= "
-                             f"max_length - {max_length - self.budget} special tokens")
+        specials = max_length - self.budget
+        if self.budget < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for text: the special tokens take {specials}; "
+                             f"use at least {specials + 1}")
+        if self.windows and not 1 <= self.stride <= self.budget:
+            raise ValueError(f"window stride {stride} must be between 1 and {self.budget} (the text tokens of a "
+                             f"window of max_length {max_length}: a larger stride would skip tokens)")
         # config.json's long_document: predict.py rebuilds this encoder from it
         self.long_document = {"strategy": long_docs, "max_length": max_length}
         if self.windows:

@@ -14,6 +14,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import stat
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -654,7 +656,10 @@ class EncoderClassifier(nn.Module):
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config_to_hf(self.config), f, indent=2, sort_keys=True)
         state = {k: v.detach().cpu() for k, v in self.hf_state_dict().items()}
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        weights = os.path.join(out_dir, "model.safetensors")
+        save_file(state, weights, metadata={"format": "pt"})
+        # safetensors creates the file 0600: give it the mode config.json got from the umask, as the other files have
+        os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(out_dir, "config.json")).st_mode))
 
 
 # -----------------------------------------------------------------------------
@@ -789,11 +794,18 @@ def read_config(model_dir, num_labels=None, id2label=None, problem_type=None, ov
 def load_state_dict(model_dir):
     """All tensors of a checkpoint folder: model.safetensors (single or sharded) or pytorch_model.bin."""
     def load_safetensors(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is damaged or incomplete ({e}); copy it again") from None
 
     def load_bin(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path} is damaged, incomplete or not a weights file ({e}); copy it again") from None
 
     for name, loader in [("model.safetensors", load_safetensors), ("pytorch_model.bin", load_bin)]:
         path = os.path.join(model_dir, name)

