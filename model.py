@@ -50,6 +50,7 @@ class LabelsConfig:
     # how the token vectors become the head's input (POOLINGS); "cls" is the reference's for both architectures.
     # ModernBERT's config.json has this key; for BERT it is ours (transformers ignores it and uses [CLS])
     classifier_pooling: str = "cls"
+    multi_label_loss: str = "bce"  # bce | asl (asymmetric_loss); ours, as the pooling options beyond cls/mean
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @property
@@ -431,6 +432,17 @@ def use_packing(device, amp, pack=None):
 # the classifier: encoder + pooling + head + loss; loading and saving
 
 
+def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, margin=0.05):
+    """Asymmetric loss (Ridnik et al., ICCV 2021), averaged like BCE over texts and labels. A label's negatives
+    far outnumber its positives: easy negatives (probability below `margin`) count nothing, the rest are
+    down-weighted by p^gamma_neg; positives keep BCE's log p (gamma_pos 0). gamma_neg = margin = 0 is BCE."""
+    p = torch.sigmoid(logits)
+    positive = F.logsigmoid(logits) * (1 - p) ** gamma_pos
+    shifted = (p - margin).clamp(min=0)
+    negative = torch.log1p(-shifted) * shifted ** gamma_neg  # 1 - shifted >= margin > 0, or 1: finite
+    return -(targets * positive + (1 - targets) * negative).mean()
+
+
 def packed_mean(hidden, cu_seqlens):
     """Mean of each packed sequence's token vectors [N, H] -> [B, H]."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -472,6 +484,8 @@ class EncoderClassifier(nn.Module):
         self.pooling = config.classifier_pooling
         if self.pooling not in POOLINGS:
             raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use one of {POOLINGS}")
+        if config.multi_label_loss not in ("bce", "asl"):
+            raise ValueError(f"multi_label_loss {config.multi_label_loss!r} is not supported; use 'bce' or 'asl'")
         if self.pooling == "label_attention":  # one learned query per label over the tokens
             self.label_attention = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         # windows_max / windows_mean / windows_attention: how a long document's windows make one prediction
@@ -567,6 +581,8 @@ class EncoderClassifier(nn.Module):
         return torch.einsum("btl,bth->blh", scores.softmax(dim=1).to(hidden.dtype), hidden)
 
     def loss(self, logits, labels):
+        if self.config.multi_label and self.config.multi_label_loss == "asl":
+            return asymmetric_loss(logits, labels.to(logits.dtype))
         if self.config.multi_label:
             return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))

@@ -80,6 +80,7 @@ class TrainConfig:
     # auto = the checkpoint's pooling and --lr for single-label, MULTI_LABEL_RECIPE for multi-label
     pooling: str = "auto"
     head_lr: float | None = None
+    loss: str = "bce"  # multi-label: bce | asl (asymmetric loss: easy negatives of rare labels count less)
     # evaluation, checkpoints, logs
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
     metric: str = "auto"  # model selection metric; auto = macro_f1 (single-label), micro_f1 (multi-label)
@@ -187,6 +188,7 @@ def check_options(cfg):
         "pooling": (cfg.pooling in ("auto", *POOLINGS) and (cfg.pooling, cfg.long_docs) != WINDOWS_PER_LABEL,
                     "auto, " + ", ".join(POOLINGS) + " (label_attention not with --long-docs windows_attention)"),
         "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
+        "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
         "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
                       "global, per_label or a number between 0 and 1"),
         "eval_every": (cfg.eval_every >= 0, ">= 0 (0 = each epoch)"),
@@ -229,6 +231,8 @@ def check_metric(cfg, labels):
     if selection_metric(cfg, labels.multi_label) not in names:
         raise SystemExit(f"--metric {cfg.metric!r} is not computed for {'multi' if labels.multi_label else 'single'}"
                          f"-label data; use auto or one of {names}")
+    if cfg.loss == "asl" and not labels.multi_label:
+        raise SystemExit("--loss asl is for multi-label data; single-label training uses cross-entropy")
 
 
 def resolve_model(name):
@@ -463,7 +467,7 @@ def build_model(cfg, model_dir, hf, encoder, labels, train_targets, device):
     try:
         model = EncoderClassifier.from_pretrained(
             model_dir, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
-            overrides={**dropout_overrides(cfg, hf), **pooling_override(cfg), "long_document": encoder.long_document},
+            overrides={**dropout_overrides(cfg, hf), **head_overrides(cfg), "long_document": encoder.long_document},
             verbose=rank_and_world()[0] == 0)
         check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -476,8 +480,9 @@ def build_model(cfg, model_dir, hf, encoder, labels, train_targets, device):
     return model
 
 
-def pooling_override(cfg):
-    return {} if cfg.pooling == "auto" else {"classifier_pooling": cfg.pooling}
+def head_overrides(cfg):
+    """The config.json fields of the head options: pooling (auto keeps the checkpoint's) and the loss."""
+    return {"multi_label_loss": cfg.loss, **({} if cfg.pooling == "auto" else {"classifier_pooling": cfg.pooling})}
 
 
 def dropout_overrides(cfg, hf):

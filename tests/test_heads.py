@@ -150,3 +150,32 @@ def test_multi_label_defaults_resolve_to_the_recipe_and_single_label_keeps_the_r
     assert train.with_task_defaults(chosen, multi_label=True) == chosen
     windows = train.with_task_defaults(train.TrainConfig(long_docs="windows_attention"), multi_label=True)
     assert windows.pooling == "auto"
+
+
+def test_asymmetric_loss_is_its_formula_and_bce_without_its_asymmetry():
+    import torch.nn.functional as F
+    from model import asymmetric_loss
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(6, 5, generator=g) * 3, (torch.rand(6, 5, generator=g) < 0.3).float()
+    p = torch.sigmoid(logits.double())
+    shifted = (p - 0.05).clamp(min=0)
+    by_hand = -(targets * torch.log(p) + (1 - targets) * shifted ** 4 * torch.log(1 - shifted)).mean()
+    assert abs(asymmetric_loss(logits, targets).item() - by_hand.item()) <= 1e-6
+    plain = asymmetric_loss(logits, targets, gamma_neg=0.0, margin=0.0)
+    assert abs(plain.item() - F.binary_cross_entropy_with_logits(logits, targets).item()) <= 1e-5
+    easy = torch.full((1, 5), -10.0)  # every label confidently absent: no loss and no gradient from them
+    easy.requires_grad_(True)
+    asymmetric_loss(easy, torch.zeros(1, 5)).backward()
+    assert easy.grad.abs().max() == 0
+
+
+def test_loss_option_reaches_the_model_and_single_label_refuses_asl(tmp_path):
+    import train
+    model = tiny("bert", "mean")
+    model.config.multi_label_loss = "asl"
+    logits, labels = torch.randn(3, LABELS), (torch.rand(3, LABELS) < 0.5).float()
+    from model import asymmetric_loss
+    assert torch.equal(model.loss(logits, labels), asymmetric_loss(logits, labels))
+    with pytest.raises(SystemExit, match="--loss asl is for multi-label data"):
+        train.main(["--out-dir", str(tmp_path / "out"), "--loss", "asl", "--max-steps", "1"])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
