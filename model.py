@@ -11,11 +11,13 @@ Attention runs on one of two layouts, chosen by the inputs to forward():
 With doc_index, the sequences are windows of long documents and forward() returns one prediction per document.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
 import pickle
 import stat
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -181,6 +183,7 @@ class AttentionLayout:
     local_mask: torch.Tensor = None  # padded: the same with ModernBERT's sliding window applied
     cu_seqlens: torch.Tensor = None  # packed: [B+1] int32 sequence starts in the flat token axis
     max_seqlen: int = 0
+    pad_index: tuple = None          # packed off the flash path: each token's (row, position) in a padded copy
 
 
 def padded_layout(attention_mask, window=None):
@@ -195,8 +198,42 @@ def padded_layout(attention_mask, window=None):
     return AttentionLayout(mask=keys, local_mask=local)
 
 
+def packed_layout(cu_seqlens, max_seqlen, n_tokens, window, weight_dtype):
+    """Packed inputs' layout. Where flash runs (flash_runs, for the dtype attention will compute in) the kernel
+    needs cu_seqlens only. Elsewhere attention runs on a padded copy of q, k, v, with that copy's masks and
+    pad_index, while the layers' matmuls stay packed: none is spent on padding either way."""
+    device = cu_seqlens.device
+    autocast_on = device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if flash_runs(device, torch.get_autocast_dtype("cuda") if autocast_on else weight_dtype):
+        return layout
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=n_tokens)
+    position = torch.arange(n_tokens, device=device) - cu_seqlens[:-1].long()[seq_id]
+    padded = padded_layout(torch.arange(max_seqlen, device=device) < lengths[:, None], window)
+    layout.mask, layout.local_mask, layout.pad_index = padded.mask, padded.local_mask, (seq_id, position)
+    return layout
+
+
+def padded_attention(q, k, v, layout, window, dropout):
+    """Packed attention off the flash path: q, k, v [1, H, N, D] copied into a padded [B, H, T, D] (at the
+    places pad_index names; zeros elsewhere), SDPA with the padded masks, the real tokens taken back. It costs
+    what padded attention costs, where a dense [N, N] mask would grow with the whole batch's tokens squared."""
+    batch, longest = layout.mask.shape[0], layout.max_seqlen
+    heads, n, dim = q.shape[1:]
+
+    def pad(t):
+        padded = t.new_zeros(batch, longest, heads, dim)
+        padded[layout.pad_index] = t.squeeze(0).transpose(0, 1)  # in place: no copy of the zeros
+        return padded.transpose(1, 2)
+
+    mask = layout.mask if window is None else layout.local_mask
+    y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout)
+    return y.transpose(1, 2)[layout.pad_index].transpose(0, 1)[None]  # [N, H, D] -> [1, H, N, D]
+
+
 def packed_mask(cu_seqlens, window=None):
-    """Dense block-diagonal mask for a packed batch: the exact but slow fallback (CPU, tests)."""
+    """Dense block-diagonal mask [1, 1, N, N] for a packed batch: the self-check's reference."""
     n = int(cu_seqlens[-1])
     seq_id = torch.searchsorted(cu_seqlens[1:], torch.arange(n, device=cu_seqlens.device), right=True)
     allowed = seq_id[:, None] == seq_id[None, :]
@@ -208,26 +245,143 @@ def packed_mask(cu_seqlens, window=None):
 
 def attend(q, k, v, layout, window, dropout):
     """q, k, v: padded [B, H, T, D] or packed [1, H, N, D]; window: None (global) or the half-width."""
-    if layout.cu_seqlens is not None:
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return flash_varlen(q, k, v, layout, window, dropout)
-        mask = packed_mask(layout.cu_seqlens, window)
-    else:
+    if layout.cu_seqlens is None:
         mask = layout.mask if window is None else layout.local_mask
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if layout.pad_index is None:  # packed_layout found the flash kernel runs here
+        return flash_varlen(q, k, v, layout, window, dropout)
+    return padded_attention(q, k, v, layout, window, dropout)
+
+
+# -----------------------------------------------------------------------------
+# packed attention on a GPU: torch's flash varlen kernel, checked once per process before it is trusted.
+# The CPU tests run all of this: they make flash_runs true and put a reference in varlen_kernel's place.
+
+
+def flash_runs(device, dtype):
+    """Whether packed attention goes to varlen_kernel: torch has flash kernels for CUDA fp16/bf16 only.
+    Elsewhere it runs on a padded copy (padded_attention)."""
+    return torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def flash_varlen(q, k, v, layout, window, dropout):
-    """Packed attention with torch's flash kernel: each sequence sees only its own tokens, a local layer
-    only its window (flash's window is inclusive on both sides, like ModernBERT's). The aten op rather
-    than torch.nn.attention.varlen.varlen_attn, which has no dropout (BERT trains with 0.1); autograd
-    knows its backward, which replays the same dropout mask from the returned rng state."""
-    q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [N, H, D]
-    cu, longest = layout.cu_seqlens, layout.max_seqlen
-    y = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu, cu, longest, longest, dropout, False, False,
-        window_size_left=window, window_size_right=window)[0]  # window None = global
+    """Packed attention through varlen_kernel: [1, H, N, D] in and out, [N, H, D] views for the kernel."""
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (q, k, v))  # squeeze: a view both ways, [0] copies in backward
+    y = varlen_kernel(q, k, v, layout.cu_seqlens, layout.max_seqlen, window, dropout)
     return y.transpose(0, 1)[None]
+
+
+def varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
+    """The one call into torch's flash kernels. q, k, v [N, H, D] (fp16/bf16, CUDA) hold the sequences one
+    after another; cu_seqlens (int32 [B+1]) are their starts, max_seqlen the longest. Query i attends to the
+    keys j of its own sequence, only those with |i - j| <= window unless window is None (flash's window is
+    inclusive on both sides, like ModernBERT's), with scores scaled by 1/sqrt(D) and dropout on the weights.
+    Returns [N, H, D]. Written against torch 2.13: flash_check() runs it before the first packed batch, so
+    a torch that changed these calls costs a warning and padded batches, not a wrong model."""
+    if dropout == 0:
+        # the public API, for ModernBERT (no attention dropout) and all inference. Its window_size replaced
+        # is_causal in January 2026 (pytorch#172238, #172245): an older torch fails the self-check
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                           window_size=(-1, -1) if window is None else (window, window))
+    # BERT trains with attention dropout (0.1), which varlen_attn lacks: the private aten op, as of torch
+    # 2.13 (its window keywords are recent). Autograd knows its backward, which replays the forward's dropout
+    # mask from the rng state the op returns.
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, False, False,
+        window_size_left=window, window_size_right=window)[0]  # window None = global
+
+
+CHECK_LENGTHS = (1, 7, 40, 16)  # a single token; 40 > the window's 2 * 8 + 1 keys; 64 tokens = CHECK_HEAD_DIM
+CHECK_WINDOW = 8
+CHECK_HEAD_DIM = 64  # the dropout check reads the weights off an identity v: head_dim = tokens
+CHECK_TOLERANCE = 2e-2  # largest error / largest reference value: bf16 rounds at 2^-8; a wrong mask is far off
+CHECK_DROPOUT = 0.5
+
+
+def flash_check(device, dtype):
+    """Run the packed attention the model runs (flash_varlen) on a small random case, against SDPA with the
+    dense mask: global and windowed, forward and backward, without dropout (varlen_attn) and with it (the
+    aten op). Returns None when all agree, else "<which check>: <what went wrong>". Milliseconds; torch's
+    random state is left as it was (a resumed run draws the same dropout masks as an uninterrupted one)."""
+    device = torch.device(device)
+    forked = [] if device.type == "cpu" else [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(forked, device_type=device.type), torch.inference_mode(False), \
+            torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for window in (None, CHECK_WINDOW):
+            for dropout in (0.0, CHECK_DROPOUT):
+                name = f"{'global' if window is None else f'window {window}'} layer, dropout {dropout}"
+                compare = compare_with_sdpa if dropout == 0 else compare_dropout_with_sdpa
+                try:
+                    problem = compare(device, dtype, window, dropout)
+                except Exception as e:  # a missing op, a changed signature, an unsupported GPU, ...
+                    problem = f"{type(e).__name__}: {e}"
+                if problem:
+                    return f"{name}: {problem}"
+    return None
+
+
+def check_case(device, window):
+    g = torch.Generator().manual_seed(window or 0)
+    cu = torch.tensor([0, *itertools.accumulate(CHECK_LENGTHS)], dtype=torch.int32, device=device)
+    layout = AttentionLayout(cu_seqlens=cu, max_seqlen=max(CHECK_LENGTHS))
+    return g, layout, packed_mask(cu, window)
+
+
+def relative_error(got, want):
+    """Largest error over the reference's largest value; inf for NaN (a comparison with NaN is always False)."""
+    if got.shape != want.shape:
+        raise ValueError(f"output of shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    error = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+    return error if error == error else math.inf
+
+
+def compare_with_sdpa(device, dtype, window, dropout):
+    g, layout, mask = check_case(device, window)
+    n, heads = int(layout.cu_seqlens[-1]), 2
+    qkv = torch.randn(1, n, 3, heads, CHECK_HEAD_DIM, generator=g).to(device, dtype).requires_grad_()
+    y = flash_varlen(*(t.transpose(1, 2) for t in qkv.unbind(2)), layout, window, dropout)  # as SelfAttention
+    grad = torch.randn(y.shape, generator=g).to(device, dtype)
+    y.backward(grad)
+    exact = qkv.detach().float().requires_grad_()
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in exact.unbind(2)), attn_mask=mask)
+    want.backward(grad.float())
+    checks = [("forward", y, want)] + [(f"backward d{name}", qkv.grad[:, :, i], exact.grad[:, :, i])
+                                       for i, name in enumerate("qkv")]
+    for name, got, expected in checks:
+        error = relative_error(got, expected)
+        if not error <= CHECK_TOLERANCE:
+            return f"{name} differs from SDPA by {error:.3g} of its scale (tolerance {CHECK_TOLERANCE})"
+    return None
+
+
+def compare_dropout_with_sdpa(device, dtype, window, p):
+    """With v the identity, attention's output is its weights after dropout, W = A * kept / (1 - p): compare
+    the kept ones with SDPA's A, count the dropped ones, and check that backward uses the forward's mask
+    (dv = W^T dy): a kernel that draws another mask in backward trains on gradients of another model."""
+    g, layout, mask = check_case(device, window)
+    n, heads = int(layout.cu_seqlens[-1]), 2
+    q, k = (torch.randn(1, heads, n, CHECK_HEAD_DIM, generator=g).to(device, dtype) for _ in range(2))
+    v = torch.eye(n, dtype=dtype, device=device).expand(1, heads, n, n).clone().requires_grad_()
+    weights = flash_varlen(q, k, v, layout, window, p)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.detach().float(), attn_mask=mask)[0]
+    w = weights[0].float()
+    allowed = mask[0, 0].expand_as(w)
+    if (w[~allowed] != 0).any():
+        return "attention reached keys outside its sequence or window"
+    kept = w != 0
+    dropped = 1 - kept.sum().item() / allowed.sum().item()
+    if abs(dropped - p) > 0.1:
+        return f"dropped {dropped:.2f} of the attention weights with dropout {p}"
+    error = relative_error(w[kept], want[kept] / (1 - p))
+    if not error <= CHECK_TOLERANCE:
+        return f"forward: the kept weights differ from SDPA's by {error:.3g} of their scale"
+    grad = torch.randn(weights.shape, generator=g).to(device, dtype)
+    weights.backward(grad)
+    error = relative_error(v.grad[0], torch.einsum("hij,hid->hjd", w, grad[0].float()))
+    if not error <= CHECK_TOLERANCE:
+        return f"backward dv does not follow the forward's dropout mask (error {error:.3g} of its scale)"
+    return None
 
 
 class SelfAttention(nn.Module):
@@ -244,7 +398,8 @@ class SelfAttention(nn.Module):
         if len(lead) == 1:  # packed: one long "batch" of N tokens
             x = x[None]
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        # unbind the qkv axis in place: backward stacks the gradients straight into the matmul's layout
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, T, 3, self.heads, hidden // self.heads).unbind(2))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
         dropout = self.dropout if self.training else 0.0
@@ -413,19 +568,53 @@ class ModernBertHead(nn.Module):
 # running the model on a device: precision and input layout (train.py and predict.py alike)
 
 
+def amp_dtype(device, amp):
+    """The dtype autocast computes in: float32 off CUDA or with amp off; fp16 or bf16 when asked for; auto:
+    bf16 where the GPU has it natively, else fp16 (which train.py runs with a grad scaler)."""
+    if torch.device(device).type != "cuda" or amp == "off":
+        return torch.float32
+    if amp in ("bf16", "fp16"):
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    # is_bf16_supported() alone also says yes where bf16 is only emulated (V100, T4): slow, and no flash kernel
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def autocast(device, amp):
-    """bf16 (or fp16) autocast on CUDA; plain fp32 elsewhere or when amp is off."""
-    if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
+    """Autocast to amp_dtype on CUDA; plain fp32 elsewhere or when amp is off."""
+    dtype = amp_dtype(device, amp)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast("cuda", dtype=dtype)
+
+
+class FlashCheckError(RuntimeError):
+    """--pack was asked for and the flash kernel failed its self-check."""
+
+
+_flash_checks = {}  # (device, dtype) -> flash_check's answer: the self-check runs once per process
 
 
 def use_packing(device, amp, pack=None):
-    """pack, or when it is None: packed batches where flash attention runs them, CUDA under autocast.
-    Elsewhere packed attention falls back to a dense mask over the whole batch, and length-bucketed
-    padded batches are faster."""
-    return device.type == "cuda" and amp != "off" if pack is None else pack
+    """Packed batches or padded ones. pack None: packed where the flash kernel runs them (CUDA under autocast)
+    and passed its self-check (flash_check, the first time); a failed check prints one warning and padded
+    batches (SDPA) go on. Off the flash path (CPU, amp off) padded: there packed attention runs on a padded
+    copy (padded_attention), whose extra copies cost more than length-bucketed batches' little padding. pack
+    True: packed; a failed self-check is an error. False: padded."""
+    dtype = amp_dtype(device, amp)
+    if pack is False or not flash_runs(device, dtype):
+        return bool(pack)
+    key = (str(device), dtype)
+    first = key not in _flash_checks
+    if first:
+        _flash_checks[key] = flash_check(device, dtype)
+    problem = _flash_checks[key]
+    if problem is None:
+        return True
+    message = (f"flash varlen attention failed its self-check on {device} in {dtype} with torch "
+               f"{torch.__version__}: {problem}")
+    if pack:
+        raise FlashCheckError(f"{message}. Without --pack, training and prediction run on padded batches")
+    if first:
+        warnings.warn(f"{message}. Packed batches are off: running on padded batches (SDPA)", stacklevel=2)
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -542,7 +731,7 @@ class EncoderClassifier(nn.Module):
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
-            layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            layout = packed_layout(cu_seqlens, max_seqlen, len(input_ids), window, self.encoder.word.weight.dtype)
             assert position_ids is not None, "packed inputs need position_ids (restarting at 0 per sequence)"
             longest = max_seqlen
         else:

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch,
                   read_table, to_device, train_val_split)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, autocast, check_vocab, use_packing
+from model import (MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, FlashCheckError, amp_dtype, autocast,
+                   check_vocab, use_packing)
 from predict import predict_logits
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -522,7 +523,7 @@ def build_learner(cfg, model, total_steps, device):
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.head_lr, device_type=device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
-    fp16 = device.type == "cuda" and (cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()))
+    fp16 = amp_dtype(device, cfg.amp) == torch.float16  # bf16 keeps fp32's range: no loss scaling
     if fp16 and is_sharded(cfg):
         raise SystemExit("--fsdp has no fp16 grad scaler here: use --amp bf16 (or off)")
     return Learner(model, step_model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16), device)
@@ -1200,6 +1201,8 @@ def main(argv=None):
         return train(cfg)
     except DataError as e:
         raise SystemExit(f"data error: {e}")
+    except FlashCheckError as e:  # --pack on a GPU whose flash kernel failed the self-check
+        raise SystemExit(str(e)) from None
     except torch.OutOfMemoryError:  # raised by the forward, backward or optimizer step (or an evaluation)
         raise SystemExit(oom_message(cfg)) from None
     finally:
