@@ -685,6 +685,9 @@ class EncoderClassifier(nn.Module):
         config = read_config(model_dir, num_labels, id2label, problem_type, overrides)
         state = load_state_dict(model_dir)
         if num_layers:
+            if verbose and num_layers < config.num_hidden_layers:
+                print(f"{model_dir}: a student of {num_layers} of its {config.num_hidden_layers} layers "
+                      f"({', '.join(map(str, student_layers(config.num_hidden_layers, num_layers)))})")
             config, state = keep_layers(config, normalise_keys(state, config), num_layers)
         model = cls(config)
         fresh = load_hf_weights(model, state)
