@@ -18,7 +18,7 @@ import os
 import pickle
 import stat
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -165,11 +165,59 @@ def config_to_hf(config):
             hf[key] = getattr(config, key)
     if model_type == "modernbert":  # written in both layouts so old and new transformers read the same model
         hf.pop("global_attn_every_n_layers", None)
+        every = global_every(config.layer_types)
+        if every:  # the old layout's only pattern; a list it cannot express is left to layer_types
+            hf["global_attn_every_n_layers"] = every
         hf["rope_parameters"] = {
             "full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
         }
     return hf
+
+
+def global_every(layer_types):
+    """n where layer i is global exactly when i % n == 0 (global_attn_every_n_layers, the pattern of the
+    original config layout); None for a list that follows no such n."""
+    for n in range(1, len(layer_types) + 1):
+        if all((kind == "full_attention") == (i % n == 0) for i, kind in enumerate(layer_types)):
+            return n
+    return None
+
+
+# -----------------------------------------------------------------------------
+# smaller students: a checkpoint loaded with fewer of its encoder layers (--num-layers)
+
+
+def student_layers(num_layers, keep):
+    """The layers a student of `keep` layers takes: every s-th from the first, s = num_layers // keep. Half the
+    layers: every other one, as DistilBERT was initialised; more than half: the first `keep`. Layer 0 is always
+    kept (ModernBERT's first layer is the one without an attention norm), and a constant step keeps ModernBERT's
+    pattern regular: layer i*s of "global every n" is global when i is a multiple of n / gcd(n, s)."""
+    step = num_layers // keep
+    return [i * step for i in range(keep)]
+
+
+def keep_layers(config, hf_state, keep):
+    """config and checkpoint tensors (normalised names) of the student with `keep` of the encoder's layers
+    (student_layers), renumbered 0..keep-1. Each layer keeps its attention type (ModernBERT: global or local,
+    with its RoPE base): its weights run as they were trained."""
+    if not 1 <= keep <= config.num_hidden_layers:
+        raise ValueError(f"cannot keep {keep} layers: the checkpoint has {config.num_hidden_layers}")
+    kept = student_layers(config.num_hidden_layers, keep)
+    prefix = "bert.encoder.layer." if isinstance(config, BertConfig) else "model.layers."
+    new_index = {old: new for new, old in enumerate(kept)}
+    state = {}
+    for key, tensor in hf_state.items():
+        if not key.startswith(prefix):
+            state[key] = tensor
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if int(index) in new_index:
+            state[f"{prefix}{new_index[int(index)]}.{rest}"] = tensor
+    changes = {"num_hidden_layers": keep}
+    if isinstance(config, ModernBertConfig):
+        changes["layer_types"] = [config.layer_types[i] for i in kept]
+    return replace(config, **changes), state
 
 
 # -----------------------------------------------------------------------------
@@ -835,11 +883,19 @@ class EncoderClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
-                        dtype=None, device=None, overrides=None, verbose=True):
+                        dtype=None, device=None, overrides=None, verbose=True, num_layers=None):
         """Load a Hugging Face checkpoint folder. Label options replace the checkpoint's; a classifier
-        head that is missing or has another number of labels is initialised fresh and reported."""
-        model = cls(read_config(model_dir, num_labels, id2label, problem_type, overrides))
-        fresh = load_hf_weights(model, load_state_dict(model_dir))
+        head that is missing or has another number of labels is initialised fresh and reported.
+        num_layers: keep only that many of the encoder's layers (keep_layers); None = all."""
+        config = read_config(model_dir, num_labels, id2label, problem_type, overrides)
+        state = load_state_dict(model_dir)
+        if num_layers:
+            if verbose and num_layers < config.num_hidden_layers:
+                print(f"{model_dir}: a student of {num_layers} of its {config.num_hidden_layers} layers "
+                      f"({', '.join(map(str, student_layers(config.num_hidden_layers, num_layers)))})")
+            config, state = keep_layers(config, normalise_keys(state, config), num_layers)
+        model = cls(config)
+        fresh = load_hf_weights(model, state)
         model.fresh_head = bool(fresh)
         if fresh and verbose:
             print(f"{model_dir}: new classifier head initialised ({', '.join(fresh)}); train it before use")

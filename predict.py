@@ -3,6 +3,7 @@ Predict labels with a fine-tuned checkpoint (a train.py output folder, or any co
 
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.jsonl
+    python predict.py --model out --input notes.csv --output predictions.csv --int8   # faster on a CPU
 
 From Python:
     from predict import Predictor
@@ -12,10 +13,13 @@ From Python:
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
 """
 import argparse
+import copy
 import csv
 import json
 import os
 import sys
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -49,13 +53,45 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     return out
 
 
+def int8_copy(model):
+    """A copy of the model whose encoder's linear layers compute in int8 (torch's dynamic quantization: weights
+    quantized once per output channel, activations per batch on the fly; CPU kernels only). The head stays
+    fp32: it is small, and label attention reads its classifier's weight directly."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    quantized = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        # torch deprecates torch.ao.quantization in favour of torchao, a separate package: it is still torch's own
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        quantized.encoder = quantize_dynamic(quantized.encoder, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    return quantized
+
+
+def int8_agreement(int8_logits, fp32_logits, multi_label, thresholds):
+    """How closely the int8 model follows the fp32 one: the share of texts given the same label (single-label)
+    or the same set of labels (multi-label, at the checkpoint's thresholds), and the largest difference of any
+    probability."""
+    if multi_label:
+        p, q = sigmoid(int8_logits), sigmoid(fp32_logits)
+        same = ((p >= thresholds) == (q >= thresholds)).all(axis=1)
+    else:
+        p, q = softmax(int8_logits), softmax(fp32_logits)
+        same = p.argmax(axis=1) == q.argmax(axis=1)
+    return {"same_prediction": float(same.mean()), "max_probability_difference": float(np.abs(p - q).max())}
+
+
 class Predictor:
-    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts."""
+    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts.
+    int8: the encoder's linear layers run in int8 on the CPU (int8_copy); the fp32 model is kept as `fp32`
+    to compare with (predict.py reports their agreement)."""
 
     def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
-                 long_docs=None, window_stride=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 long_docs=None, window_stride=None, int8=False):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu"))
+        if int8 and self.device.type != "cpu":
+            raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
+        self.fp32, self.model = (self.model, int8_copy(self.model)) if int8 else (None, self.model)
         config = self.model.config
         if config.id2label is None:
             raise ValueError(f"{model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
@@ -79,10 +115,17 @@ class Predictor:
         self.batch_size, self.amp = batch_size, amp
 
     def logits(self, texts):
-        return predict_logits(self.model, self.encoder.encode(texts), self.encoder.pad_id, self.batch_size, self.amp)
+        return self.score(self.encoder.encode(texts))
+
+    def score(self, seqs, model=None):
+        """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32)."""
+        return predict_logits(model or self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp)
 
     def predict(self, texts):
-        logits = self.logits(texts)
+        return self.decode(self.logits(texts))
+
+    def decode(self, logits):
+        """Labels and probabilities from logits."""
         if self.model.config.multi_label:
             probs = sigmoid(logits)
             return [{"labels": [{"label": self.names[j], "probability": float(p[j])}
@@ -92,15 +135,39 @@ class Predictor:
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
 
 
-def score_file(predictor, path, text_column="text", label_column="label"):
-    """Metrics of the checkpoint on a labelled file. Its labels must be ones the checkpoint knows
-    (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
+def read_labelled(predictor, path, text_column="text", label_column="label"):
+    """Texts and targets of a labelled file, to score the checkpoint on. Its labels must be ones the checkpoint
+    knows (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
     config = predictor.model.config
     columns = label_column.split(",") if "," in label_column else label_column
     table = read_table(path, text_column, columns, config.multi_label)
     targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(
         table.labels, path, hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
-    return compute_metrics(predictor.logits(table.texts), targets, config.multi_label, predictor.thresholds)
+    return table.texts, targets
+
+
+def scored(predictor, texts):
+    """The logits of texts, saying how fast the model scored them (tokenizing apart); with int8, also how closely
+    and how fast the fp32 model scores the same texts."""
+    start = time.perf_counter()
+    seqs = predictor.encoder.encode(texts)
+    tokenized = time.perf_counter()
+    logits = predictor.score(seqs)
+    seconds = max(time.perf_counter() - tokenized, 1e-9)
+    int8 = predictor.fp32 is not None
+    print(f"scored {len(texts)} texts in {seconds:.2f} s: {len(texts) / seconds:.1f} texts/s{' (int8)' * int8} "
+          f"on {predictor.device} (tokenizing took {tokenized - start:.2f} s)", file=sys.stderr)
+    if int8:
+        start = time.perf_counter()
+        reference = predictor.score(seqs, predictor.fp32)
+        fp32_seconds = max(time.perf_counter() - start, 1e-9)
+        multi = predictor.model.config.multi_label
+        agreement = int8_agreement(logits, reference, multi, predictor.thresholds)
+        print(f"int8 against fp32 on these {len(texts)} texts: the same {'set of labels' if multi else 'label'} for "
+              f"{agreement['same_prediction']:.2%}, probabilities at most {agreement['max_probability_difference']:.4f}"
+              f" apart; fp32 took {fp32_seconds:.2f} s ({len(texts) / fp32_seconds:.1f} texts/s): int8 is "
+              f"{fp32_seconds / seconds:.2f}x as fast", file=sys.stderr)
+    return logits
 
 
 def write_predictions(path, texts, predictions, multi_label):
@@ -138,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--window-stride", type=int, help="windows_*: default: as trained")
     parser.add_argument("--label-column", help="score the --input file against this label column: print its "
                         "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
+    parser.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
+                        "quantization); prints how closely the fp32 model agrees on the same texts, and its speed")
     args = parser.parse_args(argv)
     if bool(args.text) == bool(args.input):
         parser.error("give texts with --text or a file with --input (one of them)")
@@ -148,16 +217,19 @@ def main(argv=None):
         if not args.label_column:  # read before the model loads: a bad file fails at once
             texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
         predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp,
-                              args.long_docs, args.window_stride)
+                              args.long_docs, args.window_stride, args.int8)
         if args.label_column:
-            metrics = score_file(predictor, args.input, args.text_column, args.label_column)
-            print(json.dumps(metrics))
-            return metrics
+            texts, targets = read_labelled(predictor, args.input, args.text_column, args.label_column)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
         raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
-    predictions = predictor.predict(texts)
+    logits = scored(predictor, texts)
+    if args.label_column:
+        metrics = compute_metrics(logits, targets, predictor.model.config.multi_label, predictor.thresholds)
+        print(json.dumps(metrics))
+        return metrics
+    predictions = predictor.decode(logits)
     if args.output:
         write_predictions(args.output, texts, predictions, predictor.model.config.multi_label)
         print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
@@ -178,6 +250,8 @@ def check_arguments(args):
             if not text.strip()]
     if not os.path.isdir(args.model):
         bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
+    if args.int8 and args.device and args.device.split(":")[0] != "cpu":
+        bad.append(f"--int8 runs on the CPU only: leave out --device {args.device}, or pass --device cpu")
     if args.output:
         bad += output_problems(args.output, args.input)
     if bad:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch,
                   read_table, to_device, train_val_split)
@@ -82,6 +83,11 @@ class TrainConfig:
     pooling: str = "auto"
     head_lr: float | None = None
     loss: str = "bce"  # multi-label: bce | asl (asymmetric loss: easy negatives of rare labels count less)
+    # smaller, faster models (README, "Smaller, faster models")
+    num_layers: int = 0  # keep this many of the checkpoint's encoder layers (model.student_layers); 0 = all
+    teacher: str = ""  # a fine-tuned classifier folder: train on a mix of the labels and its predictions
+    distill_weight: float = 0.5  # the teacher's share of the loss; the labels' loss gets 1 - distill_weight
+    distill_temperature: float = 2.0  # teacher and student logits are divided by it for the soft-target loss
     # evaluation, checkpoints, logs
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
     metric: str = "auto"  # model selection metric; auto = macro_f1 (single-label), micro_f1 (multi-label)
@@ -190,6 +196,9 @@ def check_options(cfg):
                     "auto, " + ", ".join(POOLINGS) + " (label_attention not with --long-docs windows_attention)"),
         "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
         "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
+        "num_layers": (cfg.num_layers >= 0, ">= 0 (0 = all of the checkpoint's layers)"),
+        "distill_weight": (0 <= cfg.distill_weight <= 1, "between 0 and 1"),
+        "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
         "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
                       "global, per_label or a number between 0 and 1"),
         "eval_every": (cfg.eval_every >= 0, ">= 0 (0 = each epoch)"),
@@ -469,7 +478,7 @@ def build_model(cfg, model_dir, hf, encoder, labels, train_targets, device):
         model = EncoderClassifier.from_pretrained(
             model_dir, id2label=labels.id2label, problem_type=MULTI_LABEL if multi else SINGLE_LABEL,
             overrides={**dropout_overrides(cfg, hf), **head_overrides(cfg), "long_document": encoder.long_document},
-            verbose=rank_and_world()[0] == 0)
+            verbose=rank_and_world()[0] == 0, num_layers=cfg.num_layers)
         check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
@@ -513,11 +522,12 @@ class Learner:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     device: torch.device
+    teacher: EncoderClassifier | None = None  # --teacher: its soft targets join the loss (with_teacher)
 
 
-def build_learner(cfg, model, total_steps, device):
+def build_learner(cfg, model, total_steps, device, teacher=None):
     """What trains the model: the module the steps run (wrapped for several processes, compiled if asked),
-    AdamW with linear warmup and decay, and the grad scaler (active with fp16 only)."""
+    AdamW with linear warmup and decay, the grad scaler (active with fp16 only) and the teacher, if any."""
     step_model = wrap_for_ranks(model, cfg, device)  # before the optimizer: FSDP replaces the parameters
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
@@ -526,7 +536,8 @@ def build_learner(cfg, model, total_steps, device):
     fp16 = amp_dtype(device, cfg.amp) == torch.float16  # bf16 keeps fp32's range: no loss scaling
     if fp16 and is_sharded(cfg):
         raise SystemExit("--fsdp has no fp16 grad scaler here: use --amp bf16 (or off)")
-    return Learner(model, step_model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16), device)
+    return Learner(model, step_model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=fp16), device,
+                   teacher)
 
 
 def count_steps(cfg, num_texts):
@@ -567,7 +578,10 @@ def train_step(cfg, learner, batches):
     for i, (batch, weight) in enumerate(batches):
         with sync_gradients(learner.step_model, last=i == len(batches) - 1):
             with autocast(learner.device, cfg.amp):
-                _, loss = learner.step_model(**to_device(batch, learner.device))
+                inputs = to_device(batch, learner.device)
+                logits, loss = learner.step_model(**inputs)
+                if learner.teacher is not None:
+                    loss = with_teacher(cfg, learner.teacher, inputs, logits, loss)
             learner.scaler.scale(loss * weight / cfg.grad_accum).backward()
         if weight:
             sums[0] += loss.detach().float()
@@ -624,6 +638,100 @@ def oom_message(cfg):
     return (f"out of memory with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} (global batch "
             f"{cfg.batch_size * cfg.grad_accum * world}). Try --batch-size {smaller} --grad-accum {accum}: the "
             "same global batch in smaller pieces; or a shorter --max-length, --grad-checkpointing, or --fsdp")
+
+
+# -----------------------------------------------------------------------------
+# distillation (--teacher): a fine-tuned classifier's predictions on the student's own batches join its loss
+
+
+def check_student(cfg, hf, encoder, labels):
+    """--num-layers fits the checkpoint, and the --teacher folder can teach this run: a classifier of the same
+    labels, reading the very batches the student reads (same tokenizer, max_length and long-document scheme).
+    Checked before either model loads. Returns the teacher's folder, or None."""
+    layers = hf.get("num_hidden_layers")
+    if layers and cfg.num_layers > layers:
+        raise SystemExit(f"--num-layers {cfg.num_layers}: the checkpoint has only {layers} layers")
+    if not cfg.teacher:
+        if (cfg.distill_weight, cfg.distill_temperature) != (TrainConfig.distill_weight,
+                                                             TrainConfig.distill_temperature):
+            raise SystemExit("--distill-weight and --distill-temperature weigh a teacher's predictions: give --teacher")
+        return None
+    if not os.path.isdir(cfg.teacher):
+        raise SystemExit(f"--teacher {cfg.teacher}: no such folder (a fine-tuned classifier: train.py's --out-dir)")
+    if os.path.realpath(cfg.teacher) == os.path.realpath(cfg.out_dir):
+        raise SystemExit(f"--out-dir {cfg.out_dir} is the --teacher: the student would replace it; pass another")
+    teacher = read_model_folder(cfg.teacher)
+    problems = teacher_problems(teacher, cfg.teacher, encoder, labels)
+    if problems:
+        raise SystemExit(f"--teacher {cfg.teacher} cannot teach this run: " + "; ".join(problems))
+    return cfg.teacher
+
+
+def teacher_problems(teacher, teacher_dir, encoder, labels):
+    """Why a teacher (its config.json) would not score the student's batches with the student's labels."""
+    problems = []
+    names = [name for _, name in sorted((int(i), name) for i, name in (teacher.get("id2label") or {}).items())]
+    if names != labels.names or (teacher.get("problem_type") == MULTI_LABEL) != labels.multi_label:
+        kind = lambda multi: "multi-label" if multi else "single-label"
+        problems.append(f"its labels ({kind(teacher.get('problem_type') == MULTI_LABEL)}, {len(names)}: "
+                        f"{', '.join(names[:5])}{', ...' * (len(names) > 5)}) are not the training data's "
+                        f"({kind(labels.multi_label)}, {labels.num_labels}: {', '.join(labels.names[:5])}"
+                        f"{', ...' * (labels.num_labels > 5)}): distil on the data the teacher was trained on")
+    trained = teacher.get("long_document")
+    if trained and trained != encoder.long_document:
+        problems.append(f"it was trained on {trained['strategy']} at --max-length {trained['max_length']}"
+                        f"{' --window-stride ' + str(trained['stride']) if 'stride' in trained else ''}, the student "
+                        f"reads {encoder.strategy} at {encoder.max_length}: give the student the teacher's options")
+    elif not trained and encoder.windows:
+        problems.append("it was not trained on windows (no long_document in its config.json): train the student "
+                        "with --long-docs head, tail or head_tail")
+    elif not trained and encoder.max_length > teacher.get("max_position_embeddings", 512):
+        problems.append(f"it reads at most {teacher.get('max_position_embeddings', 512)} tokens, the student "
+                        f"{encoder.max_length}: lower --max-length")
+    try:
+        same_tokenizer = TextEncoder(teacher_dir, encoder.max_length).tokenizer.to_str() == encoder.tokenizer.to_str()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cannot use the checkpoint {teacher_dir}: {e}") from None
+    if not same_tokenizer:
+        problems.append("its tokenizer is not the student's (both must turn a text into the same token ids)")
+    return problems
+
+
+def load_teacher(teacher_dir, device):
+    """The teacher in eval mode (no dropout), without gradients, on the student's device; None without one."""
+    if teacher_dir is None:
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]):  # its init draws leave the student's dropout masks as they were
+            teacher = EncoderClassifier.from_pretrained(teacher_dir, device=device, verbose=False)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot use the checkpoint {teacher_dir}: {e}") from None
+    if teacher.fresh_head:
+        raise SystemExit(f"--teacher {teacher_dir}: it has no trained classifier head; fine-tune it first")
+    return teacher.eval().requires_grad_(False)
+
+
+def with_teacher(cfg, teacher, inputs, logits, hard_loss):
+    """The loss of a step with a teacher: (1 - w) x the labels' loss + w x the soft-target loss against the
+    teacher's logits, computed here for the very batch the student got (same device, same autocast)."""
+    with torch.no_grad():  # not inference_mode: the soft loss saves the teacher's probabilities for backward
+        teacher_logits, _ = teacher(**{k: v for k, v in inputs.items() if k != "labels"})
+    soft = distillation_loss(logits, teacher_logits, teacher.config.multi_label, cfg.distill_temperature)
+    return (1 - cfg.distill_weight) * hard_loss + cfg.distill_weight * soft
+
+
+def distillation_loss(logits, teacher_logits, multi_label, temperature):
+    """Hinton et al.'s soft-target loss, in float32. Single-label: KL(teacher || student) of the softmaxes of
+    logits / T, averaged over the batch. Multi-label: each label's BCE of the student's sigmoid against the
+    teacher's probability, both of logits / T, averaged over batch and labels. Times T^2, so that the gradient
+    keeps the labels' loss's scale whatever T (it shrinks as 1/T^2)."""
+    student, teacher = logits.float() / temperature, teacher_logits.float() / temperature
+    if multi_label:
+        soft = F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher))
+    else:
+        soft = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
+                        log_target=True)
+    return soft * temperature ** 2
 
 
 # -----------------------------------------------------------------------------
@@ -1098,6 +1206,7 @@ def train(cfg):
     splits, labels = load_splits(cfg, encoder)
     cfg = with_task_defaults(cfg, labels.multi_label)
     check_metric(cfg, labels)
+    teacher_dir = check_student(cfg, hf, encoder, labels)
     data = data_fingerprints(cfg)
     state = load_training_state(cfg, labels, data) if cfg.resume else None
     train_split, val = splits["train"], splits["val"]
@@ -1105,7 +1214,7 @@ def train(cfg):
         print(describe(cfg, splits, labels, device))
     model = build_model(cfg, model_dir, hf, encoder, labels, train_split.targets, device)
     steps_per_epoch, total_steps = count_steps(cfg, len(train_split.seqs))
-    learner = build_learner(cfg, model, total_steps, device)
+    learner = build_learner(cfg, model, total_steps, device, load_teacher(teacher_dir, device))
     progress = start_or_resume(cfg, learner, state)
     if rank == 0:
         clear_old_run(cfg, old_run)

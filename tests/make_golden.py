@@ -14,16 +14,18 @@ GOLDEN = os.path.join(HERE, "golden")
 
 
 def tiny_reference_model(arch, seed, pooling="cls", problem_type="single_label_classification", num_labels=3,
-                         hidden=42, heads=3, layers=4, vocab=99):
-    """A random transformers classifier; ModernBERT with a window (8) shorter than the test sequences."""
+                         hidden=42, heads=3, layers=4, vocab=99, global_every=2):
+    """A random transformers classifier; ModernBERT with a window (8) shorter than the test sequences and a global
+    layer every `global_every` layers."""
     import transformers as T
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   intermediate_size=37, num_labels=num_labels, problem_type=problem_type, max_position_embeddings=64)
     if arch == "bert":
         return T.BertForSequenceClassification(T.BertConfig(**common))
-    config = T.ModernBertConfig(**common, local_attention=8, global_attn_every_n_layers=2, classifier_pooling=pooling,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    config = T.ModernBertConfig(**common, local_attention=8, global_attn_every_n_layers=global_every,
+                                classifier_pooling=pooling, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                cls_token_id=1, sep_token_id=2)
     return T.ModernBertForSequenceClassification(config)
 
 
