@@ -3,8 +3,10 @@
 read_table -> Table(texts, labels, multi_label, path, label_columns)
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
-TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, or windows of long documents)
+TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, or every
+    token in consecutive pieces for pretraining)
 batch_indices -> make_batch: pad_batch (B x T) or pack_batch (varlen layout), + doc_index for windows
+Masking -> make_mlm_batch   BERT's masking recipe and masked-LM batches (train.py --task mlm)
 
 Any problem with the user's data raises DataError naming the file, the row and the problem.
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
@@ -23,7 +25,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import WordPiece
 
 csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB default
-DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None}
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None, ".txt": "lines"}
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
@@ -112,6 +114,12 @@ def _jsonl_records(path, text):
     return list(columns), records
 
 
+def _txt_records(text, text_column):
+    """A .txt file: one text per line (blank lines skipped), no labels."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [text_column], [(f"row {i} (line {n})", {text_column: line}) for i, (n, line) in enumerate(lines, 1)]
+
+
 def _no_duplicate_keys(pairs):
     """json.loads keeps the last of two equal keys without a word: which label was meant is unknowable."""
     record = {}
@@ -191,9 +199,9 @@ def _flag(path, where, column, value):
 
 
 def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";") -> Table:
-    """Read a UTF-8 .csv, .tsv or .jsonl file. label_column: a name, a list of 0/1 column names
-    (multi-label), or None for `label` if present else `labels` else no labels (prediction input);
-    [] ignores any label column.
+    """Read a UTF-8 .csv, .tsv or .jsonl file, or a .txt file of one text per line (no labels).
+    label_column: a name, a list of 0/1 column names (multi-label), or None for `label` if present else `labels`
+    else no labels (prediction input); [] ignores any label column.
     multi_label=None auto-detects: several label columns, or any value that is a (JSON) list or
     contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error."""
     path = Path(path)
@@ -201,7 +209,10 @@ def read_table(path, text_column="text", label_column=None, multi_label=None, la
     if suffix not in DELIMITERS:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(DELIMITERS)}")
     text, delimiter = _read_utf8(path), DELIMITERS[suffix]
-    columns, records = _jsonl_records(path, text) if delimiter is None else _csv_records(path, text, delimiter)
+    if delimiter == "lines":
+        columns, records = _txt_records(text, text_column)
+    else:
+        columns, records = _jsonl_records(path, text) if delimiter is None else _csv_records(path, text, delimiter)
     if label_column is None:
         label_column = next((c for c in ("label", "labels") if c in columns), None)
     several = isinstance(label_column, (list, tuple))
@@ -429,14 +440,17 @@ class TextEncoder:
     - windows_max / windows_mean / windows_attention split it into windows of max_length whose texts start
       `stride` tokens apart (default: half a window's text, i.e. 50% overlap); encode() gives a list of windows
       per text, and the model turns them into one prediction (model.EncoderClassifier.aggregate).
-    Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP])."""
+    Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP]).
+    pieces(texts) cuts every text into consecutive sequences, for pretraining."""
 
     def __init__(self, model_dir, max_length=512, long_docs="head", stride=0):
         self.tokenizer, self.max_length = load_tokenizer(model_dir), max_length
-        pad = _token_content(_special_tokens(Path(model_dir)).get("pad_token") or "[PAD]")
+        specials = _special_tokens(Path(model_dir))
+        pad = _token_content(specials.get("pad_token") or "[PAD]")
         self.pad_id = self.tokenizer.token_to_id(pad)
         if self.pad_id is None:
             raise ValueError(f"{model_dir}: pad token {pad!r} is not in the vocabulary")
+        self.mask_token = _token_content(specials.get("mask_token") or "[MASK]")  # masked-LM only (Masking)
         if long_docs not in LONG_DOCS:
             raise ValueError(f"long_docs {long_docs!r} is not one of {LONG_DOCS}")
         self.strategy, self.windows = long_docs, long_docs.startswith("windows_")
@@ -465,6 +479,14 @@ class TextEncoder:
             else:
                 out.append(wrap(truncate(e.ids, self.budget, self.strategy)))
         return out
+
+
+    def pieces(self, texts) -> list:
+        """Every token of every text, in consecutive sequences of at most max_length tokens (a long text gives
+        several, none overlapping), each wrapped in the special tokens: pretraining reads all the text."""
+        return [self.prefix + ids + self.suffix
+                for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+                for ids in split_windows(e.ids, self.budget, self.budget)]
 
 
 # ----------------------------------------------------------------------------- batching
@@ -530,6 +552,62 @@ def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
     if windows:
         batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
         batch["num_docs"] = len(counts)  # known here: the model need not ask the device
+    return batch
+
+
+# ----------------------------------------------------------------------------- masked language modelling
+
+@dataclass
+class Masking:
+    """BERT's masking recipe, as the reference's DataCollatorForLanguageModeling applies it: each token that is not
+    a special token is chosen with probability `rate` and is to be predicted; a chosen token is replaced by the mask
+    token 80% of the time, by a random token of the vocabulary 10%, and left as it is 10%.
+    A sequence's draws come from its own generator, seeded by (seed, *key): train.py keys a training sequence by
+    (epoch + 1, row), so each epoch masks it anew and a resumed run (or another number of processes) masks it as
+    before; and an evaluation sequence by (0, row), so every evaluation masks the same tokens."""
+    rate: float
+    mask_id: int
+    vocab_size: int  # the tokenizer's, special tokens included: where random replacements come from
+    special_ids: np.ndarray  # never masked
+    seed: int = 0
+
+    @classmethod
+    def for_encoder(cls, encoder, rate, seed):
+        """The recipe with a TextEncoder's tokenizer: its mask token and its special tokens (the added tokens marked
+        special, as the reference's all_special_ids, and whatever the template wraps a text in)."""
+        tokenizer = encoder.tokenizer
+        mask_id = tokenizer.token_to_id(encoder.mask_token)
+        if mask_id is None:
+            raise ValueError(f"the tokenizer has no mask token {encoder.mask_token!r}: masked-LM training needs one")
+        added = [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special]
+        special = np.unique([*added, *encoder.prefix, *encoder.suffix, encoder.pad_id]).astype(np.int64)
+        return cls(rate, mask_id, tokenizer.get_vocab_size(with_added_tokens=True), special, seed)
+
+    def __call__(self, ids, key):
+        """(inputs, labels) for one sequence of token ids: the masked ids, and the id to predict at each chosen
+        position (IGNORE_INDEX elsewhere), both int64 arrays."""
+        rng = np.random.default_rng([self.seed, *key])
+        ids = np.asarray(ids, np.int64)
+        chosen = (rng.random(len(ids)) < self.rate) & ~np.isin(ids, self.special_ids)
+        how = rng.random(len(ids))  # < 0.8: the mask token; 0.8 to 0.9: a random token; above: kept
+        inputs = np.where(chosen & (how < 0.8), self.mask_id, ids)
+        random = chosen & (how >= 0.8) & (how < 0.9)
+        inputs[random] = rng.integers(self.vocab_size, size=int(random.sum()))
+        return inputs, np.where(chosen, ids, IGNORE_INDEX)
+
+
+def make_mlm_batch(inputs, labels, pad_id, packed=False) -> dict:
+    """make_batch for masked-LM: inputs are masked sequences, labels per token (Masking). labels are laid out like
+    input_ids (IGNORE_INDEX on padding), and masked_index gives the flat positions of the tokens to predict, found
+    here on the CPU so that the model need not ask the device."""
+    batch = make_batch(inputs, None, pad_id, packed=packed)
+    shape = batch["input_ids"].shape
+    starts = batch["cu_seqlens"][:-1].numpy() if packed else np.arange(len(inputs)) * shape[-1]
+    flat = np.full(batch["input_ids"].numel(), IGNORE_INDEX, np.int64)
+    for start, row in zip(starts, labels):
+        flat[start:start + len(row)] = row
+    batch["labels"] = torch.from_numpy(flat).view(shape)
+    batch["masked_index"] = torch.from_numpy(np.flatnonzero(flat != IGNORE_INDEX))
     return batch
 
 

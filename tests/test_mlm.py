@@ -1,10 +1,12 @@
-"""MaskedLM against BertForMaskedLM / ModernBertForMaskedLM (live and golden)."""
+"""MaskedLM against BertForMaskedLM / ModernBertForMaskedLM (live and golden), and the masking recipe."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from data import IGNORE_INDEX, Masking, TextEncoder, make_mlm_batch
 from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
 from model import EncoderClassifier, MaskedLM, hf_names
 
@@ -79,6 +81,22 @@ def test_mlm_golden_logits_and_loss(arch):
     assert (loss - expected["loss"]).abs() <= 1e-5
 
 
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_packed_mlm_batch_gives_the_padded_loss(arch):
+    """make_mlm_batch's two layouts: the same masked positions, in the same order, and the same loss."""
+    model = MaskedLM.from_pretrained(os.path.join(GOLDEN, f"{arch}_mlm"), verbose=False).eval()
+    ids, mask = padded_batch(2)
+    labels = masked_labels(ids, mask, 2)
+    seqs = [row[:n].tolist() for row, n in zip(ids, mask.sum(1).tolist())]
+    targets = [row[:n].numpy() for row, n in zip(labels, mask.sum(1).tolist())]
+    with torch.no_grad():
+        padded = model(**make_mlm_batch(seqs, targets, pad_id=0, packed=False))
+        packed = model(**make_mlm_batch(seqs, targets, pad_id=0, packed=True))
+        reference_layout = model(ids, mask, labels=labels)  # masked_index found by the model itself
+    for logits, loss in (packed, reference_layout):
+        assert (logits - padded[0]).abs().max() <= 1e-5 and (loss - padded[1]).abs() <= 1e-6
+
+
 def test_minilm_head_is_initialised_as_the_reference_does(tmp_path, capsys):
     """all-MiniLM-L6-v2 has no MLM head. The reference's (AutoModelForMaskedLM) initialised head, saved, gives the same
     logits and loss in ours on real text; our own initialisation draws from the same distribution, is reported, and
@@ -137,3 +155,25 @@ def test_our_mlm_save_loads_in_reference_and_as_a_classifier(tmp_path, arch):
     assert all(torch.equal(w, theirs[k]) for k, w in ours.encoder.state_dict().items())
     if arch == "bert":
         assert torch.equal(classifier.head.pooler.weight, ours.pooler.weight)
+
+
+# ----------------------------------------------------------------------------- masking
+
+def test_masking_follows_the_recipe_and_its_keys():
+    encoder = TextEncoder(minilm_dir(), 512)
+    masking = Masking.for_encoder(encoder, 0.15, seed=0)
+    assert masking.mask_id == 103 and set(masking.special_ids) == {0, 100, 101, 102, 103}
+    assert masking.vocab_size == 30522
+    rng = np.random.default_rng(0)
+    seqs = [[101, *rng.integers(1000, 30000, 200), 102] for _ in range(200)]  # 40,400 tokens
+    masked = [masking(seq, (1, row)) for row, seq in enumerate(seqs)]
+    ids, inputs, labels = (np.concatenate(x) for x in (seqs, [m[0] for m in masked], [m[1] for m in masked]))
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[np.isin(ids, [101, 102])].any(), "special tokens are never masked"
+    assert np.array_equal(labels[chosen], ids[chosen]) and abs(chosen.mean() - 0.15 * 200 / 202) < 0.006
+    as_mask, kept = inputs[chosen] == 103, inputs[chosen] == ids[chosen]
+    assert abs(as_mask.mean() - 0.8) < 0.02 and abs(kept.mean() - 0.1) < 0.015  # random tokens: the other ~10%
+    assert np.array_equal(inputs[~chosen], ids[~chosen])
+    again = masking(seqs[5], (1, 5))
+    assert np.array_equal(again[0], masked[5][0]) and np.array_equal(again[1], masked[5][1])
+    assert not np.array_equal(masking(seqs[5], (2, 5))[1], masked[5][1]), "another epoch masks anew"
