@@ -1,14 +1,20 @@
-"""MaskedLM against BertForMaskedLM / ModernBertForMaskedLM (live and golden), and the masking recipe."""
+"""Masked-LM pretraining (train.py --task mlm): MaskedLM against BertForMaskedLM / ModernBertForMaskedLM (live and
+golden), the masking recipe, and the job: resume, transformers loading its output, a classifier fine-tuned from it."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import train
 from data import IGNORE_INDEX, Masking, TextEncoder, make_mlm_batch
 from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
 from model import EncoderClassifier, MaskedLM, hf_names
+from test_robustness import SPECIAL, WORDS, log_rows, write_texts
+
+FAST = ["--max-length", "32", "--batch-size", "4", "--log-every", "1", "--lr", "2e-3"]
 
 
 def reference():
@@ -177,3 +183,94 @@ def test_masking_follows_the_recipe_and_its_keys():
     again = masking(seqs[5], (1, 5))
     assert np.array_equal(again[0], masked[5][0]) and np.array_equal(again[1], masked[5][1])
     assert not np.array_equal(masking(seqs[5], (2, 5))[1], masked[5][1]), "another epoch masks anew"
+
+
+# ----------------------------------------------------------------------------- the job
+
+def tiny_mlm_checkpoint(folder, arch):
+    """The golden tiny masked LM (vocab_size 99) with a WordPiece vocab.txt of the test words."""
+    shutil.copytree(os.path.join(GOLDEN, f"{arch}_mlm"), folder, ignore=shutil.ignore_patterns("expected.pt"))
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(SPECIAL + WORDS) + "\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlm")
+    train_txt = root / "notes.txt"  # one text per line
+    rows = open(write_texts(root / "train.csv", 30, 0)).read().splitlines()[1:]
+    train_txt.write_text("\n".join(row.rsplit(",", 1)[0] for row in rows) + "\n")
+    return {"train": str(train_txt), "test": write_texts(root / "test.csv", 8, 1), "labelled": str(root / "train.csv"),
+            "root": root}
+
+
+def mlm_job(model, texts, out, *extra):
+    return ["--task", "mlm", "--model", model, "--train-file", texts["train"], "--test-file", texts["test"],
+            "--out-dir", str(out), *FAST, *extra]
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_mlm_job_output_loads_in_transformers_and_fine_tunes(tmp_path, texts, arch, capsys):
+    T = reference()
+    model = tiny_mlm_checkpoint(tmp_path / "model", arch)
+    out = tmp_path / "mlm"
+    result = train.main(mlm_job(model, texts, out, "--max-steps", "4", "--eval-every", "2"))
+    config = json.load(open(out / "train_config.json"))
+    assert config["mlm_probability"] == (0.15 if arch == "bert" else 0.3) and config["greater_is_better"] is False
+    evals = log_rows(out, "eval")
+    assert [e["step"] for e in evals] == [2, 4] and all(e["metric"] == "loss" and e["masked_tokens"] > 0 for e in evals)
+    assert result["test"]["loss"] == pytest.approx(json.load(open(out / "test_metrics.json"))["loss"])
+    assert "start" in result and "masked-token prediction" in (out / "report.txt").read_text()
+
+    ours = MaskedLM.from_pretrained(out, verbose=False).eval()
+    back = T.AutoModelForMaskedLM.from_pretrained(out).eval()
+    ids, mask = padded_batch(5, vocab=60)
+    with torch.no_grad():
+        assert (back(input_ids=ids, attention_mask=mask).logits[mask.bool()] -
+                ours(ids, mask)[0][mask.bool()]).abs().max() <= 1e-5
+
+    capsys.readouterr()
+    train.main(["--model", str(out), "--train-file", texts["labelled"], "--test-file", "", "--out-dir",
+                str(tmp_path / "classifier"), "--max-steps", "1", *FAST])
+    assert "new classifier head initialised (classifier.weight, classifier.bias)" in capsys.readouterr().out
+
+
+def test_mlm_resumes_to_the_same_weights(tmp_path, texts, monkeypatch):
+    """Dropout on, masks drawn per (epoch, row): a run stopped after its first evaluation and resumed ends as one
+    that ran through."""
+    model = tiny_mlm_checkpoint(tmp_path / "model", "bert")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    job = lambda out, *extra: mlm_job(model, texts, out, "--epochs", "2", "--eval-every", "3", *extra)
+    train.main(job(whole))
+    real_step, calls = train.optimizer_step, []
+
+    def dies_at_step_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "optimizer_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(job(stopped))
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    assert torch.load(stopped / "last" / "state.pt", weights_only=True)["step"] == 3
+    train.main(job(stopped, "--resume"))
+    ours = torch.load(stopped / "last" / "state.pt", weights_only=True)["model"]
+    theirs = torch.load(whole / "last" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert open(stopped / "metrics.jsonl").read() == open(whole / "metrics.jsonl").read()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mlm-probability", "1.5"], r"--mlm-probability 1.5 must be between 0 and 1"),
+    (["--long-docs", "windows_mean"], r"--long-docs 'windows_mean' must be head with --task mlm"),
+    (["--metric", "macro_f1"], r"--metric 'macro_f1' must be auto or loss with --task mlm"),
+    (["--text-pair-column", "b"], r"--text-pair-column 'b' must be a column name, .* not with --task mlm"),
+])
+def test_mlm_options_are_checked_before_anything_loads(tmp_path, texts, extra, message, monkeypatch):
+    monkeypatch.setattr(MaskedLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=message):
+        train.main(mlm_job("", texts, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
