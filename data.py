@@ -1,10 +1,10 @@
 """Everything between a user's file and a batch of tensors.
 
-read_table -> Table(texts, labels, multi_label, path, label_columns)
+read_table -> Table(texts, labels, multi_label, path, label_columns, pairs)
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
-TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, or every
-    token in consecutive pieces for pretraining)
+TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, text pairs,
+    or every token in consecutive pieces for pretraining)
 batch_indices -> make_batch: pad_batch (B x T) or pack_batch (varlen layout), + doc_index for windows
 Masking -> make_mlm_batch   BERT's masking recipe and masked-LM batches (train.py --task mlm)
 
@@ -43,12 +43,14 @@ class DataError(ValueError):
 @dataclass
 class Table:
     """texts; labels = a str per row (single-label), a list[str] per row (multi-label), or None
-    when the file has no label column. label_columns: the 0/1 columns when labels came from several."""
+    when the file has no label column. label_columns: the 0/1 columns when labels came from several.
+    pairs: each row's second text (read_table's pair_column), or None."""
     texts: list
     labels: list | None
     multi_label: bool
     path: str
     label_columns: list | None = None
+    pairs: list | None = None
 
     def __iter__(self):  # allows `texts, labels = read_table(...)`
         return iter((self.texts, self.labels))
@@ -198,12 +200,14 @@ def _flag(path, where, column, value):
     raise DataError(f"{path}: {where}: label column {column!r} {problem}")
 
 
-def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";") -> Table:
+def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";",
+               pair_column=None) -> Table:
     """Read a UTF-8 .csv, .tsv or .jsonl file, or a .txt file of one text per line (no labels).
     label_column: a name, a list of 0/1 column names (multi-label), or None for `label` if present else `labels`
     else no labels (prediction input); [] ignores any label column.
     multi_label=None auto-detects: several label columns, or any value that is a (JSON) list or
-    contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error."""
+    contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error.
+    pair_column: the column of each row's second text (sentence pairs), or None."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in DELIMITERS:
@@ -217,30 +221,36 @@ def read_table(path, text_column="text", label_column=None, multi_label=None, la
         label_column = next((c for c in ("label", "labels") if c in columns), None)
     several = isinstance(label_column, (list, tuple))
     label_columns = list(label_column) if several else [label_column] if label_column else []
-    _require_columns(path, columns, [text_column, *label_columns], delimiter)
+    _require_columns(path, columns, [text_column, *([pair_column] if pair_column else []), *label_columns], delimiter)
     if not records:
         raise DataError(f"{path}: no data rows after the header")
-
-    texts = []
-    for where, record in records:
-        value = record.get(text_column)
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{path}: {where}: empty or missing text in column {text_column!r}")
-        texts.append(value)
+    texts = _texts(path, records, text_column)
+    pairs = _texts(path, records, pair_column) if pair_column else None
 
     if not label_columns:
-        return Table(texts, None, bool(multi_label), str(path))
+        return Table(texts, None, bool(multi_label), str(path), pairs=pairs)
     if several:
         if multi_label is False:
             raise DataError(f"{path}: several label columns {label_columns} need multi_label=True")
         labels = [[c for c in label_columns if _flag(path, where, c, record.get(c))] for where, record in records]
-        return Table(texts, labels, True, str(path), label_columns)
+        return Table(texts, labels, True, str(path), label_columns, pairs)
     values = [record.get(label_column) for _, record in records]
     if multi_label is None:
         multi_label = any(_looks_multi(v, label_sep) for v in values)
     labels = [_parse_label(path, where, label_column, value, multi_label, label_sep)
               for (where, _), value in zip(records, values)]
-    return Table(texts, labels, multi_label, str(path))
+    return Table(texts, labels, multi_label, str(path), pairs=pairs)
+
+
+def _texts(path, records, column):
+    """The column's text of every record; an empty or missing one is an error naming its row."""
+    texts = []
+    for where, record in records:
+        value = record.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}: {where}: empty or missing text in column {column!r}")
+        texts.append(value)
+    return texts
 
 
 # ----------------------------------------------------------------------------- labels
@@ -432,6 +442,15 @@ def split_windows(ids, size, stride):
     return [ids[i * stride:i * stride + size] for i in range(count)]
 
 
+class PairIds(list):
+    """The token ids of a text pair ([CLS] A [SEP] B [SEP] for BERT), a list like any sequence's, with the token type
+    of each (type_ids: 0 in the first segment, 1 in the second), which batches give as token_type_ids."""
+
+    def __init__(self, ids, type_ids):
+        super().__init__(ids)
+        self.type_ids = list(type_ids)
+
+
 class TextEncoder:
     """A checkpoint's tokenizer with its max_length, pad id and long-document strategy (long_docs):
     TextEncoder(dir, 512).encode(texts). No sequence passes max_length, special tokens included.
@@ -441,7 +460,8 @@ class TextEncoder:
       `stride` tokens apart (default: half a window's text, i.e. 50% overlap); encode() gives a list of windows
       per text, and the model turns them into one prediction (model.EncoderClassifier.aggregate).
     Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP]).
-    pieces(texts) cuts every text into consecutive sequences, for pretraining."""
+    encode(texts, pairs) encodes text pairs as the reference does (PairIds); pieces(texts) cuts every text into
+    consecutive sequences, for pretraining."""
 
     def __init__(self, model_dir, max_length=512, long_docs="head", stride=0):
         self.tokenizer, self.max_length = load_tokenizer(model_dir), max_length
@@ -469,8 +489,11 @@ class TextEncoder:
         if self.windows:
             self.long_document["stride"] = self.stride
 
-    def encode(self, texts) -> list:
-        """Per text: its ids, or its list of windows (windows_*)."""
+    def encode(self, texts, pairs=None) -> list:
+        """Per text: its ids, or its list of windows (windows_*). pairs: each text's second text; then per pair
+        its PairIds, truncated as the reference's `longest_first` (head and native only)."""
+        if pairs is not None:
+            return self.encode_pairs(texts, pairs)
         wrap = lambda ids: self.prefix + ids + self.suffix
         out = []
         for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
@@ -480,6 +503,18 @@ class TextEncoder:
                 out.append(wrap(truncate(e.ids, self.budget, self.strategy)))
         return out
 
+    def encode_pairs(self, texts, pairs):
+        """Text pairs as AutoTokenizer(texts, pairs, truncation=True, max_length=...) encodes them: the tokenizer's
+        own pair template and truncation (longest_first: the longer text loses tokens first)."""
+        if self.strategy not in ("head", "native"):
+            raise ValueError(f"text pairs are truncated as the reference's longest_first; long_docs {self.strategy!r} "
+                             "does not apply to them (use head)")
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
+        try:
+            encodings = self.tokenizer.encode_batch(list(zip(texts, pairs)))
+        finally:  # single texts are cut by encode() itself
+            self.tokenizer.no_truncation()
+        return [PairIds(e.ids, e.type_ids) for e in encodings]
 
     def pieces(self, texts) -> list:
         """Every token of every text, in consecutive sequences of at most max_length tokens (a long text gives
@@ -516,15 +551,19 @@ def _labels_tensor(labels):
 
 def pad_batch(seqs, labels, pad_id) -> dict:
     """Right-pad to the longest sequence: input_ids, attention_mask, token_type_ids [B, T] int64 (+ labels).
-    token_type_ids are all 0 (single texts); drop them for models without them (ModernBERT)."""
+    token_type_ids are 0 for single texts, a PairIds' type_ids for a pair; models without them (ModernBERT)
+    ignore them."""
     lengths = [len(s) for s in seqs]
     input_ids = np.full((len(seqs), max(lengths)), pad_id, np.int64)
     attention_mask = np.zeros_like(input_ids)
+    token_type_ids = np.zeros_like(input_ids)
     for row, seq in enumerate(seqs):
         input_ids[row, :len(seq)] = seq
         attention_mask[row, :len(seq)] = 1
+        if isinstance(seq, PairIds):
+            token_type_ids[row, :len(seq)] = seq.type_ids
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
-            "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)), **_labels_tensor(labels)}
+            "token_type_ids": torch.from_numpy(token_type_ids), **_labels_tensor(labels)}
 
 
 def pack_batch(seqs, labels=None) -> dict:
@@ -534,8 +573,10 @@ def pack_batch(seqs, labels=None) -> dict:
     cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
     input_ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=int(cu_seqlens[-1]))
     position_ids = np.arange(len(input_ids)) - np.repeat(cu_seqlens[:-1], lengths)
+    types = (seq.type_ids if isinstance(seq, PairIds) else itertools.repeat(0, len(seq)) for seq in seqs)
+    token_type_ids = np.fromiter(itertools.chain.from_iterable(types), np.int64, count=len(input_ids))
     return {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
-            "token_type_ids": torch.zeros(len(input_ids), dtype=torch.int64),
+            "token_type_ids": torch.from_numpy(token_type_ids),
             "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)), "max_seqlen": int(lengths.max()),
             **_labels_tensor(labels)}
 

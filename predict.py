@@ -3,6 +3,7 @@ Predict labels with a fine-tuned checkpoint (a train.py output folder, or any co
 
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.jsonl
+    python predict.py --model out --input pairs.csv --text-pair-column hypothesis   # sentence pairs
 
 From Python:
     from predict import Predictor
@@ -50,7 +51,8 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
 
 
 class Predictor:
-    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts."""
+    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts. pairs: each text's second
+    text, for a model trained on sentence pairs."""
 
     def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
                  long_docs=None, window_stride=None):
@@ -78,11 +80,12 @@ class Predictor:
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
         self.batch_size, self.amp = batch_size, amp
 
-    def logits(self, texts):
-        return predict_logits(self.model, self.encoder.encode(texts), self.encoder.pad_id, self.batch_size, self.amp)
+    def logits(self, texts, pairs=None):
+        seqs = self.encoder.encode(texts, pairs)
+        return predict_logits(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp)
 
-    def predict(self, texts):
-        logits = self.logits(texts)
+    def predict(self, texts, pairs=None):
+        logits = self.logits(texts, pairs)
         if self.model.config.multi_label:
             probs = sigmoid(logits)
             return [{"labels": [{"label": self.names[j], "probability": float(p[j])}
@@ -92,43 +95,56 @@ class Predictor:
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
 
 
-def score_file(predictor, path, text_column="text", label_column="label"):
+def score_file(predictor, path, text_column="text", label_column="label", pair_column=None):
     """Metrics of the checkpoint on a labelled file. Its labels must be ones the checkpoint knows
     (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
     config = predictor.model.config
     columns = label_column.split(",") if "," in label_column else label_column
-    table = read_table(path, text_column, columns, config.multi_label)
+    table = read_table(path, text_column, columns, config.multi_label, pair_column=pair_column)
     targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(
         table.labels, path, hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
-    return compute_metrics(predictor.logits(table.texts), targets, config.multi_label, predictor.thresholds)
+    return compute_metrics(predictor.logits(table.texts, table.pairs), targets, config.multi_label,
+                           predictor.thresholds)
 
 
-def write_predictions(path, texts, predictions, multi_label):
-    """CSV (label columns flattened; multi-label as `;`-joined names) or JSONL (everything)."""
+def input_rows(texts, pairs):
+    """{"text": ...} per input, with "text_pair" for sentence pairs: what a prediction is written beside."""
+    if pairs is None:
+        return [{"text": text} for text in texts]
+    return [{"text": text, "text_pair": pair} for text, pair in zip(texts, pairs)]
+
+
+def write_predictions(path, texts, predictions, multi_label, pairs=None):
+    """CSV (label columns flattened; multi-label as `;`-joined names) or JSONL (everything). pairs: a text_pair
+    field or column after text."""
+    inputs = input_rows(texts, pairs)
     if path.endswith((".jsonl", ".json")):
         with open(path, "w", encoding="utf-8") as f:
-            for text, p in zip(texts, predictions):
-                f.write(json.dumps({"text": text, **p}, ensure_ascii=False) + "\n")
+            for given, p in zip(inputs, predictions):
+                f.write(json.dumps({**given, **p}, ensure_ascii=False) + "\n")
         return
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        given = ["text"] if pairs is None else ["text", "text_pair"]
         if multi_label:
-            writer.writerow(["text", "labels", "probabilities"])
-            for text, p in zip(texts, predictions):
-                writer.writerow([text, ";".join(x["label"] for x in p["labels"]),
+            writer.writerow([*given, "labels", "probabilities"])
+            for row, p in zip(inputs, predictions):
+                writer.writerow([*row.values(), ";".join(x["label"] for x in p["labels"]),
                                  ";".join(f"{x['probability']:.4f}" for x in p["labels"])])
         else:
-            writer.writerow(["text", "label", "probability"])
-            for text, p in zip(texts, predictions):
-                writer.writerow([text, p["label"], f"{p['probability']:.4f}"])
+            writer.writerow([*given, "label", "probability"])
+            for row, p in zip(inputs, predictions):
+                writer.writerow([*row.values(), p["label"], f"{p['probability']:.4f}"])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="out", help="checkpoint folder written by train.py")
     parser.add_argument("--text", action="append", help="a text to label (repeatable)")
-    parser.add_argument("--input", help="CSV, TSV or JSONL file with a text column")
+    parser.add_argument("--input", help="CSV, TSV or JSONL file with a text column, or TXT (one text per line)")
     parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column", help="the --input file's column of each row's second text, for a model "
+                        "trained on sentence pairs (train.py --text-pair-column)")
     parser.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
@@ -143,27 +159,33 @@ def main(argv=None):
         parser.error("give texts with --text or a file with --input (one of them)")
     if args.label_column and not args.input:
         parser.error("--label-column scores a labelled --input file")
+    if args.text_pair_column and not args.input:
+        parser.error("--text-pair-column reads the pairs from an --input file")
     check_arguments(args)
     try:
         if not args.label_column:  # read before the model loads: a bad file fails at once
-            texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
+            texts, pairs = args.text, None
+            if args.input:
+                # [] = ignore any label column
+                table = read_table(args.input, args.text_column, [], pair_column=args.text_pair_column)
+                texts, pairs = table.texts, table.pairs
         predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp,
                               args.long_docs, args.window_stride)
         if args.label_column:
-            metrics = score_file(predictor, args.input, args.text_column, args.label_column)
+            metrics = score_file(predictor, args.input, args.text_column, args.label_column, args.text_pair_column)
             print(json.dumps(metrics))
             return metrics
+        predictions = predictor.predict(texts, pairs)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
         raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
-    predictions = predictor.predict(texts)
     if args.output:
-        write_predictions(args.output, texts, predictions, predictor.model.config.multi_label)
+        write_predictions(args.output, texts, predictions, predictor.model.config.multi_label, pairs)
         print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
     else:
-        for text, p in zip(texts, predictions):
-            print(json.dumps({"text": text, **p}, ensure_ascii=False))
+        for row, p in zip(input_rows(texts, pairs), predictions):
+            print(json.dumps({**row, **p}, ensure_ascii=False))
 
 
 def check_arguments(args):

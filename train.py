@@ -54,6 +54,7 @@ class TrainConfig:
     val_file: str = ""  # "" = split val_fraction off the training file
     test_file: str = "example_data/medical_abstracts/test.csv"  # "" = no test report
     text_column: str = "text"
+    text_pair_column: str = ""  # a second text per row (sentence pairs): [CLS] text [SEP] pair [SEP]
     label_column: str = ""  # "" = `label` if present, else `labels`; several 0/1 columns: "a,b,c"
     task: str = "auto"  # auto | single | multi (multi-label) | mlm (continued masked-LM pretraining, no labels)
     mlm_probability: float | None = None  # mlm: share of tokens masked; None = the recipe's (BERT 0.15, ModernBERT 0.3)
@@ -170,6 +171,9 @@ def check_options(cfg):
     value ends the job at once, with what is allowed, never after an epoch. A new option adds its line here."""
     allowed = {  # option: (its value is allowed, what is)
         "text_column": (cfg.text_column != "", "a column name"),
+        "text_pair_column": (not cfg.text_pair_column or (cfg.task != "mlm" and cfg.long_docs in ("head", "native")),
+                             "a column name, with --long-docs head or native (pairs are truncated longest first), "
+                             "and not with --task mlm"),
         "task": (cfg.task in ("auto", "single", "multi", "mlm"),
                  "auto, single or multi (a classifier), or mlm (masked-LM pretraining)"),
         "mlm_probability": (cfg.mlm_probability is None or 0 < cfg.mlm_probability < 1, "between 0 and 1 (exclusive)"),
@@ -391,7 +395,8 @@ def load_splits(cfg, encoder):
     """train / val / test Splits and the label encoder fit on the training labels."""
     columns = cfg.label_column.split(",") if "," in cfg.label_column else (cfg.label_column or None)
     multi = {"auto": None, "single": False, "multi": True}[cfg.task]
-    read = lambda path: read_table(path, cfg.text_column, columns, multi, cfg.label_sep)
+    pair_column = cfg.text_pair_column or None
+    read = lambda path, multi=multi: read_table(path, cfg.text_column, columns, multi, cfg.label_sep, pair_column)
     train = read(cfg.train_file)
     if train.labels is None:
         raise DataError(f"{cfg.train_file}: no label column (looked for 'label' and 'labels'); "
@@ -411,14 +416,15 @@ def load_splits(cfg, encoder):
         if not len(rows):
             raise DataError(f"{table.path}: no rows left: every label in it was unknown and ignored "
                             "(--unknown-labels ignore)")
-        return Split(encoder.encode([table.texts[i] for i in rows]), targets)
+        pairs = [table.pairs[i] for i in rows] if table.pairs else None
+        return Split(encoder.encode([table.texts[i] for i in rows], pairs), targets)
 
     def read_other(path):
         table = read(path)
         if table.labels is None:
             raise DataError(f"{path}: no label column; evaluation data needs labels")
         if table.multi_label != train.multi_label:
-            table = read_table(path, cfg.text_column, columns, train.multi_label, cfg.label_sep)
+            table = read(path, train.multi_label)
         return table
 
     if cfg.val_file:
