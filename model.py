@@ -470,6 +470,14 @@ def window_aggregation(strategy):
     return strategy.removeprefix("windows_")
 
 
+def segment_reduce(values, doc_index, num_docs, how):
+    """Rows of values [W, ...] -> [num_docs, ...]: the max ("max") or mean ("mean") of each document's rows, with a
+    segment op (no loop over documents)."""
+    out = values.new_zeros(num_docs, *values.shape[1:])
+    index = doc_index.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
+    return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
+
+
 class EncoderModel(nn.Module):
     """What the classifier and the masked LM share: the encoder and its two input layouts, the reference's weight
     init, AdamW groups, and Hugging Face folders. Each subclass says which reference class it matches (HEAD), which
@@ -628,43 +636,59 @@ class EncoderClassifier(EncoderModel):
             logits = self.aggregate(pooled, doc_index, num_docs)
         return logits, (None if labels is None else self.loss(logits, labels))
 
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+              max_seqlen=None, doc_index=None, num_docs=None, pooling=None):
+        """The vector of each text that the head reads (predict.py --embeddings): its pooled token vectors [B, H]
+        ([B, L, H] with label_attention); pooling replaces the model's (a bare encoder: "mean"). A long document's
+        windows make one vector, as the head reads them: their attention-weighted sum (windows_attention), else
+        their mean (windows_mean) or max (windows_max)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen, pooling)
+        if doc_index is None:
+            return pooled
+        num_docs = int(doc_index[-1]) + 1 if num_docs is None else num_docs
+        if self.aggregation == "attention":
+            return self.weigh_windows(pooled, doc_index, num_docs)
+        return segment_reduce(pooled, doc_index, num_docs, self.aggregation)
+
     def aggregate(self, pooled, doc_index, num_docs):
         """Window vectors [W, H] -> document logits [num_docs, num_labels], with segment ops (no loop over
-        documents). max / mean: of the windows' logits. attention: a softmax over each document's windows
-        weighs their vectors; the head classifies the weighted sum."""
+        documents). max / mean: of the windows' logits. attention: the head classifies the windows' vectors
+        weighed by weigh_windows."""
         if self.aggregation is None:
             raise ValueError("doc_index needs a windows_* strategy in config.long_document")
         if self.aggregation != "attention":
-            logits = self.head(pooled)
-            out = logits.new_zeros(num_docs, logits.shape[-1])
-            index = doc_index[:, None].expand_as(logits)
-            reduce = "amax" if self.aggregation == "max" else "mean"
-            return out.scatter_reduce(0, index, logits, reduce, include_self=False)
+            return segment_reduce(self.head(pooled), doc_index, num_docs, self.aggregation)
+        return self.head(self.weigh_windows(pooled, doc_index, num_docs))
+
+    def weigh_windows(self, pooled, doc_index, num_docs):
+        """A softmax over each document's windows weighs their vectors: [W, H] -> [num_docs, H]."""
         scores = self.window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
         top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
         e = (scores - top[doc_index]).exp()
         weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
         weighted = weights[:, None].to(pooled.dtype) * pooled
-        return self.head(pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted))
+        return pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted)
 
-    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None):
-        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention)."""
+    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None, pooling=None):
+        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention). pooling: None = the model's."""
+        pooling = pooling or self.pooling
         if cu_seqlens is not None:
-            if self.pooling == "cls":
+            if pooling == "cls":
                 return hidden[cu_seqlens[:-1].long()]
-            if self.pooling == "mean":
+            if pooling == "mean":
                 return packed_mean(hidden, cu_seqlens)
             hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         mask = attention_mask.bool()
-        if self.pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
+        if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
             first = mask.long().argmax(dim=1)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-        if self.pooling == "mean":
+        if pooling == "mean":
             m = mask.to(hidden.dtype)[..., None]
             return (hidden * m).sum(dim=1) / m.sum(dim=1)
-        if self.pooling == "max":
+        if pooling == "max":
             return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
         # label_attention: each label's softmax over the text's tokens weighs their vectors
         scores = self.label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]

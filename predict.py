@@ -4,6 +4,7 @@ Predict labels with a fine-tuned checkpoint (a train.py output folder, or any co
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.jsonl
     python predict.py --model out --input pairs.csv --text-pair-column hypothesis   # sentence pairs
+    python predict.py --model any_checkpoint --input notes.csv --embeddings vectors.npy  # one vector per text
 
 From Python:
     from predict import Predictor
@@ -32,6 +33,21 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     (little padding); each batch's logits are written back to the rows they came from.
     A model with a windows_* strategy takes seqs as lists of windows (TextEncoder) and gives one row per text.
     packed: None = use_packing()."""
+    return run_batches(lambda batch: model(**batch)[0], model, seqs, pad_id, batch_size, amp, packed,
+                       (model.config.num_labels,))
+
+
+@torch.no_grad()
+def predict_embeddings(model, seqs, pad_id, batch_size=64, amp="auto", packed=None, pooling=None):
+    """The vector each text's head reads (EncoderClassifier.embed; pooling None = the model's), float32 numpy
+    [N, hidden] ([N, labels, hidden] with label_attention), in the order of seqs."""
+    return run_batches(lambda batch: model.embed(**batch, pooling=pooling), model, seqs, pad_id, batch_size, amp,
+                       packed, (model.config.hidden_size,))
+
+
+def run_batches(output, model, seqs, pad_id, batch_size, amp, packed, shape):
+    """output(batch) for length-sorted batches of seqs, put back in the order of seqs as float32 numpy [N, ...].
+    shape: the shape of a row when there are no seqs."""
     device = next(model.parameters()).device
     packed = use_packing(device, amp, packed)
     was_training = model.training
@@ -40,10 +56,10 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     for rows in batch_indices([len(s) for s in seqs], batch_size, shuffle=False, bucket=True):
         batch = make_batch([seqs[i] for i in rows], None, pad_id, model.aggregation is not None, packed)
         with autocast(device, amp):
-            logits, _ = model(**to_device(batch, device))
+            part = output(to_device(batch, device))
         order.extend(rows)
-        parts.append(logits.float())  # kept on the device: one copy at the end, no wait per batch
-    out = np.zeros((len(seqs), model.config.num_labels), np.float32)
+        parts.append(part.float())  # kept on the device: one copy at the end, no wait per batch
+    out = np.zeros((len(seqs), *(parts[0].shape[1:] if parts else shape)), np.float32)
     if parts:
         out[order] = torch.cat(parts).cpu().numpy()
     model.train(was_training)
@@ -51,17 +67,16 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
 
 
 class Predictor:
-    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts. pairs: each text's second
-    text, for a model trained on sentence pairs."""
+    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts (a fine-tuned checkpoint)
+    or to embed them (any checkpoint). pairs: each text's second text, for a model trained on sentence pairs."""
 
     def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
                  long_docs=None, window_stride=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
+        self.model_dir = model_dir
         config = self.model.config
-        if config.id2label is None:
-            raise ValueError(f"{model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
-        self.names = [config.id2label[i] for i in range(config.num_labels)]
+        self.names = None if config.id2label is None else [config.id2label[i] for i in range(config.num_labels)]
         # long documents as in training (config.json); a checkpoint not from train.py: head at its maximum
         trained = config.long_document or {}
         strategy = long_docs or trained.get("strategy", "head")
@@ -81,8 +96,17 @@ class Predictor:
         self.batch_size, self.amp = batch_size, amp
 
     def logits(self, texts, pairs=None):
+        if self.names is None:
+            raise ValueError(f"{self.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
         seqs = self.encoder.encode(texts, pairs)
         return predict_logits(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp)
+
+    def embeddings(self, texts, pairs=None):
+        """One vector per text, as the classifier pools its token vectors (a checkpoint without a classifier, such
+        as a bare or masked-LM encoder, has no pooling of its own: mean pooling)."""
+        pooling = "mean" if self.model.fresh_head else None
+        seqs = self.encoder.encode(texts, pairs)
+        return predict_embeddings(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp, pooling=pooling)
 
     def predict(self, texts, pairs=None):
         logits = self.logits(texts, pairs)
@@ -101,6 +125,8 @@ def score_file(predictor, path, text_column="text", label_column="label", pair_c
     config = predictor.model.config
     columns = label_column.split(",") if "," in label_column else label_column
     table = read_table(path, text_column, columns, config.multi_label, pair_column=pair_column)
+    if predictor.names is None:
+        raise ValueError(f"{predictor.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
     targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(
         table.labels, path, hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
     return compute_metrics(predictor.logits(table.texts, table.pairs), targets, config.multi_label,
@@ -145,6 +171,9 @@ def main(argv=None):
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--text-pair-column", help="the --input file's column of each row's second text, for a model "
                         "trained on sentence pairs (train.py --text-pair-column)")
+    parser.add_argument("--embeddings", help="write one vector per text (.npy, float32, in input order) instead of "
+                        "predictions: what the classifier pools, or the mean of the token vectors for a checkpoint "
+                        "without one")
     parser.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
@@ -161,6 +190,8 @@ def main(argv=None):
         parser.error("--label-column scores a labelled --input file")
     if args.text_pair_column and not args.input:
         parser.error("--text-pair-column reads the pairs from an --input file")
+    if args.embeddings and (args.output or args.label_column):
+        parser.error("--embeddings writes vectors instead of predictions: not with --output or --label-column")
     check_arguments(args)
     try:
         if not args.label_column:  # read before the model loads: a bad file fails at once
@@ -175,6 +206,8 @@ def main(argv=None):
             metrics = score_file(predictor, args.input, args.text_column, args.label_column, args.text_pair_column)
             print(json.dumps(metrics))
             return metrics
+        if args.embeddings:
+            return write_embeddings(args.embeddings, predictor.embeddings(texts, pairs))
         predictions = predictor.predict(texts, pairs)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
@@ -186,6 +219,12 @@ def main(argv=None):
     else:
         for row, p in zip(input_rows(texts, pairs), predictions):
             print(json.dumps({**row, **p}, ensure_ascii=False))
+
+
+def write_embeddings(path, vectors):
+    np.save(path, vectors)
+    print(f"wrote {len(vectors)} vectors of shape {vectors.shape[1:]} to {path}", file=sys.stderr)
+    return vectors
 
 
 def check_arguments(args):
@@ -202,20 +241,24 @@ def check_arguments(args):
         bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
     if args.output:
         bad += output_problems(args.output, args.input)
+    if args.embeddings:
+        bad += output_problems(args.embeddings, args.input, "--embeddings")
+        if not args.embeddings.endswith(".npy"):
+            bad.append(f"--embeddings {args.embeddings}: name a .npy file (numpy.load reads it)")
     if bad:
         raise SystemExit("; ".join(bad))
 
 
-def output_problems(output, input_path):
+def output_problems(output, input_path, flag="--output"):
     folder = os.path.dirname(os.path.abspath(output))
     if input_path and os.path.realpath(output) == os.path.realpath(input_path):
-        return [f"--output {output} is the --input file: the predictions would replace it; name another file"]
+        return [f"{flag} {output} is the --input file: the predictions would replace it; name another file"]
     if os.path.isdir(output):
-        return [f"--output {output} is a folder; name a file"]
+        return [f"{flag} {output} is a folder; name a file"]
     if not os.path.isdir(folder):
-        return [f"--output {output}: the folder {folder} does not exist"]
+        return [f"{flag} {output}: the folder {folder} does not exist"]
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
-        return [f"--output {output}: cannot write there (permission denied)"]
+        return [f"{flag} {output}: cannot write there (permission denied)"]
     return []
 
 
