@@ -1,9 +1,10 @@
 """
-BERT and ModernBERT encoders with sequence-classification heads, written from scratch.
+BERT and ModernBERT encoders with sequence-classification heads (EncoderClassifier) and masked-LM heads
+(MaskedLM), written from scratch.
 
 Loads Hugging Face checkpoints (config.json + model.safetensors / pytorch_model.bin) and saves
 checkpoints that `transformers` loads back. Numerically the same as transformers'
-BertForSequenceClassification and ModernBertForSequenceClassification.
+BertForSequenceClassification and ModernBertForSequenceClassification, BertForMaskedLM and ModernBertForMaskedLM.
 
 Attention runs on one of two layouts, chosen by the inputs to forward():
 - padded: input_ids [B, T] with attention_mask [B, T]  -> SDPA with a boolean mask
@@ -105,6 +106,7 @@ class ModernBertConfig(LabelsConfig):
     classifier_dropout: float = 0.0
     classifier_bias: bool = False
     classifier_activation: str = "gelu"
+    decoder_bias: bool = True  # the MLM decoder's
 
 
 CONFIGS = {"bert": BertConfig, "modernbert": ModernBertConfig}
@@ -149,20 +151,27 @@ def _modernbert_layout(hf):
     )
 
 
-def config_to_hf(config):
-    """config.json dict: the original file updated with every option we hold."""
+LABEL_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "thresholds", "long_document")
+
+
+def config_to_hf(config, head="SequenceClassification"):
+    """config.json dict: the original file updated with every option we hold. head: the reference class's name after
+    the architecture's (BertFor..., ModernBertFor...); a MaskedLM folder has no labels (a classifier sets its own)."""
     hf = dict(config.hf)
     ours = {k: v for k, v in asdict(config).items() if k not in ("hf", "id2label", "thresholds", "long_document")}
     hf.update(ours)
     model_type = "bert" if isinstance(config, BertConfig) else "modernbert"
-    arch = "BertForSequenceClassification" if model_type == "bert" else "ModernBertForSequenceClassification"
-    hf.update(model_type=model_type, architectures=[arch])
-    id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
-    hf["id2label"] = {str(i): name for i, name in id2label.items()}
-    hf["label2id"] = {name: i for i, name in id2label.items()}
-    for key in ("thresholds", "long_document"):
-        if getattr(config, key) is not None:
-            hf[key] = getattr(config, key)
+    hf.update(model_type=model_type, architectures=[("Bert" if model_type == "bert" else "ModernBert") + "For" + head])
+    if head == "MaskedLM":
+        for key in LABEL_KEYS:
+            hf.pop(key, None)
+    else:
+        id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["id2label"] = {str(i): name for i, name in id2label.items()}
+        hf["label2id"] = {name: i for i, name in id2label.items()}
+        for key in ("thresholds", "long_document"):
+            if getattr(config, key) is not None:
+                hf[key] = getattr(config, key)
     if model_type == "modernbert":  # written in both layouts so old and new transformers read the same model
         hf.pop("global_attn_every_n_layers", None)
         every = global_every(config.layer_types)
@@ -710,7 +719,137 @@ def window_aggregation(strategy):
     return strategy.removeprefix("windows_")
 
 
-class EncoderClassifier(nn.Module):
+def segment_reduce(values, doc_index, num_docs, how):
+    """Rows of values [W, ...] -> [num_docs, ...]: the max ("max") or mean ("mean") of each document's rows, with a
+    segment op (no loop over documents)."""
+    out = values.new_zeros(num_docs, *values.shape[1:])
+    index = doc_index.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
+    return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
+
+
+class EncoderModel(nn.Module):
+    """What the classifier and the masked LM share: the encoder and its two input layouts, the reference's weight
+    init, AdamW groups, and Hugging Face folders. Each subclass says which reference class it matches (HEAD), which
+    checkpoint weights it leaves behind as that class does (LEFT_BEHIND), which of its own may start afresh when a
+    checkpoint lacks them (NEW_WHEN_MISSING; every other weight must be there), and how it reports those."""
+    HEAD = ""
+    LEFT_BEHIND = ()
+    NEW_WHEN_MISSING = ("head.",)
+    FRESH_NOTE = ""
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+               cu_seqlens=None, max_seqlen=None):
+        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
+        c = self.config
+        window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
+        if cu_seqlens is not None:
+            layout = packed_layout(cu_seqlens, max_seqlen, len(input_ids), window, self.encoder.word.weight.dtype)
+            assert position_ids is not None, "packed inputs need position_ids (restarting at 0 per sequence)"
+            longest = max_seqlen
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            layout = padded_layout(attention_mask, window)
+            longest = input_ids.shape[1]
+            if position_ids is None:
+                position_ids = torch.arange(longest, device=input_ids.device)[None]
+        if longest is not None and longest > c.max_position_embeddings:
+            raise ValueError(f"sequence of {longest} tokens is longer than the model's "
+                             f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
+        return self.encoder(input_ids, layout, position_ids, token_type_ids)
+
+    def modernbert_init_std(self, module):
+        """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
+        return self.config.initializer_range
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Fresh weights as the reference initialises them (used for a new head)."""
+        c = self.config
+        if isinstance(c, BertConfig):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, c.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            std = self.modernbert_init_std(module)
+            cut = c.initializer_cutoff_factor * std
+            nn.init.trunc_normal_(module.weight, 0.0, std, -cut, cut)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+
+    # --- training helpers, as in nanoGPT
+
+    def configure_optimizers(self, weight_decay, learning_rate, head_lr=None, betas=(0.9, 0.999), eps=1e-8,
+                             device_type="cpu"):
+        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed.
+        head_lr: the peak lr of everything above the encoder (head, label or window attention), which starts
+        from scratch; None = learning_rate."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = []
+        for part, lr in (("encoder", learning_rate), ("head", learning_rate if head_lr is None else head_lr)):
+            mine = [p for n, p in named if n.startswith("encoder.") == (part == "encoder")]
+            groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+                       {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+        # fused also takes a found_inf flag: train.py skips non-finite steps on the device with it
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
+                                 fused=fused)
+
+    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names below)
+
+    @classmethod
+    def load(cls, model_dir, config, dtype=None, device=None, verbose=True, num_layers=None):
+        """The model of config with a checkpoint folder's weights; weights it lacks (NEW_WHEN_MISSING) are
+        initialised fresh and reported. num_layers: a student of that many of the layers (keep_layers)."""
+        state = load_state_dict(model_dir)
+        if num_layers:
+            if verbose and num_layers < config.num_hidden_layers:
+                print(f"{model_dir}: a student of {num_layers} of its {config.num_hidden_layers} layers "
+                      f"({', '.join(map(str, student_layers(config.num_hidden_layers, num_layers)))})")
+            config, state = keep_layers(config, normalise_keys(state, config), num_layers)
+        model = cls(config)
+        fresh = load_hf_weights(model, state)
+        model.fresh_head = bool(fresh)
+        if fresh and verbose:
+            print(f"{model_dir}: {cls.FRESH_NOTE} ({', '.join(fresh)}); train it before use")
+        return model.to(device=device, dtype=dtype)
+
+    def hf_state_dict(self):
+        """Our weights under the reference's names (qkv split back into query/key/value for BERT)."""
+        ours = self.state_dict()
+        out = {}
+        for key, sources in hf_names(self.config, ours).items():
+            parts = ours[key].chunk(len(sources)) if len(sources) > 1 else [ours[key]]
+            for name, part in zip(sources, parts):
+                out[name] = part.contiguous()
+        return out
+
+    def save_pretrained(self, out_dir):
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config, self.HEAD), f, indent=2, sort_keys=True)
+        state = {k: v.detach().cpu() for k, v in self.hf_state_dict().items()}
+        weights = os.path.join(out_dir, "model.safetensors")
+        save_file(state, weights, metadata={"format": "pt"})
+        # safetensors creates the file 0600: give it the mode config.json got from the umask, as the other files have
+        os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(out_dir, "config.json")).st_mode))
+
+
+class EncoderClassifier(EncoderModel):
+    HEAD = "SequenceClassification"
+    # pretraining heads a classifier leaves behind, as the reference does; and window or label attention weights
+    # when the model is loaded with another long-document strategy or pooling
+    LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.")
+    NEW_WHEN_MISSING = ("head.", "label_attention.")
+    FRESH_NOTE = "new classifier head initialised"
 
     def __init__(self, config):
         super().__init__()
@@ -754,64 +893,59 @@ class EncoderClassifier(nn.Module):
             logits = self.aggregate(pooled, doc_index, num_docs)
         return logits, (None if labels is None else self.loss(logits, labels))
 
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+              max_seqlen=None, doc_index=None, num_docs=None, pooling=None):
+        """The vector of each text that the head reads (predict.py --embeddings): its pooled token vectors [B, H]
+        ([B, L, H] with label_attention); pooling replaces the model's (a bare encoder: "mean"). A long document's
+        windows make one vector, as the head reads them: their attention-weighted sum (windows_attention), else
+        their mean (windows_mean) or max (windows_max)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen, pooling)
+        if doc_index is None:
+            return pooled
+        num_docs = int(doc_index[-1]) + 1 if num_docs is None else num_docs
+        if self.aggregation == "attention":
+            return self.weigh_windows(pooled, doc_index, num_docs)
+        return segment_reduce(pooled, doc_index, num_docs, self.aggregation)
+
     def aggregate(self, pooled, doc_index, num_docs):
         """Window vectors [W, H] -> document logits [num_docs, num_labels], with segment ops (no loop over
-        documents). max / mean: of the windows' logits. attention: a softmax over each document's windows
-        weighs their vectors; the head classifies the weighted sum."""
+        documents). max / mean: of the windows' logits. attention: the head classifies the windows' vectors
+        weighed by weigh_windows."""
         if self.aggregation is None:
             raise ValueError("doc_index needs a windows_* strategy in config.long_document")
         if self.aggregation != "attention":
-            logits = self.head(pooled)
-            out = logits.new_zeros(num_docs, logits.shape[-1])
-            index = doc_index[:, None].expand_as(logits)
-            reduce = "amax" if self.aggregation == "max" else "mean"
-            return out.scatter_reduce(0, index, logits, reduce, include_self=False)
+            return segment_reduce(self.head(pooled), doc_index, num_docs, self.aggregation)
+        return self.head(self.weigh_windows(pooled, doc_index, num_docs))
+
+    def weigh_windows(self, pooled, doc_index, num_docs):
+        """A softmax over each document's windows weighs their vectors: [W, H] -> [num_docs, H]."""
         scores = self.window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
         top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
         e = (scores - top[doc_index]).exp()
         weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
         weighted = weights[:, None].to(pooled.dtype) * pooled
-        return self.head(pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted))
+        return pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               cu_seqlens=None, max_seqlen=None):
-        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
-        c = self.config
-        window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
+    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None, pooling=None):
+        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention). pooling: None = the model's."""
+        pooling = pooling or self.pooling
         if cu_seqlens is not None:
-            layout = packed_layout(cu_seqlens, max_seqlen, len(input_ids), window, self.encoder.word.weight.dtype)
-            assert position_ids is not None, "packed inputs need position_ids (restarting at 0 per sequence)"
-            longest = max_seqlen
-        else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            layout = padded_layout(attention_mask, window)
-            longest = input_ids.shape[1]
-            if position_ids is None:
-                position_ids = torch.arange(longest, device=input_ids.device)[None]
-        if longest is not None and longest > c.max_position_embeddings:
-            raise ValueError(f"sequence of {longest} tokens is longer than the model's "
-                             f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
-        return self.encoder(input_ids, layout, position_ids, token_type_ids)
-
-    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None):
-        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention)."""
-        if cu_seqlens is not None:
-            if self.pooling == "cls":
+            if pooling == "cls":
                 return hidden[cu_seqlens[:-1].long()]
-            if self.pooling == "mean":
+            if pooling == "mean":
                 return packed_mean(hidden, cu_seqlens)
             hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         mask = attention_mask.bool()
-        if self.pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
+        if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
             first = mask.long().argmax(dim=1)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-        if self.pooling == "mean":
+        if pooling == "mean":
             m = mask.to(hidden.dtype)[..., None]
             return (hidden * m).sum(dim=1) / m.sum(dim=1)
-        if self.pooling == "max":
+        if pooling == "max":
             return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
         # label_attention: each label's softmax over the text's tokens weighs their vectors
         scores = self.label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]
@@ -824,47 +958,10 @@ class EncoderClassifier(nn.Module):
             return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        """Fresh weights as the reference initialises them (used for a new classifier head)."""
-        c = self.config
-        if isinstance(c, BertConfig):
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, c.initializer_range)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            std = c.initializer_range
-            if module is self.head.classifier:
-                std = c.hidden_size ** -0.5  # the reference's classifier init
-            cut = c.initializer_cutoff_factor * std
-            nn.init.trunc_normal_(module.weight, 0.0, std, -cut, cut)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-        if isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            if module.bias is not None:
-                module.bias.zero_()
-
-    # --- training helpers, as in nanoGPT
-
-    def configure_optimizers(self, weight_decay, learning_rate, head_lr=None, betas=(0.9, 0.999), eps=1e-8,
-                             device_type="cpu"):
-        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed.
-        head_lr: the peak lr of everything above the encoder (head, label or window attention), which starts
-        from scratch; None = learning_rate."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = []
-        for part, lr in (("encoder", learning_rate), ("head", learning_rate if head_lr is None else head_lr)):
-            mine = [p for n, p in named if n.startswith("encoder.") == (part == "encoder")]
-            groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
-                       {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
-        # fused also takes a found_inf flag: train.py skips non-finite steps on the device with it
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
-                                 fused=fused)
+    def modernbert_init_std(self, module):
+        if module is self.head.classifier:
+            return self.config.hidden_size ** -0.5  # the reference's classifier init
+        return self.config.initializer_range
 
     def flops_per_token(self, seq_len):
         """Training FLOPs (forward + backward) per real token: 6 per weight plus attention scores."""
@@ -879,8 +976,6 @@ class EncoderClassifier(nn.Module):
             keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
         return 6 * matrix_params + 12 * c.hidden_size * keys
 
-    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names below)
-
     @classmethod
     def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
                         dtype=None, device=None, overrides=None, verbose=True, num_layers=None):
@@ -888,39 +983,85 @@ class EncoderClassifier(nn.Module):
         head that is missing or has another number of labels is initialised fresh and reported.
         num_layers: keep only that many of the encoder's layers (keep_layers); None = all."""
         config = read_config(model_dir, num_labels, id2label, problem_type, overrides)
-        state = load_state_dict(model_dir)
-        if num_layers:
-            if verbose and num_layers < config.num_hidden_layers:
-                print(f"{model_dir}: a student of {num_layers} of its {config.num_hidden_layers} layers "
-                      f"({', '.join(map(str, student_layers(config.num_hidden_layers, num_layers)))})")
-            config, state = keep_layers(config, normalise_keys(state, config), num_layers)
-        model = cls(config)
-        fresh = load_hf_weights(model, state)
-        model.fresh_head = bool(fresh)
-        if fresh and verbose:
-            print(f"{model_dir}: new classifier head initialised ({', '.join(fresh)}); train it before use")
-        return model.to(device=device, dtype=dtype)
+        return cls.load(model_dir, config, dtype, device, verbose, num_layers)
 
-    def hf_state_dict(self):
-        """Our weights under the reference's names (qkv split back into query/key/value for BERT)."""
-        ours = self.state_dict()
-        out = {}
-        for key, sources in hf_names(self.config, ours).items():
-            parts = ours[key].chunk(len(sources)) if len(sources) > 1 else [ours[key]]
-            for name, part in zip(sources, parts):
-                out[name] = part.contiguous()
-        return out
 
-    def save_pretrained(self, out_dir):
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config), f, indent=2, sort_keys=True)
-        state = {k: v.detach().cpu() for k, v in self.hf_state_dict().items()}
-        weights = os.path.join(out_dir, "model.safetensors")
-        save_file(state, weights, metadata={"format": "pt"})
-        # safetensors creates the file 0600: give it the mode config.json got from the umask, as the other files have
-        os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(out_dir, "config.json")).st_mode))
+# -----------------------------------------------------------------------------
+# the masked language model (continued pretraining: train.py --task mlm)
+
+
+class MLMHead(nn.Module):
+    """The reference's masked-LM head: dense -> activation -> norm, then the decoder, whose weight is the word
+    embedding table (tied), plus a bias per token. BERT: BertForMaskedLM's cls.predictions (activation hidden_act);
+    ModernBERT: ModernBertForMaskedLM's head (classifier_activation, classifier_bias) and decoder (decoder_bias)."""
+
+    def __init__(self, c):
+        super().__init__()
+        bert = isinstance(c, BertConfig)
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=bert or c.classifier_bias)
+        self.act = ACTIVATIONS[c.hidden_act if bert else c.classifier_activation]
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps if bert else c.norm_eps, bias=bert or c.norm_bias)
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size)) if bert or c.decoder_bias else None
+
+    def forward(self, hidden, word_embeddings):
+        return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class MaskedLM(EncoderModel):
+    """The encoder with the reference's MLM head: BertForMaskedLM / ModernBertForMaskedLM. A BERT checkpoint's pooler
+    (which BertForMaskedLM drops) is kept as it was, frozen, since MLM does not use it, and saved back: a classifier
+    fine-tuned from this model then starts from the pooler the checkpoint had, as one fine-tuned from the checkpoint
+    does."""
+    HEAD = "MaskedLM"
+    # a classifier's head, BERT's next-sentence head, and the decoder's copies of tied weights
+    LEFT_BEHIND = ("classifier.", "cls.seq_relationship.", "cls.predictions.decoder.", "decoder.weight",
+                   "window_attention.", "label_attention.")
+    NEW_WHEN_MISSING = ("head.", "pooler.")
+    FRESH_NOTE = "MLM head (or pooler) not in the checkpoint, initialised as the reference does"
+
+    def __init__(self, config):
+        super().__init__()
+        if not config.hf.get("tie_word_embeddings", True):
+            raise ValueError("tie_word_embeddings is false: only a decoder tied to the word embeddings is supported")
+        self.config = config
+        bert = isinstance(config, BertConfig)
+        self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
+        self.head = MLMHead(config)
+        if bert:
+            self.pooler = nn.Linear(config.hidden_size, config.hidden_size).requires_grad_(False)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None,
+                cu_seqlens=None, max_seqlen=None, masked_index=None):
+        """Inputs as EncoderClassifier.forward's. labels, shaped like input_ids: the token to predict at each masked
+        position, -100 (the reference's ignore_index) elsewhere.
+        Without labels: (logits [B, T, vocab] padded or [N, vocab] packed, None).
+        With labels: (logits [M, vocab] of the M masked positions only, in flat order, and the mean cross-entropy
+        over them): the decoder, the largest matmul, skips the rest (ModernBERT's sparse_prediction).
+        masked_index [M]: the masked positions' indices in the flattened labels (make_mlm_batch gives them; else
+        they are found here, which waits for the device)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        if labels is None:
+            return self.head(hidden, self.encoder.word.weight), None
+        labels = labels.flatten()
+        if masked_index is None:
+            masked_index = (labels != -100).nonzero().squeeze(1)
+        logits = self.head(hidden.flatten(0, -2).index_select(0, masked_index), self.encoder.word.weight)
+        targets = labels.index_select(0, masked_index)
+        # sum / count is the reference's mean; a batch with no masked token gives 0 rather than its nan (0 / 0)
+        return logits, F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
+
+    def modernbert_init_std(self, module):
+        c = self.config
+        if module is self.head.dense:  # the reference's "out" std for the prediction head
+            return c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
+        return c.initializer_range
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=None, device=None, overrides=None, verbose=True):
+        """Load a checkpoint folder: an MLM checkpoint, a bare encoder or a classifier (its head left behind). An MLM
+        head it lacks (all-MiniLM-L6-v2 has none) is initialised as the reference does, and reported."""
+        return cls.load(model_dir, read_config(model_dir, overrides=overrides), dtype, device, verbose)
 
 
 # -----------------------------------------------------------------------------
@@ -937,6 +1078,11 @@ def hf_names(c, model_keys):
             "encoder.embed_norm.*": "bert.embeddings.LayerNorm.*",
             "head.pooler.*": "bert.pooler.dense.*",
             "head.classifier.*": "classifier.*",
+            # MaskedLM: BertForMaskedLM's head, and the pooler it carries
+            "head.dense.*": "cls.predictions.transform.dense.*",
+            "head.norm.*": "cls.predictions.transform.LayerNorm.*",
+            "head.bias": "cls.predictions.bias",
+            "pooler.*": "bert.pooler.dense.*",
         }
         for i in range(c.num_hidden_layers):
             ours, hf = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
@@ -953,9 +1099,10 @@ def hf_names(c, model_keys):
             "encoder.word.weight": "model.embeddings.tok_embeddings.weight",
             "encoder.embed_norm.*": "model.embeddings.norm.*",
             "encoder.final_norm.*": "model.final_norm.*",
-            "head.dense.*": "head.dense.*",
+            "head.dense.*": "head.dense.*",  # the classifier's head and MaskedLM's alike
             "head.norm.*": "head.norm.*",
             "head.classifier.*": "classifier.*",
+            "head.bias": "decoder.bias",  # MaskedLM
         }
         for i in range(c.num_hidden_layers):
             ours, hf = f"encoder.layers.{i}.", f"model.layers.{i}."
@@ -964,7 +1111,7 @@ def hf_names(c, model_keys):
                 table[ours + a + ".*"] = hf + b + ".*"
     table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
     table["label_attention.*"] = "label_attention.*"  # classifier_pooling label_attention only; likewise
-    names = {}
+    names = {}  # a pattern without "*" names one tensor
     for pattern, hf in table.items():
         hf = hf if isinstance(hf, list) else [hf]
         for suffix in ("weight", "bias"):
@@ -976,7 +1123,7 @@ def hf_names(c, model_keys):
 
 def load_hf_weights(model, hf_state):
     """Copy a checkpoint's tensors (Hugging Face names) into model; returns the head weights that were
-    initialised fresh instead (none in the checkpoint, or another number of labels)."""
+    initialised fresh instead (none in the checkpoint, or another number of labels: model.NEW_WHEN_MISSING)."""
     ours = model.state_dict()
     names = hf_names(model.config, ours)
     state = normalise_keys(hf_state, model.config)
@@ -984,7 +1131,7 @@ def load_hf_weights(model, hf_state):
     for key, sources in names.items():
         if not all(s in state for s in sources):
             if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
-                (fresh if key.startswith(("head.", "label_attention.")) else missing).append(sources[0])
+                (fresh if key.startswith(model.NEW_WHEN_MISSING) else missing).append(sources[0])
             continue
         tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
         if tensor.shape != ours[key].shape:
@@ -995,7 +1142,7 @@ def load_hf_weights(model, hf_state):
             continue
         ours[key].copy_(tensor)
     used = {s for sources in names.values() for s in sources}
-    unexpected = sorted(k for k in state if k not in used and not ignorable(k))
+    unexpected = sorted(k for k in state if k not in used and not ignorable(k, model.LEFT_BEHIND))
     problems = []
     if wrong_shape:
         problems.append("weights with the wrong shape (does config.json match the weights?):\n  "
@@ -1021,11 +1168,9 @@ def normalise_keys(state, c):
     return out
 
 
-def ignorable(key):
-    """Pretraining heads and buffers that a classifier leaves behind, as the reference does; and window or
-    label attention weights when the model is loaded with another long-document strategy or pooling."""
-    ours = ("window_attention.", "label_attention.")
-    return key.startswith(("cls.", "decoder.", *ours)) or key.endswith("position_ids")
+def ignorable(key, left_behind):
+    """Weights the model leaves behind (its LEFT_BEHIND prefixes), and buffers."""
+    return key.startswith(left_behind) or key.endswith("position_ids")
 
 
 # -----------------------------------------------------------------------------

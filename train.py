@@ -1,14 +1,16 @@
 """
-Fine-tune a BERT or ModernBERT checkpoint as a text classifier.
+Fine-tune a BERT or ModernBERT checkpoint as a text classifier, or continue its masked-LM pretraining (--task mlm).
 
     python train.py                                   # MiniLM on the shipped medical abstracts
     python train.py --train-file my.csv --label-column code --epochs 3 --out-dir out/codes
+    python train.py --task mlm --train-file notes.txt --out-dir out/mlm    # then: --model out/mlm
     python train.py --config job.toml --lr 3e-5       # a config file, then command-line overrides
     torchrun --nproc_per_node 4 train.py ...          # 4 GPUs: global batch = batch_size x grad_accum x 4
     python train.py ... --resume                      # continue from out_dir/last after a crash
 
 Every option is a field of TrainConfig below; `python train.py --help` lists them with defaults.
-The output folder loads in transformers (AutoModelForSequenceClassification) and in predict.py.
+The output folder loads in transformers (AutoModelForSequenceClassification; AutoModelForMaskedLM with --task mlm)
+and in predict.py.
 """
 import argparse
 import collections
@@ -34,11 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch,
-                  read_table, to_device, train_val_split)
+from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, Masking, TextEncoder, batch_indices, make_batch,
+                  make_mlm_batch, read_table, to_device, train_val_split)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import (MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, FlashCheckError, amp_dtype, autocast,
-                   check_vocab, use_packing)
+from model import (MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, FlashCheckError, MaskedLM, amp_dtype,
+                   autocast, check_vocab, use_packing)
 from predict import predict_logits
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -52,8 +54,10 @@ class TrainConfig:
     val_file: str = ""  # "" = split val_fraction off the training file
     test_file: str = "example_data/medical_abstracts/test.csv"  # "" = no test report
     text_column: str = "text"
+    text_pair_column: str = ""  # a second text per row (sentence pairs): [CLS] text [SEP] pair [SEP]
     label_column: str = ""  # "" = `label` if present, else `labels`; several 0/1 columns: "a,b,c"
-    task: str = "auto"  # auto | single | multi (multi-label)
+    task: str = "auto"  # auto | single | multi (multi-label) | mlm (continued masked-LM pretraining, no labels)
+    mlm_probability: float | None = None  # mlm: share of tokens masked; None = the recipe's (BERT 0.15, ModernBERT 0.3)
     label_sep: str = ";"  # separator of several labels in one cell
     unknown_labels: str = "error"  # error | ignore: labels in val/test data never seen in training
     val_fraction: float = 0.1
@@ -173,12 +177,18 @@ def check_options(cfg):
     value ends the job at once, with what is allowed, never after an epoch. A new option adds its line here."""
     allowed = {  # option: (its value is allowed, what is)
         "text_column": (cfg.text_column != "", "a column name"),
-        "task": (cfg.task in ("auto", "single", "multi"), "auto, single or multi"),
+        "text_pair_column": (not cfg.text_pair_column or (cfg.task != "mlm" and cfg.long_docs in ("head", "native")),
+                             "a column name, with --long-docs head or native (pairs are truncated longest first), "
+                             "and not with --task mlm"),
+        "task": (cfg.task in ("auto", "single", "multi", "mlm"),
+                 "auto, single or multi (a classifier), or mlm (masked-LM pretraining)"),
+        "mlm_probability": (cfg.mlm_probability is None or 0 < cfg.mlm_probability < 1, "between 0 and 1 (exclusive)"),
         "label_sep": (cfg.label_sep != "", "a separator, such as ;"),
         "unknown_labels": (cfg.unknown_labels in ("error", "ignore"), "error or ignore"),
         "val_fraction": (0 < cfg.val_fraction < 1, "between 0 and 1 (exclusive)"),
         "max_length": (cfg.max_length >= 0, ">= 0 (0 = the model's maximum)"),
-        "long_docs": (cfg.long_docs in LONG_DOCS, ", ".join(LONG_DOCS)),
+        "long_docs": (cfg.long_docs in LONG_DOCS and (cfg.task != "mlm" or cfg.long_docs == "head"),
+                      ", ".join(LONG_DOCS) if cfg.task != "mlm" else "head with --task mlm (it reads every token)"),
         "window_stride": (cfg.window_stride >= 0, ">= 0 (0 = half a window)"),
         "epochs": (cfg.epochs >= 1, ">= 1"),
         "max_steps": (cfg.max_steps >= 0, ">= 0 (0 = as many as --epochs make)"),
@@ -201,6 +211,7 @@ def check_options(cfg):
         "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
         "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
                       "global, per_label or a number between 0 and 1"),
+        "metric": (cfg.task != "mlm" or cfg.metric in ("auto", "loss"), "auto or loss with --task mlm"),
         "eval_every": (cfg.eval_every >= 0, ">= 0 (0 = each epoch)"),
         "patience": (cfg.patience >= 0, ">= 0 (0 = never stop early)"),
         "keep_checkpoints": (cfg.keep_checkpoints >= 0, ">= 0"),
@@ -373,7 +384,8 @@ def selection_metric(cfg, multi_label):
 @dataclass
 class Split:
     seqs: list  # token ids per text; with windows_*, a list of windows per text
-    targets: np.ndarray  # int64 [N] or float32 multi-hot [N, L]
+    targets: np.ndarray | list | None  # int64 [N] or float32 multi-hot [N, L]; --task mlm: labels per token, or None
+    masking: Masking | None = None  # --task mlm training data: masked anew each epoch (training_batch)
 
 
 def text_encoder(cfg, model_dir, hf):
@@ -395,7 +407,8 @@ def load_splits(cfg, encoder):
     """train / val / test Splits and the label encoder fit on the training labels."""
     columns = cfg.label_column.split(",") if "," in cfg.label_column else (cfg.label_column or None)
     multi = {"auto": None, "single": False, "multi": True}[cfg.task]
-    read = lambda path: read_table(path, cfg.text_column, columns, multi, cfg.label_sep)
+    pair_column = cfg.text_pair_column or None
+    read = lambda path, multi=multi: read_table(path, cfg.text_column, columns, multi, cfg.label_sep, pair_column)
     train = read(cfg.train_file)
     if train.labels is None:
         raise DataError(f"{cfg.train_file}: no label column (looked for 'label' and 'labels'); "
@@ -415,14 +428,15 @@ def load_splits(cfg, encoder):
         if not len(rows):
             raise DataError(f"{table.path}: no rows left: every label in it was unknown and ignored "
                             "(--unknown-labels ignore)")
-        return Split(encoder.encode([table.texts[i] for i in rows]), targets)
+        pairs = [table.pairs[i] for i in rows] if table.pairs else None
+        return Split(encoder.encode([table.texts[i] for i in rows], pairs), targets)
 
     def read_other(path):
         table = read(path)
         if table.labels is None:
             raise DataError(f"{path}: no label column; evaluation data needs labels")
         if table.multi_label != train.multi_label:
-            table = read_table(path, cfg.text_column, columns, train.multi_label, cfg.label_sep)
+            table = read(path, train.multi_label)
         return table
 
     if cfg.val_file:
@@ -567,8 +581,15 @@ def epoch_steps(cfg, split, encoder, progress, device):
     order = batch_indices([len(s) for s in split.seqs], cfg.batch_size, shuffle=True, seed=cfg.seed,
                           epoch=progress.epoch, bucket=cfg.bucket)  # the same on every rank
     for step in rank_steps(order, cfg.grad_accum, rank, world, progress.position):
-        yield [(make_batch([split.seqs[r] for r in rows], split.targets[rows], encoder.pad_id, encoder.windows,
-                           packed), weight) for rows, weight in step]
+        yield [(training_batch(split, rows, encoder, packed, progress.epoch), weight) for rows, weight in step]
+
+
+def training_batch(split, rows, encoder, packed, epoch):
+    """The model's inputs for these rows; for --task mlm, masked as Masking does for this epoch."""
+    if split.masking is None:
+        return make_batch([split.seqs[r] for r in rows], split.targets[rows], encoder.pad_id, encoder.windows, packed)
+    masked = [split.masking(split.seqs[r], (epoch + 1, r)) for r in rows]
+    return make_mlm_batch([m[0] for m in masked], [m[1] for m in masked], encoder.pad_id, packed)
 
 
 def train_step(cfg, learner, batches):
@@ -827,6 +848,8 @@ def gather_logits(model, seqs, pad_id, batch_size, amp, packed):
 
 def evaluate(model, split, pad_id, cfg, threshold):
     """Metrics dict for a split; multi-label thresholds are tuned here when threshold is None."""
+    if isinstance(model, MaskedLM):
+        return mlm_metrics(model, split, pad_id, cfg), None, None
     logits = gather_logits(model, split.seqs, pad_id, cfg.batch_size * 2, cfg.amp, cfg.pack)  # all ranks' rows
     loss = model.loss(torch.from_numpy(logits), torch.from_numpy(split.targets)).item()
     if not model.config.multi_label:
@@ -854,11 +877,14 @@ class TrainLog:
     evaluation. It sums the training loss since the last evaluation on the device, and counts the tokens
     trained on since then for the throughput."""
 
-    def __init__(self, cfg, progress, total_steps, steps_per_epoch, multi_label, device):
+    COLUMNS = {"single": ["accuracy", "macro_f1", "micro_f1"], "multi": ["micro_f1", "macro_f1", "exact_match"],
+               "mlm": ["perplexity", "accuracy"]}  # the evaluation row's, after the losses
+
+    def __init__(self, cfg, progress, total_steps, steps_per_epoch, task, device):
         self.main_rank = rank_and_world()[0] == 0  # the other ranks write to /dev/null
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        self.metric, self.steps_per_epoch = selection_metric(cfg, multi_label), steps_per_epoch
-        self.columns = ["micro_f1", "macro_f1", "exact_match"] if multi_label else ["accuracy", "macro_f1", "micro_f1"]
+        self.metric, self.steps_per_epoch = selection_metric(cfg, task == "multi"), steps_per_epoch
+        self.columns = self.COLUMNS[task]
         resumed = progress.evals > 0  # a saved state always comes after an evaluation
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.main_rank and cfg.resume:
@@ -1059,7 +1085,7 @@ def full_state(model, optimizer, sharded):
 def unsharded(model, weights):
     """A plain copy of an FSDP model, to save. Built on the meta device: no memory, no random draws."""
     with torch.device("meta"):
-        copy = EncoderClassifier(model.config)
+        copy = type(model)(model.config)
     copy.load_state_dict(weights, assign=True)
     return copy
 
@@ -1114,8 +1140,8 @@ def start_or_resume(cfg, learner, state):
 
 
 def load_training_state(cfg, labels, data):
-    """out_dir/last/state.pt, checked against this run's options, data and labels before the model is
-    loaded; None when there is none yet (start afresh)."""
+    """out_dir/last/state.pt, checked against this run's options, data and labels (None: --task mlm) before the
+    model is loaded; None when there is none yet (start afresh)."""
     path = os.path.join(cfg.out_dir, "last", "state.pt")
     if not os.path.isfile(path):
         return None
@@ -1139,7 +1165,7 @@ def load_training_state(cfg, labels, data):
     if state["world_size"] != world:
         raise SystemExit(f"--resume: {path} was written by {state['world_size']} process(es), this run has "
                          f"{world}; resume with the same --nproc_per_node")
-    if state["id2label"] != labels.id2label:
+    if labels is not None and state["id2label"] != labels.id2label:  # labels None: --task mlm
         raise SystemExit(f"--resume: the training data's labels {labels.names} are not those of {path} "
                          f"{list(state['id2label'].values())}; did the data change?")
     return state
@@ -1163,6 +1189,120 @@ def restore_training_state(state, learner, sharded, rank):
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank])
+
+
+# -----------------------------------------------------------------------------
+# masked-LM pretraining (--task mlm): its options, data, model, evaluation and report; it trains in train()'s loop
+
+
+MLM_RATE = {"bert": 0.15, "modernbert": 0.3}  # the share of tokens masked in each architecture's recipe
+
+
+def with_mlm_defaults(cfg, hf):
+    """cfg for --task mlm: the architecture's masking rate unless --mlm-probability gives one, and model selection
+    on the validation loss (lower is better), so that train_config.json and --resume see what the run used."""
+    rate = MLM_RATE.get(hf.get("model_type"), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability
+    return dataclasses.replace(cfg, mlm_probability=rate, metric="loss", greater_is_better=False)
+
+
+def load_mlm_splits(cfg, encoder, model_dir):
+    """train / val / test Splits of unlabelled text, every text cut into consecutive sequences of max_length tokens
+    (TextEncoder.pieces). Without --val-file, val_fraction of the training texts are held out. Evaluation data is
+    masked once, here, so every evaluation scores the same tokens; training data at each step (training_batch)."""
+    try:
+        masking = Masking.for_encoder(encoder, cfg.mlm_probability, cfg.seed)
+    except ValueError as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
+    read = lambda path: read_table(path, cfg.text_column, label_column=[]).texts  # any label column is ignored
+    texts = read(cfg.train_file)
+    if cfg.val_file:
+        train_texts, val_texts = texts, read(cfg.val_file)
+    else:
+        train_rows, val_rows = train_val_split(len(texts), cfg.val_fraction, cfg.seed)
+        train_texts, val_texts = [texts[i] for i in train_rows], [texts[i] for i in val_rows]
+    splits = {"train": Split(encoder.pieces(train_texts), None, masking),
+              "val": masked_once(encoder.pieces(val_texts), masking)}
+    if cfg.test_file:
+        splits["test"] = masked_once(encoder.pieces(read(cfg.test_file)), masking)
+    return splits
+
+
+def masked_once(seqs, masking):
+    """Evaluation data: the masked sequences and their labels, each sequence keyed (0, row)."""
+    masked = [masking(seq, (0, row)) for row, seq in enumerate(seqs)]
+    return Split([inputs for inputs, _ in masked], [labels for _, labels in masked])
+
+
+def build_mlm_model(cfg, model_dir, hf, encoder, device):
+    """The checkpoint's encoder with its MLM head (initialised as the reference does where it has none), on the
+    device. As build_model: a checkpoint that cannot serve ends the job with the reason."""
+    try:
+        model = MaskedLM.from_pretrained(model_dir, overrides=dropout_overrides(cfg, hf),
+                                         verbose=rank_and_world()[0] == 0)
+        check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
+    model.to(device)
+    model.encoder.grad_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+@torch.no_grad()
+def mlm_metrics(model, split, pad_id, cfg):
+    """Over every masked token of an evaluation split: the mean cross-entropy (loss), its exp (perplexity) and the
+    share predicted right (accuracy), with the count. Rank r scores rows r, r + world, ...; a rank with one row fewer
+    adds row 0 with nothing masked, so all ranks run the same batches (FSDP needs that)."""
+    rank, world = rank_and_world()
+    device = next(model.parameters()).device
+    packed = use_packing(device, cfg.amp, cfg.pack)
+    n = len(split.seqs)
+    rows = range(rank, math.ceil(n / world) * world, world)
+    seqs = [split.seqs[r if r < n else 0] for r in rows]
+    labels = [split.targets[r] if r < n else np.full(len(split.seqs[0]), IGNORE_INDEX) for r in rows]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # cross-entropy, masked tokens, right
+    was_training = model.training
+    model.eval()
+    for batch_rows in batch_indices([len(s) for s in seqs], cfg.batch_size * 2, shuffle=False):
+        batch = make_mlm_batch([seqs[i] for i in batch_rows], [labels[i] for i in batch_rows], pad_id, packed)
+        batch = to_device(batch, device)
+        with autocast(device, cfg.amp):
+            logits, _ = model(**batch)
+        logits, targets = logits.float(), batch["labels"].flatten()[batch["masked_index"]]
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum"), logits.new_tensor(len(targets)),
+                             (logits.argmax(-1) == targets).sum()]).double()
+    model.train(was_training)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    total, count, right = sums.tolist()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "accuracy": right / max(count, 1), "masked_tokens": int(count)}
+
+
+def mlm_report(cfg, splits, device, best, pad_id, model_dir):
+    """Reload the best checkpoint from disk (proves it loads) and score it on the test data (the validation data
+    when there is none), beside the checkpoint the run started from, on the same masked tokens."""
+    name = "test" if "test" in splits else "val"
+    scored = splits[name]
+    after = mlm_metrics(MaskedLM.from_pretrained(cfg.out_dir, device=device, verbose=False), scored, pad_id, cfg)
+    torch.manual_seed(cfg.seed)  # an MLM head the start lacks is drawn as the run's was
+    start = MaskedLM.from_pretrained(model_dir, device=device, verbose=False)
+    before = mlm_metrics(start, scored, pad_id, cfg)
+    lines = [f"best validation loss: {best:.4f}", "",
+             f"{name} ({len(scored.seqs)} sequences, {after['masked_tokens']} masked tokens): masked-token prediction",
+             f"{'':<8}{'loss':>8}{'perplexity':>12}{'accuracy':>10}"]
+    for label, m in (("start", before), ("trained", after)):
+        lines.append(f"{label:<8}{m['loss']:>8.4f}{m['perplexity']:>12.2f}{m['accuracy']:>10.4f}")
+    if start.fresh_head:
+        lines.append(f"(the start's MLM head was not in {model_dir}: it is the run's newly initialised one)")
+    result = {"best_val": best, name: after, "start": before}
+    if name == "test":
+        with open(os.path.join(cfg.out_dir, "test_metrics.json"), "w") as f:
+            json.dump({**after, "start": before}, f, indent=2)
+    report = "\n".join(lines)
+    with open(os.path.join(cfg.out_dir, "report.txt"), "w") as f:
+        f.write(report + "\n")
+    print("\n" + report + f"\n\nsaved to {cfg.out_dir}/")
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -1203,22 +1343,31 @@ def train(cfg):
     hf = read_model_folder(model_dir)
     old_run = check_out_dir(cfg, model_dir)
     encoder = text_encoder(cfg, model_dir, hf)
-    splits, labels = load_splits(cfg, encoder)
-    cfg = with_task_defaults(cfg, labels.multi_label)
-    check_metric(cfg, labels)
-    teacher_dir = check_student(cfg, hf, encoder, labels)
+    mlm = cfg.task == "mlm"  # continued pretraining: no labels (see "masked-LM pretraining" below)
+    if mlm:
+        cfg = with_mlm_defaults(cfg, hf)
+        splits, labels, teacher_dir = load_mlm_splits(cfg, encoder, model_dir), None, None
+    else:
+        splits, labels = load_splits(cfg, encoder)
+        cfg = with_task_defaults(cfg, labels.multi_label)
+        check_metric(cfg, labels)
+        teacher_dir = check_student(cfg, hf, encoder, labels)
     data = data_fingerprints(cfg)
     state = load_training_state(cfg, labels, data) if cfg.resume else None
     train_split, val = splits["train"], splits["val"]
     if rank == 0:  # only rank 0 prints and writes files
         print(describe(cfg, splits, labels, device))
-    model = build_model(cfg, model_dir, hf, encoder, labels, train_split.targets, device)
+    if mlm:
+        model = build_mlm_model(cfg, model_dir, hf, encoder, device)
+    else:
+        model = build_model(cfg, model_dir, hf, encoder, labels, train_split.targets, device)
     steps_per_epoch, total_steps = count_steps(cfg, len(train_split.seqs))
     learner = build_learner(cfg, model, total_steps, device, load_teacher(teacher_dir, device))
     progress = start_or_resume(cfg, learner, state)
     if rank == 0:
         clear_old_run(cfg, old_run)
-    log = TrainLog(cfg, progress, total_steps, steps_per_epoch, labels.multi_label, device)
+    task = "mlm" if mlm else "multi" if labels.multi_label else "single"
+    log = TrainLog(cfg, progress, total_steps, steps_per_epoch, task, device)
 
     model.train()
     while not progress.out_of_patience(cfg) and progress.step < total_steps:
@@ -1246,14 +1395,18 @@ def train(cfg):
     if rank != 0:
         return None
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
+    if mlm:
+        return mlm_report(cfg, splits, device, progress.best, encoder.pad_id, model_dir)
     return final_report(cfg, splits, labels, device, progress.best, encoder.pad_id)
 
 
 def describe(cfg, splits, labels, device):
     world = rank_and_world()[1]
     sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in splits.items())
-    return (f"{sizes} texts; {labels.num_labels} labels ({'multi' if labels.multi_label else 'single'}-label); "
-            f"device {device}" + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
+    task = (f"texts; {labels.num_labels} labels ({'multi' if labels.multi_label else 'single'}-label)" if labels else
+            f"sequences; masked-LM pretraining, {cfg.mlm_probability:.0%} of tokens masked")
+    return (f"{sizes} {task}; device {device}"
+            + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
 
 
 def evaluate_and_checkpoint(cfg, learner, progress, log, val, pad_id, model_dir, data):
