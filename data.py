@@ -1,10 +1,12 @@
 """Everything between a user's file and a batch of tensors.
 
-read_table -> Table(texts, labels, multi_label, path, label_columns)
+read_table -> Table(texts, labels, multi_label, path, label_columns, pairs)
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
-TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, or windows of long documents)
+TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, text pairs,
+    or every token in consecutive pieces for pretraining)
 batch_indices -> make_batch: pad_batch (B x T) or pack_batch (varlen layout), + doc_index for windows
+Masking -> make_mlm_batch   BERT's masking recipe and masked-LM batches (train.py --task mlm)
 
 Any problem with the user's data raises DataError naming the file, the row and the problem.
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
@@ -23,7 +25,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import WordPiece
 
 csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB default
-DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None}
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None, ".txt": "lines"}
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
 # make_batch(packed=None), off the flash kernel (CPU): packing saves the layers' matmuls on padding and adds
@@ -32,6 +34,9 @@ BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many b
 # predict.py) seldom have that much and stay padded.
 PACK_ABOVE_PADDING = 0.2
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
+# label cells that spell a missing value (pandas' str(NaN), JSON's null, Python's None): an error like a blank cell,
+# never a class of their own; compared case-insensitively
+MISSING_LABELS = ("nan", "null", "none", "n/a", "<na>")
 
 
 class DataError(ValueError):
@@ -43,12 +48,14 @@ class DataError(ValueError):
 @dataclass
 class Table:
     """texts; labels = a str per row (single-label), a list[str] per row (multi-label), or None
-    when the file has no label column. label_columns: the 0/1 columns when labels came from several."""
+    when the file has no label column. label_columns: the 0/1 columns when labels came from several.
+    pairs: each row's second text (read_table's pair_column), or None."""
     texts: list
     labels: list | None
     multi_label: bool
     path: str
     label_columns: list | None = None
+    pairs: list | None = None
 
     def __iter__(self):  # allows `texts, labels = read_table(...)`
         return iter((self.texts, self.labels))
@@ -102,14 +109,32 @@ def _jsonl_records(path, text):
             continue
         where = f"row {len(records) + 1} (line {line_no})"
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: {where}: invalid JSON ({e.msg}, column {e.colno})") from None
+        except KeyError as e:
+            raise DataError(f"{path}: {where}: key {e.args[0]!r} appears twice in one record; keep one") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
         columns.update(dict.fromkeys(record))
         records.append((where, record))
     return list(columns), records
+
+
+def _txt_records(text, text_column):
+    """A .txt file: one text per line (blank lines skipped), no labels."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [text_column], [(f"row {i} (line {n})", {text_column: line}) for i, (n, line) in enumerate(lines, 1)]
+
+
+def _no_duplicate_keys(pairs):
+    """json.loads keeps the last of two equal keys without a word: which label was meant is unknowable."""
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise KeyError(key)
+        record[key] = value
+    return record
 
 
 def _require_columns(path, columns, wanted, delimiter):
@@ -152,13 +177,21 @@ def _parse_label(path, where, column, value, multi_label, sep):
     if not multi_label:
         if isinstance(value, (list, dict)):
             raise DataError(f"{path}: {where}: label {value!r} is a {type(value).__name__} but multi_label=False")
-        return str(value).strip()
+        return _check_present(path, where, column, str(value).strip())
     items = value if isinstance(value, list) else _json_list(value) if isinstance(value, str) else [value]
     if items is None:
         items = value.split(sep)
         if not any(s.strip() for s in items):
             raise DataError(f"{path}: {where}: no label in column {column!r}")
-    return list(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))  # dedupe, keep order
+    names = [_check_present(path, where, column, str(x).strip()) for x in items if str(x).strip()]
+    return list(dict.fromkeys(names))  # dedupe, keep order
+
+
+def _check_present(path, where, column, name):
+    if name.lower() in MISSING_LABELS:
+        raise DataError(f"{path}: {where}: label {name!r} in column {column!r} is how a missing value is written "
+                        "(pandas, JSON); missing labels are an error: fill it in or remove the row")
+    return name
 
 
 def _flag(path, where, column, value):
@@ -172,46 +205,57 @@ def _flag(path, where, column, value):
     raise DataError(f"{path}: {where}: label column {column!r} {problem}")
 
 
-def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";") -> Table:
-    """Read a UTF-8 .csv, .tsv or .jsonl file. label_column: a name, a list of 0/1 column names
-    (multi-label), or None for `label` if present else `labels` else no labels (prediction input);
-    [] ignores any label column.
+def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";",
+               pair_column=None) -> Table:
+    """Read a UTF-8 .csv, .tsv or .jsonl file, or a .txt file of one text per line (no labels).
+    label_column: a name, a list of 0/1 column names (multi-label), or None for `label` if present else `labels`
+    else no labels (prediction input); [] ignores any label column.
     multi_label=None auto-detects: several label columns, or any value that is a (JSON) list or
-    contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error."""
+    contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error.
+    pair_column: the column of each row's second text (sentence pairs), or None."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in DELIMITERS:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(DELIMITERS)}")
     text, delimiter = _read_utf8(path), DELIMITERS[suffix]
-    columns, records = _jsonl_records(path, text) if delimiter is None else _csv_records(path, text, delimiter)
+    if delimiter == "lines":
+        columns, records = _txt_records(text, text_column)
+    else:
+        columns, records = _jsonl_records(path, text) if delimiter is None else _csv_records(path, text, delimiter)
     if label_column is None:
         label_column = next((c for c in ("label", "labels") if c in columns), None)
     several = isinstance(label_column, (list, tuple))
     label_columns = list(label_column) if several else [label_column] if label_column else []
-    _require_columns(path, columns, [text_column, *label_columns], delimiter)
+    _require_columns(path, columns, [text_column, *([pair_column] if pair_column else []), *label_columns], delimiter)
     if not records:
         raise DataError(f"{path}: no data rows after the header")
-
-    texts = []
-    for where, record in records:
-        value = record.get(text_column)
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{path}: {where}: empty or missing text in column {text_column!r}")
-        texts.append(value)
+    texts = _texts(path, records, text_column)
+    pairs = _texts(path, records, pair_column) if pair_column else None
 
     if not label_columns:
-        return Table(texts, None, bool(multi_label), str(path))
+        return Table(texts, None, bool(multi_label), str(path), pairs=pairs)
     if several:
         if multi_label is False:
             raise DataError(f"{path}: several label columns {label_columns} need multi_label=True")
         labels = [[c for c in label_columns if _flag(path, where, c, record.get(c))] for where, record in records]
-        return Table(texts, labels, True, str(path), label_columns)
+        return Table(texts, labels, True, str(path), label_columns, pairs)
     values = [record.get(label_column) for _, record in records]
     if multi_label is None:
         multi_label = any(_looks_multi(v, label_sep) for v in values)
     labels = [_parse_label(path, where, label_column, value, multi_label, label_sep)
               for (where, _), value in zip(records, values)]
-    return Table(texts, labels, multi_label, str(path))
+    return Table(texts, labels, multi_label, str(path), pairs=pairs)
+
+
+def _texts(path, records, column):
+    """The column's text of every record; an empty or missing one is an error naming its row."""
+    texts = []
+    for where, record in records:
+        value = record.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}: {where}: empty or missing text in column {column!r}")
+        texts.append(value)
+    return texts
 
 
 # ----------------------------------------------------------------------------- labels
@@ -257,9 +301,10 @@ class LabelEncoder:
     num_labels = property(lambda self: len(self._names))
     multi_label = property(lambda self: self._multi_label)
 
-    def encode(self, raw_labels, path=None, unknown="error") -> np.ndarray:
-        """unknown="error" raises DataError on labels not seen in training; "ignore" drops them
-        (single-label rows get IGNORE_INDEX) and warns with the count."""
+    def encode(self, raw_labels, path=None, unknown="error", hint='or pass unknown="ignore"') -> np.ndarray:
+        """unknown="error" raises DataError on labels not seen in training, ending with hint (what the caller's
+        user can do: train.py names its flag); "ignore" drops them (single-label rows get IGNORE_INDEX) and
+        warns with the count."""
         if unknown not in ("error", "ignore"):
             raise ValueError(f'unknown must be "error" or "ignore", got {unknown!r}')
         n, unknown_rows = len(raw_labels), {}
@@ -279,7 +324,7 @@ class LabelEncoder:
         if unknown_rows:
             message = self._unknown_message(unknown_rows, path)
             if unknown == "error":
-                raise DataError(message + '; fix the data or pass unknown="ignore"')
+                raise DataError(f"{message}; fix the data {hint}")
             warnings.warn(message + "; ignored them", stacklevel=2)
         return targets
 
@@ -402,6 +447,15 @@ def split_windows(ids, size, stride):
     return [ids[i * stride:i * stride + size] for i in range(count)]
 
 
+class PairIds(list):
+    """The token ids of a text pair ([CLS] A [SEP] B [SEP] for BERT), a list like any sequence's, with the token type
+    of each (type_ids: 0 in the first segment, 1 in the second), which batches give as token_type_ids."""
+
+    def __init__(self, ids, type_ids):
+        super().__init__(ids)
+        self.type_ids = list(type_ids)
+
+
 class TextEncoder:
     """A checkpoint's tokenizer with its max_length, pad id and long-document strategy (long_docs):
     TextEncoder(dir, 512).encode(texts). No sequence passes max_length, special tokens included.
@@ -410,30 +464,41 @@ class TextEncoder:
     - windows_max / windows_mean / windows_attention split it into windows of max_length whose texts start
       `stride` tokens apart (default: half a window's text, i.e. 50% overlap); encode() gives a list of windows
       per text, and the model turns them into one prediction (model.EncoderClassifier.aggregate).
-    Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP])."""
+    Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP]).
+    encode(texts, pairs) encodes text pairs as the reference does (PairIds); pieces(texts) cuts every text into
+    consecutive sequences, for pretraining."""
 
     def __init__(self, model_dir, max_length=512, long_docs="head", stride=0):
         self.tokenizer, self.max_length = load_tokenizer(model_dir), max_length
-        pad = _token_content(_special_tokens(Path(model_dir)).get("pad_token") or "[PAD]")
+        specials = _special_tokens(Path(model_dir))
+        pad = _token_content(specials.get("pad_token") or "[PAD]")
         self.pad_id = self.tokenizer.token_to_id(pad)
         if self.pad_id is None:
             raise ValueError(f"{model_dir}: pad token {pad!r} is not in the vocabulary")
+        self.mask_token = _token_content(specials.get("mask_token") or "[MASK]")  # masked-LM only (Masking)
         if long_docs not in LONG_DOCS:
             raise ValueError(f"long_docs {long_docs!r} is not one of {LONG_DOCS}")
         self.strategy, self.windows = long_docs, long_docs.startswith("windows_")
         self.prefix, self.suffix = special_ids(self.tokenizer)
         self.budget = max_length - len(self.prefix) - len(self.suffix)  # text tokens per sequence
         self.stride = (stride or max(self.budget // 2, 1)) if self.windows else None
-        if self.budget < 1 or (self.windows and not 1 <= self.stride <= self.budget):
-            raise ValueError(f"max_length {max_length} with window stride {stride}: need 1 <= stride <= "
-                             f"max_length - {max_length - self.budget} special tokens")
+        specials = max_length - self.budget
+        if self.budget < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for text: the special tokens take {specials}; "
+                             f"use at least {specials + 1}")
+        if self.windows and not 1 <= self.stride <= self.budget:
+            raise ValueError(f"window stride {stride} must be between 1 and {self.budget} (the text tokens of a "
+                             f"window of max_length {max_length}: a larger stride would skip tokens)")
         # config.json's long_document: predict.py rebuilds this encoder from it
         self.long_document = {"strategy": long_docs, "max_length": max_length}
         if self.windows:
             self.long_document["stride"] = self.stride
 
-    def encode(self, texts) -> list:
-        """Per text: its ids, or its list of windows (windows_*)."""
+    def encode(self, texts, pairs=None) -> list:
+        """Per text: its ids, or its list of windows (windows_*). pairs: each text's second text; then per pair
+        its PairIds, truncated as the reference's `longest_first` (head and native only)."""
+        if pairs is not None:
+            return self.encode_pairs(texts, pairs)
         wrap = lambda ids: self.prefix + ids + self.suffix
         out = []
         for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
@@ -442,6 +507,26 @@ class TextEncoder:
             else:
                 out.append(wrap(truncate(e.ids, self.budget, self.strategy)))
         return out
+
+    def encode_pairs(self, texts, pairs):
+        """Text pairs as AutoTokenizer(texts, pairs, truncation=True, max_length=...) encodes them: the tokenizer's
+        own pair template and truncation (longest_first: the longer text loses tokens first)."""
+        if self.strategy not in ("head", "native"):
+            raise ValueError(f"text pairs are truncated as the reference's longest_first; long_docs {self.strategy!r} "
+                             "does not apply to them (use head)")
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
+        try:
+            encodings = self.tokenizer.encode_batch(list(zip(texts, pairs)))
+        finally:  # single texts are cut by encode() itself
+            self.tokenizer.no_truncation()
+        return [PairIds(e.ids, e.type_ids) for e in encodings]
+
+    def pieces(self, texts) -> list:
+        """Every token of every text, in consecutive sequences of at most max_length tokens (a long text gives
+        several, none overlapping), each wrapped in the special tokens: pretraining reads all the text."""
+        return [self.prefix + ids + self.suffix
+                for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+                for ids in split_windows(e.ids, self.budget, self.budget)]
 
 
 # ----------------------------------------------------------------------------- batching
@@ -471,15 +556,19 @@ def _labels_tensor(labels):
 
 def pad_batch(seqs, labels, pad_id) -> dict:
     """Right-pad to the longest sequence: input_ids, attention_mask, token_type_ids [B, T] int64 (+ labels).
-    token_type_ids are all 0 (single texts); drop them for models without them (ModernBERT)."""
+    token_type_ids are 0 for single texts, a PairIds' type_ids for a pair; models without them (ModernBERT)
+    ignore them."""
     lengths = [len(s) for s in seqs]
     input_ids = np.full((len(seqs), max(lengths)), pad_id, np.int64)
     attention_mask = np.zeros_like(input_ids)
+    token_type_ids = np.zeros_like(input_ids)
     for row, seq in enumerate(seqs):
         input_ids[row, :len(seq)] = seq
         attention_mask[row, :len(seq)] = 1
+        if isinstance(seq, PairIds):
+            token_type_ids[row, :len(seq)] = seq.type_ids
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
-            "token_type_ids": torch.zeros_like(torch.from_numpy(input_ids)), **_labels_tensor(labels)}
+            "token_type_ids": torch.from_numpy(token_type_ids), **_labels_tensor(labels)}
 
 
 def pack_batch(seqs, labels=None) -> dict:
@@ -489,8 +578,10 @@ def pack_batch(seqs, labels=None) -> dict:
     cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
     input_ids = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=int(cu_seqlens[-1]))
     position_ids = np.arange(len(input_ids)) - np.repeat(cu_seqlens[:-1], lengths)
+    types = (seq.type_ids if isinstance(seq, PairIds) else itertools.repeat(0, len(seq)) for seq in seqs)
+    token_type_ids = np.fromiter(itertools.chain.from_iterable(types), np.int64, count=len(input_ids))
     return {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
-            "token_type_ids": torch.zeros(len(input_ids), dtype=torch.int64),
+            "token_type_ids": torch.from_numpy(token_type_ids),
             "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)), "max_seqlen": int(lengths.max()),
             **_labels_tensor(labels)}
 
@@ -511,6 +602,62 @@ def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
     if windows:
         batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
         batch["num_docs"] = len(counts)  # known here: the model need not ask the device
+    return batch
+
+
+# ----------------------------------------------------------------------------- masked language modelling
+
+@dataclass
+class Masking:
+    """BERT's masking recipe, as the reference's DataCollatorForLanguageModeling applies it: each token that is not
+    a special token is chosen with probability `rate` and is to be predicted; a chosen token is replaced by the mask
+    token 80% of the time, by a random token of the vocabulary 10%, and left as it is 10%.
+    A sequence's draws come from its own generator, seeded by (seed, *key): train.py keys a training sequence by
+    (epoch + 1, row), so each epoch masks it anew and a resumed run (or another number of processes) masks it as
+    before; and an evaluation sequence by (0, row), so every evaluation masks the same tokens."""
+    rate: float
+    mask_id: int
+    vocab_size: int  # the tokenizer's, special tokens included: where random replacements come from
+    special_ids: np.ndarray  # never masked
+    seed: int = 0
+
+    @classmethod
+    def for_encoder(cls, encoder, rate, seed):
+        """The recipe with a TextEncoder's tokenizer: its mask token and its special tokens (the added tokens marked
+        special, as the reference's all_special_ids, and whatever the template wraps a text in)."""
+        tokenizer = encoder.tokenizer
+        mask_id = tokenizer.token_to_id(encoder.mask_token)
+        if mask_id is None:
+            raise ValueError(f"the tokenizer has no mask token {encoder.mask_token!r}: masked-LM training needs one")
+        added = [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special]
+        special = np.unique([*added, *encoder.prefix, *encoder.suffix, encoder.pad_id]).astype(np.int64)
+        return cls(rate, mask_id, tokenizer.get_vocab_size(with_added_tokens=True), special, seed)
+
+    def __call__(self, ids, key):
+        """(inputs, labels) for one sequence of token ids: the masked ids, and the id to predict at each chosen
+        position (IGNORE_INDEX elsewhere), both int64 arrays."""
+        rng = np.random.default_rng([self.seed, *key])
+        ids = np.asarray(ids, np.int64)
+        chosen = (rng.random(len(ids)) < self.rate) & ~np.isin(ids, self.special_ids)
+        how = rng.random(len(ids))  # < 0.8: the mask token; 0.8 to 0.9: a random token; above: kept
+        inputs = np.where(chosen & (how < 0.8), self.mask_id, ids)
+        random = chosen & (how >= 0.8) & (how < 0.9)
+        inputs[random] = rng.integers(self.vocab_size, size=int(random.sum()))
+        return inputs, np.where(chosen, ids, IGNORE_INDEX)
+
+
+def make_mlm_batch(inputs, labels, pad_id, packed=False) -> dict:
+    """make_batch for masked-LM: inputs are masked sequences, labels per token (Masking). labels are laid out like
+    input_ids (IGNORE_INDEX on padding), and masked_index gives the flat positions of the tokens to predict, found
+    here on the CPU so that the model need not ask the device."""
+    batch = make_batch(inputs, None, pad_id, packed=packed)
+    shape = batch["input_ids"].shape
+    starts = batch["cu_seqlens"][:-1].numpy() if packed else np.arange(len(inputs)) * shape[-1]
+    flat = np.full(batch["input_ids"].numel(), IGNORE_INDEX, np.int64)
+    for start, row in zip(starts, labels):
+        flat[start:start + len(row)] = row
+    batch["labels"] = torch.from_numpy(flat).view(shape)
+    batch["masked_index"] = torch.from_numpy(np.flatnonzero(flat != IGNORE_INDEX))
     return batch
 
 

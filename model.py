@@ -1,9 +1,10 @@
 """
-BERT and ModernBERT encoders with sequence-classification heads, written from scratch.
+BERT and ModernBERT encoders with sequence-classification heads (EncoderClassifier) and masked-LM heads
+(MaskedLM), written from scratch.
 
 Loads Hugging Face checkpoints (config.json + model.safetensors / pytorch_model.bin) and saves
 checkpoints that `transformers` loads back. Numerically the same as transformers'
-BertForSequenceClassification and ModernBertForSequenceClassification.
+BertForSequenceClassification and ModernBertForSequenceClassification, BertForMaskedLM and ModernBertForMaskedLM.
 
 Attention runs on one of two layouts, chosen by the inputs to forward():
 - padded: input_ids [B, T] with attention_mask [B, T]  -> SDPA with a boolean mask
@@ -15,8 +16,10 @@ import itertools
 import json
 import math
 import os
+import pickle
+import stat
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -25,6 +28,7 @@ import torch.utils.checkpoint
 
 SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
+POOLINGS = ("cls", "mean", "max", "label_attention")
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -46,6 +50,10 @@ class LabelsConfig:
     problem_type: str = SINGLE_LABEL
     thresholds: list = None  # multi-label decision thresholds, one per label (tuned on validation data)
     long_document: dict = None  # {"strategy", "max_length"[, "stride"]}: see data.TextEncoder; train.py records it
+    # how the token vectors become the head's input (POOLINGS); "cls" is the reference's for both architectures.
+    # ModernBERT's config.json has this key; for BERT it is ours (transformers ignores it and uses [CLS])
+    classifier_pooling: str = "cls"
+    multi_label_loss: str = "bce"  # bce | asl (asymmetric_loss); ours, as the pooling options beyond cls/mean
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @property
@@ -95,10 +103,10 @@ class ModernBertConfig(LabelsConfig):
     embedding_dropout: float = 0.0
     mlp_bias: bool = False
     mlp_dropout: float = 0.0
-    classifier_pooling: str = "cls"
     classifier_dropout: float = 0.0
     classifier_bias: bool = False
     classifier_activation: str = "gelu"
+    decoder_bias: bool = True  # the MLM decoder's
 
 
 CONFIGS = {"bert": BertConfig, "modernbert": ModernBertConfig}
@@ -143,27 +151,82 @@ def _modernbert_layout(hf):
     )
 
 
-def config_to_hf(config):
-    """config.json dict: the original file updated with every option we hold."""
+LABEL_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "thresholds", "long_document")
+
+
+def config_to_hf(config, head="SequenceClassification"):
+    """config.json dict: the original file updated with every option we hold. head: the reference class's name after
+    the architecture's (BertFor..., ModernBertFor...); a MaskedLM folder has no labels (a classifier sets its own)."""
     hf = dict(config.hf)
     ours = {k: v for k, v in asdict(config).items() if k not in ("hf", "id2label", "thresholds", "long_document")}
     hf.update(ours)
     model_type = "bert" if isinstance(config, BertConfig) else "modernbert"
-    arch = "BertForSequenceClassification" if model_type == "bert" else "ModernBertForSequenceClassification"
-    hf.update(model_type=model_type, architectures=[arch])
-    id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
-    hf["id2label"] = {str(i): name for i, name in id2label.items()}
-    hf["label2id"] = {name: i for i, name in id2label.items()}
-    for key in ("thresholds", "long_document"):
-        if getattr(config, key) is not None:
-            hf[key] = getattr(config, key)
+    hf.update(model_type=model_type, architectures=[("Bert" if model_type == "bert" else "ModernBert") + "For" + head])
+    if head == "MaskedLM":
+        for key in LABEL_KEYS:
+            hf.pop(key, None)
+    else:
+        id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
+        hf["id2label"] = {str(i): name for i, name in id2label.items()}
+        hf["label2id"] = {name: i for i, name in id2label.items()}
+        for key in ("thresholds", "long_document"):
+            if getattr(config, key) is not None:
+                hf[key] = getattr(config, key)
     if model_type == "modernbert":  # written in both layouts so old and new transformers read the same model
         hf.pop("global_attn_every_n_layers", None)
+        every = global_every(config.layer_types)
+        if every:  # the old layout's only pattern; a list it cannot express is left to layer_types
+            hf["global_attn_every_n_layers"] = every
         hf["rope_parameters"] = {
             "full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta},
         }
     return hf
+
+
+def global_every(layer_types):
+    """n where layer i is global exactly when i % n == 0 (global_attn_every_n_layers, the pattern of the
+    original config layout); None for a list that follows no such n."""
+    for n in range(1, len(layer_types) + 1):
+        if all((kind == "full_attention") == (i % n == 0) for i, kind in enumerate(layer_types)):
+            return n
+    return None
+
+
+# -----------------------------------------------------------------------------
+# smaller students: a checkpoint loaded with fewer of its encoder layers (--num-layers)
+
+
+def student_layers(num_layers, keep):
+    """The layers a student of `keep` layers takes: every s-th from the first, s = num_layers // keep. Half the
+    layers: every other one, as DistilBERT was initialised; more than half: the first `keep`. Layer 0 is always
+    kept (ModernBERT's first layer is the one without an attention norm), and a constant step keeps ModernBERT's
+    pattern regular: layer i*s of "global every n" is global when i is a multiple of n / gcd(n, s)."""
+    step = num_layers // keep
+    return [i * step for i in range(keep)]
+
+
+def keep_layers(config, hf_state, keep):
+    """config and checkpoint tensors (normalised names) of the student with `keep` of the encoder's layers
+    (student_layers), renumbered 0..keep-1. Each layer keeps its attention type (ModernBERT: global or local,
+    with its RoPE base): its weights run as they were trained."""
+    if not 1 <= keep <= config.num_hidden_layers:
+        raise ValueError(f"cannot keep {keep} layers: the checkpoint has {config.num_hidden_layers}")
+    kept = student_layers(config.num_hidden_layers, keep)
+    prefix = "bert.encoder.layer." if isinstance(config, BertConfig) else "model.layers."
+    new_index = {old: new for new, old in enumerate(kept)}
+    state = {}
+    for key, tensor in hf_state.items():
+        if not key.startswith(prefix):
+            state[key] = tensor
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if int(index) in new_index:
+            state[f"{prefix}{new_index[int(index)]}.{rest}"] = tensor
+    changes = {"num_hidden_layers": keep}
+    if isinstance(config, ModernBertConfig):
+        changes["layer_types"] = [config.layer_types[i] for i in kept]
+    return replace(config, **changes), state
 
 
 # -----------------------------------------------------------------------------
@@ -468,17 +531,30 @@ class BertEncoder(nn.Module):
 
 
 class BertHead(nn.Module):
-    """The pooler (dense + tanh on the [CLS] vector), dropout, then the linear classifier."""
+    """The pooler (dense + tanh) on the [CLS] vector, dropout, then the linear classifier. The pooler was
+    pretrained on [CLS] alone (next-sentence prediction), so other poolings skip it; its weights stay in
+    the checkpoint all the same."""
 
     def __init__(self, c):
         super().__init__()
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+        self.use_pooler = c.classifier_pooling == "cls"
         p = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         self.drop = nn.Dropout(p)
         self.classifier = nn.Linear(c.hidden_size, c.num_labels)
 
-    def forward(self, cls_vectors):
-        return self.classifier(self.drop(torch.tanh(self.pooler(cls_vectors))))
+    def forward(self, pooled):
+        if self.use_pooler:
+            pooled = torch.tanh(self.pooler(pooled))
+        return classify(self.classifier, self.drop(pooled))
+
+
+def classify(classifier, pooled):
+    """Logits from pooled [B, H] (one vector per text), or [B, L, H] (label_attention: one vector per label,
+    each scored by its own row of the classifier)."""
+    if pooled.dim() == 2:
+        return classifier(pooled)
+    return (pooled * classifier.weight).sum(-1) + classifier.bias
 
 
 # -----------------------------------------------------------------------------
@@ -542,7 +618,7 @@ class ModernBertHead(nn.Module):
         self.classifier = nn.Linear(c.hidden_size, c.num_labels)
 
     def forward(self, pooled):
-        return self.classifier(self.drop(self.norm(self.act(self.dense(pooled)))))
+        return classify(self.classifier, self.drop(self.norm(self.act(self.dense(pooled)))))
 
 
 # -----------------------------------------------------------------------------
@@ -603,6 +679,37 @@ def use_packing(device, amp, pack=None):
 # the classifier: encoder + pooling + head + loss; loading and saving
 
 
+def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, margin=0.05):
+    """Asymmetric loss (Ridnik et al., ICCV 2021), averaged like BCE over texts and labels. A label's negatives
+    far outnumber its positives: easy negatives (probability below `margin`) count nothing, the rest are
+    down-weighted by p^gamma_neg; positives keep BCE's log p (gamma_pos 0). gamma_neg = margin = 0 is BCE."""
+    p = torch.sigmoid(logits)
+    positive = F.logsigmoid(logits) * (1 - p) ** gamma_pos
+    shifted = (p - margin).clamp(min=0)
+    negative = torch.log1p(-shifted) * shifted ** gamma_neg  # 1 - shifted >= margin > 0, or 1: finite
+    return -(targets * positive + (1 - targets) * negative).mean()
+
+
+def packed_mean(hidden, cu_seqlens):
+    """Mean of each packed sequence's token vectors [N, H] -> [B, H]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                     output_size=hidden.shape[0])  # known size: no host sync
+    sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
+
+
+def unpack(hidden, cu_seqlens, max_seqlen):
+    """Packed token vectors [N, H] -> right-padded [B, max_seqlen, H] and their mask [B, max_seqlen]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                     output_size=hidden.shape[0])
+    position = torch.arange(hidden.shape[0], device=hidden.device) - cu_seqlens[:-1].long()[seq_id]
+    padded = hidden.new_zeros(len(lengths), max_seqlen, hidden.shape[-1]).index_put_((seq_id, position), hidden)
+    mask = torch.zeros(len(lengths), max_seqlen, dtype=torch.bool, device=hidden.device)
+    return padded, mask.index_put_((seq_id, position), torch.ones_like(seq_id, dtype=torch.bool))
+
+
 def window_aggregation(strategy):
     """windows_max / windows_mean / windows_attention -> "max" / "mean" / "attention"; None for the
     strategies that truncate (one sequence per text)."""
@@ -613,61 +720,23 @@ def window_aggregation(strategy):
     return strategy.removeprefix("windows_")
 
 
-class EncoderClassifier(nn.Module):
+def segment_reduce(values, doc_index, num_docs, how):
+    """Rows of values [W, ...] -> [num_docs, ...]: the max ("max") or mean ("mean") of each document's rows, with a
+    segment op (no loop over documents)."""
+    out = values.new_zeros(num_docs, *values.shape[1:])
+    index = doc_index.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
+    return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
 
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        bert = isinstance(config, BertConfig)
-        self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
-        self.head = BertHead(config) if bert else ModernBertHead(config)
-        self.pooling = "cls" if bert else config.classifier_pooling
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use 'cls' or 'mean'")
-        # windows_max / windows_mean / windows_attention: how a long document's windows make one prediction
-        self.aggregation = window_aggregation((config.long_document or {}).get("strategy", "head"))
-        if self.aggregation == "attention":  # one score per window; no bias: a softmax ignores it
-            self.window_attention = nn.Linear(config.hidden_size, 1, bias=False)
-        self.apply(self._init_weights)
-        if self.aggregation == "attention":  # equal weights at first: training starts from the windows' mean
-            nn.init.zeros_(self.window_attention.weight)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None, num_docs=None):
-        """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
-        Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
-        doc_index [B] int64, sorted: the sequences are windows and this is each one's document; the logits
-        (and labels) are then one row per document, aggregated as in aggregate(). num_docs: how many documents
-        (make_batch gives it; else len(labels), else doc_index[-1] + 1, which waits for the device).
-        Returns (logits [B or documents, num_labels], loss or None)."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
-        pooled = self.pool(hidden, attention_mask, cu_seqlens)
-        if doc_index is None:
-            logits = self.head(pooled)
-        else:
-            if num_docs is None:
-                num_docs = len(labels) if labels is not None else int(doc_index[-1]) + 1
-            logits = self.aggregate(pooled, doc_index, num_docs)
-        return logits, (None if labels is None else self.loss(logits, labels))
-
-    def aggregate(self, pooled, doc_index, num_docs):
-        """Window vectors [W, H] -> document logits [num_docs, num_labels], with segment ops (no loop over
-        documents). max / mean: of the windows' logits. attention: a softmax over each document's windows
-        weighs their vectors; the head classifies the weighted sum."""
-        if self.aggregation is None:
-            raise ValueError("doc_index needs a windows_* strategy in config.long_document")
-        if self.aggregation != "attention":
-            logits = self.head(pooled)
-            out = logits.new_zeros(num_docs, logits.shape[-1])
-            index = doc_index[:, None].expand_as(logits)
-            reduce = "amax" if self.aggregation == "max" else "mean"
-            return out.scatter_reduce(0, index, logits, reduce, include_self=False)
-        scores = self.window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
-        top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
-        e = (scores - top[doc_index]).exp()
-        weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
-        weighted = weights[:, None].to(pooled.dtype) * pooled
-        return self.head(pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted))
+class EncoderModel(nn.Module):
+    """What the classifier and the masked LM share: the encoder and its two input layouts, the reference's weight
+    init, AdamW groups, and Hugging Face folders. Each subclass says which reference class it matches (HEAD), which
+    checkpoint weights it leaves behind as that class does (LEFT_BEHIND), which of its own may start afresh when a
+    checkpoint lacks them (NEW_WHEN_MISSING; every other weight must be there), and how it reports those."""
+    HEAD = ""
+    LEFT_BEHIND = ()
+    NEW_WHEN_MISSING = ("head.",)
+    FRESH_NOTE = ""
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                cu_seqlens=None, max_seqlen=None):
@@ -690,31 +759,13 @@ class EncoderClassifier(nn.Module):
                              f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
         return self.encoder(input_ids, layout, position_ids, token_type_ids)
 
-    def pool(self, hidden, attention_mask, cu_seqlens):
-        if cu_seqlens is not None:
-            if self.pooling == "cls":
-                return hidden[cu_seqlens[:-1].long()]
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
-                                             output_size=hidden.shape[0])  # known size: no host sync
-            sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-            return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
-        if attention_mask is None:
-            return hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1)
-        if self.pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
-            first = attention_mask.long().argmax(dim=1)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-        m = attention_mask.to(hidden.dtype)[..., None]
-        return (hidden * m).sum(dim=1) / m.sum(dim=1)
-
-    def loss(self, logits, labels):
-        if self.config.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+    def modernbert_init_std(self, module):
+        """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
+        return self.config.initializer_range
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Fresh weights as the reference initialises them (used for a new classifier head)."""
+        """Fresh weights as the reference initialises them (used for a new head)."""
         c = self.config
         if isinstance(c, BertConfig):
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -724,9 +775,7 @@ class EncoderClassifier(nn.Module):
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            std = c.initializer_range
-            if module is self.head.classifier:
-                std = c.hidden_size ** -0.5  # the reference's classifier init
+            std = self.modernbert_init_std(module)
             cut = c.initializer_cutoff_factor * std
             nn.init.trunc_normal_(module.weight, 0.0, std, -cut, cut)
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -738,42 +787,39 @@ class EncoderClassifier(nn.Module):
 
     # --- training helpers, as in nanoGPT
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.999), eps=1e-8, device_type="cpu"):
-        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+    def configure_optimizers(self, weight_decay, learning_rate, head_lr=None, betas=(0.9, 0.999), eps=1e-8,
+                             device_type="cpu"):
+        """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed.
+        head_lr: the peak lr of everything above the encoder (head, label or window attention), which starts
+        from scratch; None = learning_rate."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = []
+        for part, lr in (("encoder", learning_rate), ("head", learning_rate if head_lr is None else head_lr)):
+            mine = [p for n, p in named if n.startswith("encoder.") == (part == "encoder")]
+            groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+                       {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
         # fused also takes a found_inf flag: train.py skips non-finite steps on the device with it
         fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs (forward + backward) per real token: 6 per weight plus attention scores."""
-        c = self.config
-        lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
-        matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and n not in lookups)
-        # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
-        # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
-        keys = c.num_hidden_layers * seq_len
-        if isinstance(c, ModernBertConfig):
-            local, w = sum(layer.local for layer in self.encoder.layers), c.local_attention // 2
-            keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
-        return 6 * matrix_params + 12 * c.hidden_size * keys
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
+                                 fused=fused)
 
     # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names below)
 
     @classmethod
-    def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
-                        dtype=None, device=None, overrides=None, verbose=True):
-        """Load a Hugging Face checkpoint folder. Label options replace the checkpoint's; a classifier
-        head that is missing or has another number of labels is initialised fresh and reported."""
-        model = cls(read_config(model_dir, num_labels, id2label, problem_type, overrides))
-        fresh = load_hf_weights(model, load_state_dict(model_dir))
+    def load(cls, model_dir, config, dtype=None, device=None, verbose=True, num_layers=None):
+        """The model of config with a checkpoint folder's weights; weights it lacks (NEW_WHEN_MISSING) are
+        initialised fresh and reported. num_layers: a student of that many of the layers (keep_layers)."""
+        state = load_state_dict(model_dir)
+        if num_layers:
+            if verbose and num_layers < config.num_hidden_layers:
+                print(f"{model_dir}: a student of {num_layers} of its {config.num_hidden_layers} layers "
+                      f"({', '.join(map(str, student_layers(config.num_hidden_layers, num_layers)))})")
+            config, state = keep_layers(config, normalise_keys(state, config), num_layers)
+        model = cls(config)
+        fresh = load_hf_weights(model, state)
         model.fresh_head = bool(fresh)
         if fresh and verbose:
-            print(f"{model_dir}: new classifier head initialised ({', '.join(fresh)}); train it before use")
+            print(f"{model_dir}: {cls.FRESH_NOTE} ({', '.join(fresh)}); train it before use")
         return model.to(device=device, dtype=dtype)
 
     def hf_state_dict(self):
@@ -790,9 +836,233 @@ class EncoderClassifier(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config), f, indent=2, sort_keys=True)
+            json.dump(config_to_hf(self.config, self.HEAD), f, indent=2, sort_keys=True)
         state = {k: v.detach().cpu() for k, v in self.hf_state_dict().items()}
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        weights = os.path.join(out_dir, "model.safetensors")
+        save_file(state, weights, metadata={"format": "pt"})
+        # safetensors creates the file 0600: give it the mode config.json got from the umask, as the other files have
+        os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(out_dir, "config.json")).st_mode))
+
+
+class EncoderClassifier(EncoderModel):
+    HEAD = "SequenceClassification"
+    # pretraining heads a classifier leaves behind, as the reference does; and window or label attention weights
+    # when the model is loaded with another long-document strategy or pooling
+    LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.")
+    NEW_WHEN_MISSING = ("head.", "label_attention.")
+    FRESH_NOTE = "new classifier head initialised"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        bert = isinstance(config, BertConfig)
+        self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
+        self.head = BertHead(config) if bert else ModernBertHead(config)
+        self.pooling = config.classifier_pooling
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use one of {POOLINGS}")
+        if config.multi_label_loss not in ("bce", "asl"):
+            raise ValueError(f"multi_label_loss {config.multi_label_loss!r} is not supported; use 'bce' or 'asl'")
+        if self.pooling == "label_attention":  # one learned query per label over the tokens
+            self.label_attention = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        # windows_max / windows_mean / windows_attention: how a long document's windows make one prediction
+        self.aggregation = window_aggregation((config.long_document or {}).get("strategy", "head"))
+        if self.aggregation == "attention" and self.pooling == "label_attention":
+            raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
+                             "use windows_max or windows_mean with it")
+        if self.aggregation == "attention":  # one score per window; no bias: a softmax ignores it
+            self.window_attention = nn.Linear(config.hidden_size, 1, bias=False)
+        self.apply(self._init_weights)
+        if self.aggregation == "attention":  # equal weights at first: training starts from the windows' mean
+            nn.init.zeros_(self.window_attention.weight)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None, num_docs=None):
+        """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
+        Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
+        doc_index [B] int64, sorted: the sequences are windows and this is each one's document; the logits
+        (and labels) are then one row per document, aggregated as in aggregate(). num_docs: how many documents
+        (make_batch gives it; else len(labels), else doc_index[-1] + 1, which waits for the device).
+        Returns (logits [B or documents, num_labels], loss or None)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen)
+        if doc_index is None:
+            logits = self.head(pooled)
+        else:
+            if num_docs is None:
+                num_docs = len(labels) if labels is not None else int(doc_index[-1]) + 1
+            logits = self.aggregate(pooled, doc_index, num_docs)
+        return logits, (None if labels is None else self.loss(logits, labels))
+
+    def embed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+              max_seqlen=None, doc_index=None, num_docs=None, pooling=None):
+        """The vector of each text that the head reads (predict.py --embeddings): its pooled token vectors [B, H]
+        ([B, L, H] with label_attention); pooling replaces the model's (a bare encoder: "mean"). A long document's
+        windows make one vector, as the head reads them: their attention-weighted sum (windows_attention), else
+        their mean (windows_mean) or max (windows_max)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen, pooling)
+        if doc_index is None:
+            return pooled
+        num_docs = int(doc_index[-1]) + 1 if num_docs is None else num_docs
+        if self.aggregation == "attention":
+            return self.weigh_windows(pooled, doc_index, num_docs)
+        return segment_reduce(pooled, doc_index, num_docs, self.aggregation)
+
+    def aggregate(self, pooled, doc_index, num_docs):
+        """Window vectors [W, H] -> document logits [num_docs, num_labels], with segment ops (no loop over
+        documents). max / mean: of the windows' logits. attention: the head classifies the windows' vectors
+        weighed by weigh_windows."""
+        if self.aggregation is None:
+            raise ValueError("doc_index needs a windows_* strategy in config.long_document")
+        if self.aggregation != "attention":
+            return segment_reduce(self.head(pooled), doc_index, num_docs, self.aggregation)
+        return self.head(self.weigh_windows(pooled, doc_index, num_docs))
+
+    def weigh_windows(self, pooled, doc_index, num_docs):
+        """A softmax over each document's windows weighs their vectors: [W, H] -> [num_docs, H]."""
+        scores = self.window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
+        top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
+        e = (scores - top[doc_index]).exp()
+        weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
+        weighted = weights[:, None].to(pooled.dtype) * pooled
+        return pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted)
+
+    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None, pooling=None):
+        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention). pooling: None = the model's."""
+        pooling = pooling or self.pooling
+        if cu_seqlens is not None:
+            if pooling == "cls":
+                return hidden[cu_seqlens[:-1].long()]
+            if pooling == "mean":
+                return packed_mean(hidden, cu_seqlens)
+            hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask = attention_mask.bool()
+        if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
+            first = mask.long().argmax(dim=1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        if pooling == "mean":
+            m = mask.to(hidden.dtype)[..., None]
+            return (hidden * m).sum(dim=1) / m.sum(dim=1)
+        if pooling == "max":
+            return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
+        # label_attention: each label's softmax over the text's tokens weighs their vectors
+        scores = self.label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]
+        return torch.einsum("btl,bth->blh", scores.softmax(dim=1).to(hidden.dtype), hidden)
+
+    def loss(self, logits, labels):
+        if self.config.multi_label and self.config.multi_label_loss == "asl":
+            return asymmetric_loss(logits, labels.to(logits.dtype))
+        if self.config.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+
+    def modernbert_init_std(self, module):
+        if module is self.head.classifier:
+            return self.config.hidden_size ** -0.5  # the reference's classifier init
+        return self.config.initializer_range
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per real token: 6 per weight plus attention scores."""
+        c = self.config
+        lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
+        matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and n not in lookups)
+        # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
+        # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
+        keys = c.num_hidden_layers * seq_len
+        if isinstance(c, ModernBertConfig):
+            local, w = sum(layer.local for layer in self.encoder.layers), c.local_attention // 2
+            keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
+        return 6 * matrix_params + 12 * c.hidden_size * keys
+
+    @classmethod
+    def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
+                        dtype=None, device=None, overrides=None, verbose=True, num_layers=None):
+        """Load a Hugging Face checkpoint folder. Label options replace the checkpoint's; a classifier
+        head that is missing or has another number of labels is initialised fresh and reported.
+        num_layers: keep only that many of the encoder's layers (keep_layers); None = all."""
+        config = read_config(model_dir, num_labels, id2label, problem_type, overrides)
+        return cls.load(model_dir, config, dtype, device, verbose, num_layers)
+
+
+# -----------------------------------------------------------------------------
+# the masked language model (continued pretraining: train.py --task mlm)
+
+
+class MLMHead(nn.Module):
+    """The reference's masked-LM head: dense -> activation -> norm, then the decoder, whose weight is the word
+    embedding table (tied), plus a bias per token. BERT: BertForMaskedLM's cls.predictions (activation hidden_act);
+    ModernBERT: ModernBertForMaskedLM's head (classifier_activation, classifier_bias) and decoder (decoder_bias)."""
+
+    def __init__(self, c):
+        super().__init__()
+        bert = isinstance(c, BertConfig)
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=bert or c.classifier_bias)
+        self.act = ACTIVATIONS[c.hidden_act if bert else c.classifier_activation]
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps if bert else c.norm_eps, bias=bert or c.norm_bias)
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size)) if bert or c.decoder_bias else None
+
+    def forward(self, hidden, word_embeddings):
+        return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class MaskedLM(EncoderModel):
+    """The encoder with the reference's MLM head: BertForMaskedLM / ModernBertForMaskedLM. A BERT checkpoint's pooler
+    (which BertForMaskedLM drops) is kept as it was, frozen, since MLM does not use it, and saved back: a classifier
+    fine-tuned from this model then starts from the pooler the checkpoint had, as one fine-tuned from the checkpoint
+    does."""
+    HEAD = "MaskedLM"
+    # a classifier's head, BERT's next-sentence head, and the decoder's copies of tied weights
+    LEFT_BEHIND = ("classifier.", "cls.seq_relationship.", "cls.predictions.decoder.", "decoder.weight",
+                   "window_attention.", "label_attention.")
+    NEW_WHEN_MISSING = ("head.", "pooler.")
+    FRESH_NOTE = "MLM head (or pooler) not in the checkpoint, initialised as the reference does"
+
+    def __init__(self, config):
+        super().__init__()
+        if not config.hf.get("tie_word_embeddings", True):
+            raise ValueError("tie_word_embeddings is false: only a decoder tied to the word embeddings is supported")
+        self.config = config
+        bert = isinstance(config, BertConfig)
+        self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
+        self.head = MLMHead(config)
+        if bert:
+            self.pooler = nn.Linear(config.hidden_size, config.hidden_size).requires_grad_(False)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None,
+                cu_seqlens=None, max_seqlen=None, masked_index=None):
+        """Inputs as EncoderClassifier.forward's. labels, shaped like input_ids: the token to predict at each masked
+        position, -100 (the reference's ignore_index) elsewhere.
+        Without labels: (logits [B, T, vocab] padded or [N, vocab] packed, None).
+        With labels: (logits [M, vocab] of the M masked positions only, in flat order, and the mean cross-entropy
+        over them): the decoder, the largest matmul, skips the rest (ModernBERT's sparse_prediction).
+        masked_index [M]: the masked positions' indices in the flattened labels (make_mlm_batch gives them; else
+        they are found here, which waits for the device)."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        if labels is None:
+            return self.head(hidden, self.encoder.word.weight), None
+        labels = labels.flatten()
+        if masked_index is None:
+            masked_index = (labels != -100).nonzero().squeeze(1)
+        logits = self.head(hidden.flatten(0, -2).index_select(0, masked_index), self.encoder.word.weight)
+        targets = labels.index_select(0, masked_index)
+        # sum / count is the reference's mean; a batch with no masked token gives 0 rather than its nan (0 / 0)
+        return logits, F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
+
+    def modernbert_init_std(self, module):
+        c = self.config
+        if module is self.head.dense:  # the reference's "out" std for the prediction head
+            return c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
+        return c.initializer_range
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=None, device=None, overrides=None, verbose=True):
+        """Load a checkpoint folder: an MLM checkpoint, a bare encoder or a classifier (its head left behind). An MLM
+        head it lacks (all-MiniLM-L6-v2 has none) is initialised as the reference does, and reported."""
+        return cls.load(model_dir, read_config(model_dir, overrides=overrides), dtype, device, verbose)
 
 
 # -----------------------------------------------------------------------------
@@ -809,6 +1079,11 @@ def hf_names(c, model_keys):
             "encoder.embed_norm.*": "bert.embeddings.LayerNorm.*",
             "head.pooler.*": "bert.pooler.dense.*",
             "head.classifier.*": "classifier.*",
+            # MaskedLM: BertForMaskedLM's head, and the pooler it carries
+            "head.dense.*": "cls.predictions.transform.dense.*",
+            "head.norm.*": "cls.predictions.transform.LayerNorm.*",
+            "head.bias": "cls.predictions.bias",
+            "pooler.*": "bert.pooler.dense.*",
         }
         for i in range(c.num_hidden_layers):
             ours, hf = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
@@ -825,9 +1100,10 @@ def hf_names(c, model_keys):
             "encoder.word.weight": "model.embeddings.tok_embeddings.weight",
             "encoder.embed_norm.*": "model.embeddings.norm.*",
             "encoder.final_norm.*": "model.final_norm.*",
-            "head.dense.*": "head.dense.*",
+            "head.dense.*": "head.dense.*",  # the classifier's head and MaskedLM's alike
             "head.norm.*": "head.norm.*",
             "head.classifier.*": "classifier.*",
+            "head.bias": "decoder.bias",  # MaskedLM
         }
         for i in range(c.num_hidden_layers):
             ours, hf = f"encoder.layers.{i}.", f"model.layers.{i}."
@@ -835,7 +1111,8 @@ def hf_names(c, model_keys):
                          ("mlp_norm", "mlp_norm"), ("wi", "mlp.Wi"), ("wo", "mlp.Wo")]:
                 table[ours + a + ".*"] = hf + b + ".*"
     table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
-    names = {}
+    table["label_attention.*"] = "label_attention.*"  # classifier_pooling label_attention only; likewise
+    names = {}  # a pattern without "*" names one tensor
     for pattern, hf in table.items():
         hf = hf if isinstance(hf, list) else [hf]
         for suffix in ("weight", "bias"):
@@ -847,7 +1124,7 @@ def hf_names(c, model_keys):
 
 def load_hf_weights(model, hf_state):
     """Copy a checkpoint's tensors (Hugging Face names) into model; returns the head weights that were
-    initialised fresh instead (none in the checkpoint, or another number of labels)."""
+    initialised fresh instead (none in the checkpoint, or another number of labels: model.NEW_WHEN_MISSING)."""
     ours = model.state_dict()
     names = hf_names(model.config, ours)
     state = normalise_keys(hf_state, model.config)
@@ -855,18 +1132,18 @@ def load_hf_weights(model, hf_state):
     for key, sources in names.items():
         if not all(s in state for s in sources):
             if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
-                (fresh if key.startswith("head.") else missing).append(sources[0])
+                (fresh if key.startswith(model.NEW_WHEN_MISSING) else missing).append(sources[0])
             continue
         tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
         if tensor.shape != ours[key].shape:
-            if key.startswith("head.classifier."):  # another number of labels: a new head
+            if key.startswith(("head.classifier.", "label_attention.")):  # another number of labels: a new head
                 fresh.append(sources[0])
                 continue
             wrong_shape.append(f"{sources[0]}: checkpoint {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
             continue
         ours[key].copy_(tensor)
     used = {s for sources in names.values() for s in sources}
-    unexpected = sorted(k for k in state if k not in used and not ignorable(k))
+    unexpected = sorted(k for k in state if k not in used and not ignorable(k, model.LEFT_BEHIND))
     problems = []
     if wrong_shape:
         problems.append("weights with the wrong shape (does config.json match the weights?):\n  "
@@ -886,16 +1163,15 @@ def normalise_keys(state, c):
     out = {}
     for key, tensor in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.")
+        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.", "label_attention.")
         bare = not key.startswith(prefix) and not key.startswith(top_level)
         out[prefix + key if bare else key] = tensor
     return out
 
 
-def ignorable(key):
-    """Pretraining heads and buffers that a classifier leaves behind, as the reference does; and window
-    attention weights when the model is loaded with another long-document strategy."""
-    return key.startswith(("cls.", "decoder.", "window_attention.")) or key.endswith("position_ids")
+def ignorable(key, left_behind):
+    """Weights the model leaves behind (its LEFT_BEHIND prefixes), and buffers."""
+    return key.startswith(left_behind) or key.endswith("position_ids")
 
 
 # -----------------------------------------------------------------------------
@@ -925,11 +1201,18 @@ def read_config(model_dir, num_labels=None, id2label=None, problem_type=None, ov
 def load_state_dict(model_dir):
     """All tensors of a checkpoint folder: model.safetensors (single or sharded) or pytorch_model.bin."""
     def load_safetensors(path):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is damaged or incomplete ({e}); copy it again") from None
 
     def load_bin(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path} is damaged, incomplete or not a weights file ({e}); copy it again") from None
 
     for name, loader in [("model.safetensors", load_safetensors), ("pytorch_model.bin", load_bin)]:
         path = os.path.join(model_dir, name)

@@ -3,6 +3,9 @@ Predict labels with a fine-tuned checkpoint (a train.py output folder, or any co
 
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.jsonl
+    python predict.py --model out --input notes.csv --output predictions.csv --int8   # faster on a CPU
+    python predict.py --model out --input pairs.csv --text-pair-column hypothesis   # sentence pairs
+    python predict.py --model any_checkpoint --input notes.csv --embeddings vectors.npy  # one vector per text
 
 From Python:
     from predict import Predictor
@@ -12,9 +15,13 @@ From Python:
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
 """
 import argparse
+import copy
 import csv
 import json
+import os
 import sys
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +37,21 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     (little padding); each batch's logits are written back to the rows they came from.
     A model with a windows_* strategy takes seqs as lists of windows (TextEncoder) and gives one row per text.
     packed: None = use_packing()."""
+    return run_batches(lambda batch: model(**batch)[0], model, seqs, pad_id, batch_size, amp, packed,
+                       (model.config.num_labels,))
+
+
+@torch.no_grad()
+def predict_embeddings(model, seqs, pad_id, batch_size=64, amp="auto", packed=None, pooling=None):
+    """The vector each text's head reads (EncoderClassifier.embed; pooling None = the model's), float32 numpy
+    [N, hidden] ([N, labels, hidden] with label_attention), in the order of seqs."""
+    return run_batches(lambda batch: model.embed(**batch, pooling=pooling), model, seqs, pad_id, batch_size, amp,
+                       packed, (model.config.hidden_size,))
+
+
+def run_batches(output, model, seqs, pad_id, batch_size, amp, packed, shape):
+    """output(batch) for length-sorted batches of seqs, put back in the order of seqs as float32 numpy [N, ...].
+    shape: the shape of a row when there are no seqs."""
     device = next(model.parameters()).device
     packed = use_packing(device, amp, packed)
     was_training = model.training
@@ -38,27 +60,59 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None):
     for rows in batch_indices([len(s) for s in seqs], batch_size, shuffle=False, bucket=True):
         batch = make_batch([seqs[i] for i in rows], None, pad_id, model.aggregation is not None, packed)
         with autocast(device, amp):
-            logits, _ = model(**to_device(batch, device))
+            part = output(to_device(batch, device))
         order.extend(rows)
-        parts.append(logits.float())  # kept on the device: one copy at the end, no wait per batch
-    out = np.zeros((len(seqs), model.config.num_labels), np.float32)
+        parts.append(part.float())  # kept on the device: one copy at the end, no wait per batch
+    out = np.zeros((len(seqs), *(parts[0].shape[1:] if parts else shape)), np.float32)
     if parts:
         out[order] = torch.cat(parts).cpu().numpy()
     model.train(was_training)
     return out
 
 
+def int8_copy(model):
+    """A copy of the model whose encoder's linear layers compute in int8 (torch's dynamic quantization: weights
+    quantized once per output channel, activations per batch on the fly; CPU kernels only). The head stays
+    fp32: it is small, and label attention reads its classifier's weight directly."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    quantized = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        # torch deprecates torch.ao.quantization in favour of torchao, a separate package: it is still torch's own
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        quantized.encoder = quantize_dynamic(quantized.encoder, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    return quantized
+
+
+def int8_agreement(int8_logits, fp32_logits, multi_label, thresholds):
+    """How closely the int8 model follows the fp32 one: the share of texts given the same label (single-label)
+    or the same set of labels (multi-label, at the checkpoint's thresholds), and the largest difference of any
+    probability."""
+    if multi_label:
+        p, q = sigmoid(int8_logits), sigmoid(fp32_logits)
+        same = ((p >= thresholds) == (q >= thresholds)).all(axis=1)
+    else:
+        p, q = softmax(int8_logits), softmax(fp32_logits)
+        same = p.argmax(axis=1) == q.argmax(axis=1)
+    return {"same_prediction": float(same.mean()), "max_probability_difference": float(np.abs(p - q).max())}
+
+
 class Predictor:
-    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts."""
+    """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts (a fine-tuned checkpoint)
+    or to embed them (any checkpoint). pairs: each text's second text, for a model trained on sentence pairs.
+    int8: the encoder's linear layers run in int8 on the CPU (int8_copy); the fp32 model is kept as `fp32`
+    to compare with (predict.py reports their agreement)."""
 
     def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
-                 long_docs=None, window_stride=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 long_docs=None, window_stride=None, int8=False):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu"))
+        if int8 and self.device.type != "cpu":
+            raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
+        self.fp32, self.model = (self.model, int8_copy(self.model)) if int8 else (None, self.model)
+        self.model_dir = model_dir
         config = self.model.config
-        if config.id2label is None:
-            raise ValueError(f"{model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
-        self.names = [config.id2label[i] for i in range(config.num_labels)]
+        self.names = None if config.id2label is None else [config.id2label[i] for i in range(config.num_labels)]
         # long documents as in training (config.json); a checkpoint not from train.py: head at its maximum
         trained = config.long_document or {}
         strategy = long_docs or trained.get("strategy", "head")
@@ -67,6 +121,9 @@ class Predictor:
                              "attention weights; use windows_max or windows_mean")
         self.model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
         positions = config.max_position_embeddings
+        if max_length and max_length > positions and strategy != "native":
+            print(f"note: max_length {max_length} is more than the model's {positions} positions: texts are cut at "
+                  f"{positions} tokens", file=sys.stderr)
         length = min(max_length or trained.get("max_length") or positions, positions)
         length = positions if strategy == "native" else length
         self.encoder = TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
@@ -74,11 +131,27 @@ class Predictor:
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
         self.batch_size, self.amp = batch_size, amp
 
-    def logits(self, texts):
-        return predict_logits(self.model, self.encoder.encode(texts), self.encoder.pad_id, self.batch_size, self.amp)
+    def logits(self, texts, pairs=None):
+        return self.score(self.encoder.encode(texts, pairs))
 
-    def predict(self, texts):
-        logits = self.logits(texts)
+    def score(self, seqs, model=None):
+        """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32)."""
+        if self.names is None:
+            raise ValueError(f"{self.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
+        return predict_logits(model or self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp)
+
+    def embeddings(self, texts, pairs=None):
+        """One vector per text, as the classifier pools its token vectors (a checkpoint without a classifier, such
+        as a bare or masked-LM encoder, has no pooling of its own: mean pooling)."""
+        pooling = "mean" if self.model.fresh_head else None
+        seqs = self.encoder.encode(texts, pairs)
+        return predict_embeddings(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp, pooling=pooling)
+
+    def predict(self, texts, pairs=None):
+        return self.decode(self.logits(texts, pairs))
+
+    def decode(self, logits):
+        """Labels and probabilities from logits."""
         if self.model.config.multi_label:
             probs = sigmoid(logits)
             return [{"labels": [{"label": self.names[j], "probability": float(p[j])}
@@ -88,42 +161,84 @@ class Predictor:
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
 
 
-def score_file(predictor, path, text_column="text", label_column="label"):
-    """Metrics of the checkpoint on a labelled file. Its labels must be ones the checkpoint knows
-    (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
+def read_labelled(predictor, path, text_column="text", label_column="label", pair_column=None):
+    """Texts, pairs and targets of a labelled file, to score the checkpoint on. Its labels must be ones the checkpoint
+    knows (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
     config = predictor.model.config
     columns = label_column.split(",") if "," in label_column else label_column
-    table = read_table(path, text_column, columns, config.multi_label)
-    targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(table.labels, path)
-    return compute_metrics(predictor.logits(table.texts), targets, config.multi_label, predictor.thresholds)
+    table = read_table(path, text_column, columns, config.multi_label, pair_column=pair_column)
+    if predictor.names is None:
+        raise ValueError(f"{predictor.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
+    targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(
+        table.labels, path, hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
+    return table.texts, table.pairs, targets
 
 
-def write_predictions(path, texts, predictions, multi_label):
-    """CSV (label columns flattened; multi-label as `;`-joined names) or JSONL (everything)."""
+def scored(predictor, texts, pairs=None):
+    """The logits of texts, saying how fast the model scored them (tokenizing apart); with int8, also how closely
+    and how fast the fp32 model scores the same texts."""
+    start = time.perf_counter()
+    seqs = predictor.encoder.encode(texts, pairs)
+    tokenized = time.perf_counter()
+    logits = predictor.score(seqs)
+    seconds = max(time.perf_counter() - tokenized, 1e-9)
+    int8 = predictor.fp32 is not None
+    print(f"scored {len(texts)} texts in {seconds:.2f} s: {len(texts) / seconds:.1f} texts/s{' (int8)' * int8} "
+          f"on {predictor.device} (tokenizing took {tokenized - start:.2f} s)", file=sys.stderr)
+    if int8:
+        start = time.perf_counter()
+        reference = predictor.score(seqs, predictor.fp32)
+        fp32_seconds = max(time.perf_counter() - start, 1e-9)
+        multi = predictor.model.config.multi_label
+        agreement = int8_agreement(logits, reference, multi, predictor.thresholds)
+        print(f"int8 against fp32 on these {len(texts)} texts: the same {'set of labels' if multi else 'label'} for "
+              f"{agreement['same_prediction']:.2%}, probabilities at most {agreement['max_probability_difference']:.4f}"
+              f" apart; fp32 took {fp32_seconds:.2f} s ({len(texts) / fp32_seconds:.1f} texts/s): int8 is "
+              f"{fp32_seconds / seconds:.2f}x as fast", file=sys.stderr)
+    return logits
+
+
+def input_rows(texts, pairs):
+    """{"text": ...} per input, with "text_pair" for sentence pairs: what a prediction is written beside."""
+    if pairs is None:
+        return [{"text": text} for text in texts]
+    return [{"text": text, "text_pair": pair} for text, pair in zip(texts, pairs)]
+
+
+def write_predictions(path, texts, predictions, multi_label, pairs=None):
+    """CSV (label columns flattened; multi-label as `;`-joined names) or JSONL (everything). pairs: a text_pair
+    field or column after text."""
+    inputs = input_rows(texts, pairs)
     if path.endswith((".jsonl", ".json")):
         with open(path, "w", encoding="utf-8") as f:
-            for text, p in zip(texts, predictions):
-                f.write(json.dumps({"text": text, **p}, ensure_ascii=False) + "\n")
+            for given, p in zip(inputs, predictions):
+                f.write(json.dumps({**given, **p}, ensure_ascii=False) + "\n")
         return
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        given = ["text"] if pairs is None else ["text", "text_pair"]
         if multi_label:
-            writer.writerow(["text", "labels", "probabilities"])
-            for text, p in zip(texts, predictions):
-                writer.writerow([text, ";".join(x["label"] for x in p["labels"]),
+            writer.writerow([*given, "labels", "probabilities"])
+            for row, p in zip(inputs, predictions):
+                writer.writerow([*row.values(), ";".join(x["label"] for x in p["labels"]),
                                  ";".join(f"{x['probability']:.4f}" for x in p["labels"])])
         else:
-            writer.writerow(["text", "label", "probability"])
-            for text, p in zip(texts, predictions):
-                writer.writerow([text, p["label"], f"{p['probability']:.4f}"])
+            writer.writerow([*given, "label", "probability"])
+            for row, p in zip(inputs, predictions):
+                writer.writerow([*row.values(), p["label"], f"{p['probability']:.4f}"])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="out", help="checkpoint folder written by train.py")
     parser.add_argument("--text", action="append", help="a text to label (repeatable)")
-    parser.add_argument("--input", help="CSV, TSV or JSONL file with a text column")
+    parser.add_argument("--input", help="CSV, TSV or JSONL file with a text column, or TXT (one text per line)")
     parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column", help="the --input file's column of each row's second text, for a model "
+                        "trained on sentence pairs (train.py --text-pair-column)")
+    parser.add_argument("--embeddings", help="write one vector per text (.npy, float32, in input order) instead of "
+                        "predictions: what the classifier pools, or the mean of the token vectors for a checkpoint "
+                        "without one")
     parser.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
@@ -133,30 +248,91 @@ def main(argv=None):
     parser.add_argument("--window-stride", type=int, help="windows_*: default: as trained")
     parser.add_argument("--label-column", help="score the --input file against this label column: print its "
                         "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
+    parser.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
+                        "quantization); prints how closely the fp32 model agrees on the same texts, and its speed")
     args = parser.parse_args(argv)
     if bool(args.text) == bool(args.input):
         parser.error("give texts with --text or a file with --input (one of them)")
     if args.label_column and not args.input:
         parser.error("--label-column scores a labelled --input file")
+    if args.text_pair_column and not args.input:
+        parser.error("--text-pair-column reads the pairs from an --input file")
+    if args.embeddings and (args.output or args.label_column):
+        parser.error("--embeddings writes vectors instead of predictions: not with --output or --label-column")
+    check_arguments(args)
     try:
+        if not args.label_column:  # read before the model loads: a bad file fails at once
+            texts, pairs = args.text, None
+            if args.input:
+                # [] = ignore any label column
+                table = read_table(args.input, args.text_column, [], pair_column=args.text_pair_column)
+                texts, pairs = table.texts, table.pairs
         predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp,
-                              args.long_docs, args.window_stride)
+                              args.long_docs, args.window_stride, args.int8)
         if args.label_column:
-            metrics = score_file(predictor, args.input, args.text_column, args.label_column)
-            print(json.dumps(metrics))
-            return metrics
-        texts = args.text or read_table(args.input, args.text_column, label_column=[]).texts  # [] = ignore labels
+            texts, pairs, targets = read_labelled(predictor, args.input, args.text_column, args.label_column,
+                                                  args.text_pair_column)
+        if args.embeddings:
+            return write_embeddings(args.embeddings, predictor.embeddings(texts, pairs))
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
         raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
-    predictions = predictor.predict(texts)
+    logits = scored(predictor, texts, pairs)
+    if args.label_column:
+        metrics = compute_metrics(logits, targets, predictor.model.config.multi_label, predictor.thresholds)
+        print(json.dumps(metrics))
+        return metrics
+    predictions = predictor.decode(logits)
     if args.output:
-        write_predictions(args.output, texts, predictions, predictor.model.config.multi_label)
+        write_predictions(args.output, texts, predictions, predictor.model.config.multi_label, pairs)
         print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
     else:
-        for text, p in zip(texts, predictions):
-            print(json.dumps({"text": text, **p}, ensure_ascii=False))
+        for row, p in zip(input_rows(texts, pairs), predictions):
+            print(json.dumps({**row, **p}, ensure_ascii=False))
+
+
+def write_embeddings(path, vectors):
+    np.save(path, vectors)
+    print(f"wrote {len(vectors)} vectors of shape {vectors.shape[1:]} to {path}", file=sys.stderr)
+    return vectors
+
+
+def check_arguments(args):
+    """What can be wrong before the model loads: numbers out of range, an empty --text, a --model folder that
+    is not there, an --output that cannot be written or would replace the --input file."""
+    allowed = {"batch_size": (args.batch_size >= 1, ">= 1"),
+               "max_length": (args.max_length is None or args.max_length >= 0, ">= 0 (0 = as trained)"),
+               "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)")}
+    bad = [f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}" for name, (ok, what) in allowed.items()
+           if not ok]
+    bad += [f"--text number {i} is empty: there is nothing to label" for i, text in enumerate(args.text or [], 1)
+            if not text.strip()]
+    if not os.path.isdir(args.model):
+        bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
+    if args.int8 and args.device and args.device.split(":")[0] != "cpu":
+        bad.append(f"--int8 runs on the CPU only: leave out --device {args.device}, or pass --device cpu")
+    if args.output:
+        bad += output_problems(args.output, args.input)
+    if args.embeddings:
+        bad += output_problems(args.embeddings, args.input, "--embeddings")
+        if not args.embeddings.endswith(".npy"):
+            bad.append(f"--embeddings {args.embeddings}: name a .npy file (numpy.load reads it)")
+    if bad:
+        raise SystemExit("; ".join(bad))
+
+
+def output_problems(output, input_path, flag="--output"):
+    folder = os.path.dirname(os.path.abspath(output))
+    if input_path and os.path.realpath(output) == os.path.realpath(input_path):
+        return [f"{flag} {output} is the --input file: the predictions would replace it; name another file"]
+    if os.path.isdir(output):
+        return [f"{flag} {output} is a folder; name a file"]
+    if not os.path.isdir(folder):
+        return [f"{flag} {output}: the folder {folder} does not exist"]
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        return [f"{flag} {output}: cannot write there (permission denied)"]
+    return []
 
 
 if __name__ == "__main__":

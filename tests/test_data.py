@@ -80,6 +80,39 @@ def test_tokenization_matches_transformers_on_every_text(source, dataset, max_le
     assert_same_as_reference(model_dir, tables[dataset].texts, max_length)
 
 
+def real_pairs(tables, n=1000):
+    """n pairs of real texts in four shapes, so that longest_first truncation meets each case: an abstract and a
+    caption either way round (one side cut), two abstracts (both cut), two captions (mostly neither)."""
+    abstracts, captions = tables["medical"].texts, tables["roco"].texts
+    shapes = [lambda i: (abstracts[i], captions[i]), lambda i: (captions[i], abstracts[i]),
+              lambda i: (abstracts[i], abstracts[i + 1]), lambda i: (captions[i], captions[i + 1])]
+    return [shapes[i % 4](i) for i in range(n)]
+
+
+@needs_data
+@pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])
+def test_pair_encoding_matches_transformers_on_1000_real_pairs(source, tables, minilm_dir, vocab_only_dir):
+    """Sentence pairs: ids and token types equal AutoTokenizer(first, second, truncation=True, max_length=128), per
+    pair and as a padded batch; the packed layout carries the same token types."""
+    transformers = pytest.importorskip("transformers")
+    model_dir = minilm_dir if source == "tokenizer.json" else vocab_only_dir
+    reference = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    firsts, seconds = (list(texts) for texts in zip(*real_pairs(tables)))
+    encoder = data.TextEncoder(model_dir, 128)
+    ours = encoder.encode(firsts, seconds)
+    expected = reference(firsts, seconds, truncation=True, max_length=128)
+    assert [list(pair) for pair in ours] == expected["input_ids"]
+    assert [pair.type_ids for pair in ours] == expected["token_type_ids"]
+    lengths = [len(pair) for pair in ours]
+    assert lengths.count(128) > 500 and min(lengths) < 64  # cut and uncut pairs both
+    expected = reference(firsts[:64], seconds[:64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    batch = data.pad_batch(ours[:64], None, encoder.pad_id)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(batch[key], expected[key].to(torch.int64)), key
+    packed = data.pack_batch(ours[:64])
+    assert torch.equal(packed["token_type_ids"], batch["token_type_ids"][batch["attention_mask"].bool()])
+
+
 TRICKY = ["Café naïve résumé ÅNGSTRÖM", "中文字符 mixed with English", "literal [SEP] and [MASK] and [cls]",
           "tab\tnew\nline\u200b zero-width \x07 control", "a" * 150 + " long word", "x", "!!!???...",
           "Dose: 5mg/kg q.d. (p<0.05) — em-dash, “quotes”", "🙂 emoji", "   padded   "]
