@@ -652,6 +652,7 @@ def make_mlm_batch(inputs, labels, pad_id, packed=False) -> dict:
     here on the CPU so that the model need not ask the device."""
     batch = make_batch(inputs, None, pad_id, packed=packed)
     shape = batch["input_ids"].shape
+    packed = "cu_seqlens" in batch  # packed None: make_batch chose
     starts = batch["cu_seqlens"][:-1].numpy() if packed else np.arange(len(inputs)) * shape[-1]
     flat = np.full(batch["input_ids"].numel(), IGNORE_INDEX, np.int64)
     for start, row in zip(starts, labels):
