@@ -531,10 +531,12 @@ class TextEncoder:
 
 # ----------------------------------------------------------------------------- batching
 
-def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, drop_last=False) -> list:
+def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, drop_last=False, max_tokens=0) -> list:
     """Row indices per batch. shuffle: a new order per (seed, epoch); with bucket, rows are sorted
     by length within chunks of BUCKET_CHUNK_BATCHES batches (less padding) and the batch order is
-    shuffled. shuffle=False with bucket sorts everything longest first: put outputs back by index."""
+    shuffled. shuffle=False with bucket sorts everything longest first: put outputs back by index.
+    max_tokens > 0 (inference, shuffle=False): a batch also ends before its rows, padded to its longest, would
+    pass max_tokens (a longer row goes alone), so batches of long texts hold fewer of them."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
@@ -542,12 +544,28 @@ def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, dr
         chunk = batch_size * BUCKET_CHUNK_BATCHES if shuffle else max(len(lengths), 1)
         order = np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
                                 for part in np.split(order, range(chunk, len(order), chunk))])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens and shuffle:
+        raise ValueError("max_tokens is for inference (shuffle=False): training batches keep batch_size rows")
+    batches = (capped_batches(order, lengths, batch_size, max_tokens) if max_tokens else
+               [order[i:i + batch_size] for i in range(0, len(order), batch_size)])
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     if shuffle and bucket:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return [b.tolist() for b in batches]
+
+
+def capped_batches(order, lengths, batch_size, max_tokens):
+    """order cut into consecutive batches of at most batch_size rows and at most max_tokens padded tokens."""
+    batches, start, longest = [], 0, 0
+    for i, row in enumerate(order):
+        longest = max(longest, int(lengths[row]))
+        if i > start and (i - start == batch_size or (i - start + 1) * longest > max_tokens):
+            batches.append(order[start:i])
+            start, longest = i, int(lengths[row])
+    if len(order) > start:
+        batches.append(order[start:])
+    return batches
 
 
 def _labels_tensor(labels):
