@@ -207,6 +207,7 @@ def check_options(cfg):
         "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
         "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
         "num_layers": (cfg.num_layers >= 0, ">= 0 (0 = all of the checkpoint's layers)"),
+        "teacher": (not cfg.teacher or cfg.task != "mlm", "a fine-tuned classifier, for a classifier: not with --task mlm"),
         "distill_weight": (0 <= cfg.distill_weight <= 1, "between 0 and 1"),
         "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
         "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
