@@ -10,15 +10,16 @@ check for a new GPU machine; and predict.py against transformers' pipeline on re
     python bench.py --tiny --rounds 1                 # a smoke run
 
 Order-fair: each implementation takes --warmup untimed steps, then every round runs the same batches through
-all of them in alternating order (A B, B A, A B, ...), each step timed alone. The ratio to the reference is
-taken per round; its median and range over the rounds are reported, so load from other jobs (which comes
-and goes) slows both sides alike instead of whichever runs second.
+all of them, back to back in alternating order (A B, B A, A B, ...), each step timed alone. The ratio to the
+reference is taken for each batch visit (the steps that ran it back to back); its median and range are
+reported, so load from other jobs (which comes and goes) slows both sides alike instead of whichever runs
+second.
 
 The workload (so numbers compare between runs and machines): random weights of the base configs (MiniLM
 6x384; bert-base 12x768; ModernBERT-base 22x768, intermediate 1152), 24 labels, lengths from a lognormal
 (median --median tokens, sigma 0.7) clipped to [16, --max-len]; training and inference time the same
-batches, ours in the layout train.py would give them (packed on a GPU, padded on a CPU; --layout for the
-others). On CUDA: batches of 32, median 300, bf16 autocast. On a CPU: batches of 4, median 96,
+batches, ours in the layout train.py would give them (packed on a GPU; on a CPU packed where a batch has
+over 20% padding; --layout for the others). On CUDA: batches of 32, median 300, bf16 autocast. On a CPU: batches of 4, median 96,
 fp32: a 2-core machine takes a few minutes.
 Only real (non-pad) tokens are counted. MFU: useful FLOPs (no padding; ModernBERT's local layers over their
 window) over the matmul peak measured here (bf16 on CUDA, fp32 on a CPU). step GiB (CUDA): the most a step
@@ -84,13 +85,13 @@ def workload(n_batches, batch_size, max_len, vocab, seed, fixed_len=None, median
 
 
 def measured_peak_flops(device):
-    """Dense matmul FLOP/s (bf16 on CUDA, fp32 on CPU): the roof MFU is measured against. The best of five
-    tries: on a shared machine a try can fall in someone else's busy moment."""
+    """Dense matmul FLOP/s (bf16 on CUDA, fp32 on CPU): the roof MFU is measured against. The best of ten
+    tries: on a shared machine a try can fall in someone else's busy moment (and MFU can then pass 100%)."""
     n, dtype, reps = (8192, torch.bfloat16, 20) if device.type == "cuda" else (1024, torch.float32, 4)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         sync(device)
         t = time.perf_counter()
         for _ in range(reps):
@@ -132,13 +133,13 @@ class Ours:
 
     def __init__(self, hf, device, layout, grad_checkpointing):
         # default: train.py's choice: packed on a GPU once the flash kernel passed its self-check (under
-        # "packed", a failed check is an error), padded elsewhere
+        # "packed", a failed check is an error); elsewhere per batch, packed where padding is over 20%
         self.packed = M.use_packing(device, "auto", {"default": None, "padded": False, "packed": True}[layout])
         self.model = EncoderClassifier(config_from_hf(hf)).to(device)
         self.model.encoder.grad_checkpointing = grad_checkpointing
         self.device = device
         self.bert = hf["model_type"] == "bert"
-        self.name = f"ours ({'packed' if self.packed else 'padded'})"
+        self.name = {True: "ours (packed)", False: "ours (padded)", None: "ours"}[self.packed]
 
     def inputs(self, seqs, labels):
         out = to_device(make_batch(seqs, labels, 0, packed=self.packed), self.device)
@@ -217,26 +218,24 @@ class Runner:
 
 
 def time_rounds(runners, n_batches, rounds):
-    """seconds[runner][round] and each runner's largest step memory. Every round runs each batch through
-    every runner, in alternating order (A B, B A, ...): neither side always runs first, after the other, or
-    during the same stretch of someone else's job. A runner out of memory drops out (its seconds: None)."""
-    seconds = [[0.0] * rounds for _ in runners]
+    """seconds[runner][visit] (a visit: one batch in one round) and each runner's largest step memory. Every
+    round runs each batch through every runner, back to back and in alternating order (A B, B A, ...):
+    neither side always runs first, after the other, or in another stretch of someone else's job. A runner
+    out of memory drops out (its seconds: None)."""
+    seconds = [[] for _ in runners]
     memory = [float("nan")] * len(runners)
-    turn = 0
-    for r in range(rounds):
-        for i in range(n_batches):
-            order = range(len(runners)) if turn % 2 == 0 else reversed(range(len(runners)))
-            turn += 1
-            for j in order:
-                if seconds[j] is None:
-                    continue
-                try:
-                    dt, peak = runners[j].timed_step(i)
-                except torch.OutOfMemoryError:
-                    seconds[j] = None
-                    continue
-                seconds[j][r] += dt
-                memory[j] = peak if np.isnan(memory[j]) else max(memory[j], peak)
+    for visit in range(rounds * n_batches):
+        order = range(len(runners)) if visit % 2 == 0 else reversed(range(len(runners)))
+        for j in order:
+            if seconds[j] is None:
+                continue
+            try:
+                dt, peak = runners[j].timed_step(visit % n_batches)
+            except torch.OutOfMemoryError:
+                seconds[j] = None
+                continue
+            seconds[j].append(dt)
+            memory[j] = peak if np.isnan(memory[j]) else max(memory[j], peak)
     return seconds, memory
 
 
@@ -244,7 +243,7 @@ def compare(name, mode, args, device, peak_flops):
     hf = hf_config(name, args.tiny)
     with torch.device("meta"):  # shapes only: it counts FLOPs
         counter = EncoderClassifier(config_from_hf(hf))
-    layouts = ["padded", "packed"] if args.layout == "both" else [args.layout]
+    layouts = ["padded", "packed", "default"] if args.layout == "all" else [args.layout]
     for fixed_len in args.fixed_len or [None]:
         batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
         if fixed_len:  # long documents: about 16k tokens per batch
@@ -256,6 +255,9 @@ def compare(name, mode, args, device, peak_flops):
             impls.append(Reference(hf, device))
         runners = [Runner(impl, batches, mode, device, args.compile) for impl in impls]
         del impls
+        for runner in runners:
+            if runner.name == "ours":  # packed or padded batch by batch: say how many it packed
+                runner.name += f" ({sum('cu_seqlens' in b for b in runner.inputs)}/{len(batches)} packed)"
         for runner in runners:
             for i in range(args.warmup):
                 runner.step(i % len(batches))
@@ -273,8 +275,8 @@ def compare(name, mode, args, device, peak_flops):
 
 
 def report(names, seconds, memory, work, peak_flops):
-    """A row per implementation; x ref: its speed over the reference's, the median of the rounds' ratios,
-    and their range."""
+    """A row per implementation; x ref: its speed over the reference's: the median of the ratios of the
+    steps that ran the same batch back to back, and their range."""
     reference = next((s for n, s in zip(names, seconds) if n.startswith("transformers") and s), None)
     print(f"{'implementation':22s} {'tokens/s':>11s} {'seqs/s':>9s} {'MFU':>6s} {'step GiB':>9s} {'x ref':>6s} "
           f"{'range':>11s}")
@@ -285,7 +287,7 @@ def report(names, seconds, memory, work, peak_flops):
         total = sum(s)
         ratio, spread = "-", ""
         if reference:
-            ratios = [ref / ours for ref, ours in zip(reference, s)]
+            ratios = [ref / ours for ref, ours in zip(reference, s)]  # visit by visit
             ratio, spread = f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}"
         gib = "-" if np.isnan(mem) else f"{mem / 2 ** 30:.2f}"
         print(f"{name:22s} {work['tokens'] / total:11,.0f} {work['seqs'] / total:9.1f} "
@@ -455,9 +457,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*MODELS, "all"], default="all")
     p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
-    p.add_argument("--layout", choices=["default", "padded", "packed", "both"], default="default",
-                   help="our batches: train.py's choice (default: packed on a GPU, padded on a CPU), or padded, "
-                        "packed, or both side by side")
+    p.add_argument("--layout", choices=["default", "padded", "packed", "all"], default="default",
+                   help="our batches: train.py's choice (default: packed on a GPU; on a CPU packed where a batch "
+                        "has over 20%% padding), always padded, always packed, or all three side by side")
     p.add_argument("--max-len", type=int, default=512, help="longest sequence (64 with --tiny)")
     p.add_argument("--median", type=int, default=None, help="median length: default 300 on CUDA, 96 on a CPU")
     p.add_argument("--fixed-len", type=int, nargs="*", default=None,

@@ -28,6 +28,11 @@ csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB defa
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None, ".txt": "lines"}
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
+# make_batch(packed=None), off the flash kernel (CPU): packing saves the layers' matmuls on padding and adds
+# copies around attention: worth it above this share of padding (bench.py on this CPU, batches with 26% and
+# 40% padding: packed 1.09-1.30x transformers, padded 0.89-1.09x). Length-bucketed batches (train.py,
+# predict.py) seldom have that much and stay padded.
+PACK_ABOVE_PADDING = 0.2
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
 # label cells that spell a missing value (pandas' str(NaN), JSON's null, Python's None): an error like a blank cell,
 # never a class of their own; compared case-insensitively
@@ -526,10 +531,12 @@ class TextEncoder:
 
 # ----------------------------------------------------------------------------- batching
 
-def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, drop_last=False) -> list:
+def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, drop_last=False, max_tokens=0) -> list:
     """Row indices per batch. shuffle: a new order per (seed, epoch); with bucket, rows are sorted
     by length within chunks of BUCKET_CHUNK_BATCHES batches (less padding) and the batch order is
-    shuffled. shuffle=False with bucket sorts everything longest first: put outputs back by index."""
+    shuffled. shuffle=False with bucket sorts everything longest first: put outputs back by index.
+    max_tokens > 0 (inference, shuffle=False): a batch also ends before its rows, padded to its longest, would
+    pass max_tokens (a longer row goes alone), so batches of long texts hold fewer of them."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
@@ -537,12 +544,28 @@ def batch_indices(lengths, batch_size, shuffle, seed=0, epoch=0, bucket=True, dr
         chunk = batch_size * BUCKET_CHUNK_BATCHES if shuffle else max(len(lengths), 1)
         order = np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
                                 for part in np.split(order, range(chunk, len(order), chunk))])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_tokens and shuffle:
+        raise ValueError("max_tokens is for inference (shuffle=False): training batches keep batch_size rows")
+    batches = (capped_batches(order, lengths, batch_size, max_tokens) if max_tokens else
+               [order[i:i + batch_size] for i in range(0, len(order), batch_size)])
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     if shuffle and bucket:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return [b.tolist() for b in batches]
+
+
+def capped_batches(order, lengths, batch_size, max_tokens):
+    """order cut into consecutive batches of at most batch_size rows and at most max_tokens padded tokens."""
+    batches, start, longest = [], 0, 0
+    for i, row in enumerate(order):
+        longest = max(longest, int(lengths[row]))
+        if i > start and (i - start == batch_size or (i - start + 1) * longest > max_tokens):
+            batches.append(order[start:i])
+            start, longest = i, int(lengths[row])
+    if len(order) > start:
+        batches.append(order[start:])
+    return batches
 
 
 def _labels_tensor(labels):
@@ -583,12 +606,16 @@ def pack_batch(seqs, labels=None) -> dict:
 
 def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
     """The model's inputs for one batch: pad_batch, or pack_batch (no padding; what flash attention runs).
+    packed None: packed when padding would take more than PACK_ABOVE_PADDING of the padded batch.
     windows: seqs are texts as lists of windows (TextEncoder with windows_*); every window is a row, and
     doc_index [W] int64 gives each window's text and num_docs (an int) their count, while labels stay one
     row per text."""
     if windows:
         counts = torch.tensor([len(doc) for doc in seqs])
         seqs = [window for doc in seqs for window in doc]
+    if packed is None:
+        lengths = [len(s) for s in seqs]
+        packed = sum(lengths) < (1 - PACK_ABOVE_PADDING) * len(lengths) * max(lengths)
     batch = pack_batch(seqs, labels) if packed else pad_batch(seqs, labels, pad_id)
     if windows:
         batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
@@ -643,6 +670,7 @@ def make_mlm_batch(inputs, labels, pad_id, packed=False) -> dict:
     here on the CPU so that the model need not ask the device."""
     batch = make_batch(inputs, None, pad_id, packed=packed)
     shape = batch["input_ids"].shape
+    packed = "cu_seqlens" in batch  # packed None: make_batch chose
     starts = batch["cu_seqlens"][:-1].numpy() if packed else np.arange(len(inputs)) * shape[-1]
     flat = np.full(batch["input_ids"].numel(), IGNORE_INDEX, np.int64)
     for start, row in zip(starts, labels):

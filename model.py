@@ -650,14 +650,15 @@ _flash_checks = {}  # (device, dtype) -> flash_check's answer: the self-check ru
 
 
 def use_packing(device, amp, pack=None):
-    """Packed batches or padded ones. pack None: packed where the flash kernel runs them (CUDA under autocast)
-    and passed its self-check (flash_check, the first time); a failed check prints one warning and padded
-    batches (SDPA) go on. Off the flash path (CPU, amp off) padded: there packed attention runs on a padded
-    copy (padded_attention), whose extra copies cost more than length-bucketed batches' little padding. pack
-    True: packed; a failed self-check is an error. False: padded."""
+    """Packed batches (True), padded ones (False), or None: make_batch decides per batch, packing those with
+    much padding. pack None: packed where the flash kernel runs them (CUDA under autocast) and passed its
+    self-check (flash_check, the first time); a failed check prints one warning and padded batches (SDPA) go
+    on. Off the flash path (CPU, amp off) None: there packed attention runs on a padded copy
+    (padded_attention), whose copies pay only where a batch has much padding. pack True: packed; a failed
+    self-check is an error. False: padded."""
     dtype = amp_dtype(device, amp)
     if pack is False or not flash_runs(device, dtype):
-        return bool(pack)
+        return pack
     key = (str(device), dtype)
     first = key not in _flash_checks
     if first:

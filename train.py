@@ -95,7 +95,7 @@ class TrainConfig:
     # evaluation, checkpoints, logs
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
     metric: str = "auto"  # model selection metric; auto = macro_f1 (single-label), micro_f1 (multi-label)
-    greater_is_better: bool = True
+    greater_is_better: bool | None = None  # None: lower is better for a loss (loss, hamming_loss), higher otherwise
     patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     keep_checkpoints: int = 0  # also keep the last N evaluated checkpoints in out_dir/checkpoints
     out_dir: str = "out"
@@ -207,6 +207,7 @@ def check_options(cfg):
         "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
         "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
         "num_layers": (cfg.num_layers >= 0, ">= 0 (0 = all of the checkpoint's layers)"),
+        "teacher": (not cfg.teacher or cfg.task != "mlm", "a fine-tuned classifier, for a classifier: not with --task mlm"),
         "distill_weight": (0 <= cfg.distill_weight <= 1, "between 0 and 1"),
         "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
         "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
@@ -375,6 +376,10 @@ def with_task_defaults(cfg, multi_label):
 
 def selection_metric(cfg, multi_label):
     return cfg.metric if cfg.metric != "auto" else ("micro_f1" if multi_label else "macro_f1")
+
+
+def greater_is_better(cfg, metric):
+    return cfg.greater_is_better if cfg.greater_is_better is not None else not metric.endswith("loss")
 
 
 # -----------------------------------------------------------------------------
@@ -1417,7 +1422,8 @@ def evaluate_and_checkpoint(cfg, learner, progress, log, val, pad_id, model_dir,
     metrics, threshold, _ = evaluate(model, val, pad_id, cfg, None)  # the same on every rank
     log.evaluation(progress, metrics)
     score = float(metrics[log.metric])
-    improved = progress.best is None or (score > progress.best if cfg.greater_is_better else score < progress.best)
+    improved = progress.best is None or (score > progress.best if greater_is_better(cfg, log.metric) else
+                                         score < progress.best)
     progress.last_eval, progress.evals = progress.step, progress.evals + 1
     if improved:
         progress.best, progress.bad_evals = score, 0

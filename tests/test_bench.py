@@ -11,13 +11,13 @@ from model import EncoderClassifier, config_from_hf
 
 def test_tiny_bench_runs_every_implementation(capsys):
     bench.main(["--tiny", "--rounds", "1", "--warmup", "1", "--batches", "1", "--batch-size", "4",
-                "--layout", "both", "--no-reference"])
+                "--layout", "all", "--no-reference"])
     out = capsys.readouterr().out
     for name in bench.MODELS:
         for mode in ("train", "infer"):
             assert f"{name} {mode}: batch 4" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("ours")]
-    assert len(rows) == 12  # padded and packed; 3 models x 2 modes
+    assert len(rows) == 18  # padded, packed, and train.py's choice per batch; 3 models x 2 modes
     assert all(float(row[-5].replace(",", "")) > 0 for row in rows)  # tokens/s
 
 
@@ -35,27 +35,27 @@ class FakeRunner:
         return self.seconds, float(self.calls)
 
 
-def test_rounds_alternate_the_order_and_ratios_are_per_round(capsys):
+def test_visits_alternate_the_order_and_ratios_are_per_visit(capsys):
     log = []
-    runners = [FakeRunner("A", log, 2.0), FakeRunner("B", log, 1.0), FakeRunner("ref", log, 3.0, oom_at=None)]
+    runners = [FakeRunner("A", log, 2.0), FakeRunner("B", log, 1.0), FakeRunner("ref", log, 3.0)]
     seconds, memory = bench.time_rounds(runners, n_batches=2, rounds=2)
     names = "".join(name[0] for name, _ in log)
-    assert names == "ABr" "rBA" "ABr" "rBA"  # each batch through all, the order reversed every other time
+    assert names == "ABr" "rBA" "ABr" "rBA"  # each batch through all back to back, the order reversed each time
     assert [i for _, i in log] == [0] * 3 + [1] * 3 + [0] * 3 + [1] * 3
-    assert seconds == [[4.0, 4.0], [2.0, 2.0], [6.0, 6.0]] and memory == [4.0, 4.0, 4.0]
+    assert seconds == [[2.0] * 4, [1.0] * 4, [3.0] * 4] and memory == [4.0, 4.0, 4.0]
     names = ["ours (padded)", "ours (packed)", "transformers (sdpa)"]
-    bench.report(names, [[4.0, 2.0], [2.0, 2.0], [6.0, 6.0]], [float("nan")] * 3,
-                 dict(tokens=600, seqs=8, flops=1e9), peak_flops=1e9)
+    bench.report(names, [[4.0, 2.0, 1.0], [2.0, 2.0, 2.0], [6.0, 6.0, 6.0]], [float("nan")] * 3,
+                 dict(tokens=700, seqs=8, flops=1e9), peak_flops=1e9)
     rows = {line[:22].strip(): line[22:].split() for line in capsys.readouterr().out.splitlines()[1:]}
-    assert rows["ours (padded)"][-3:] == ["-", "2.25", "1.50-3.00"]  # ratios 6/4 and 6/2: median 2.25
-    assert rows["ours (packed)"][-2:] == ["3.00", "3.00-3.00"] and rows["ours (padded)"][0] == "100"  # 600 / 6 s
+    assert rows["ours (padded)"][-3:] == ["-", "3.00", "1.50-6.00"]  # ratios 6/4, 6/2, 6/1: median 3
+    assert rows["ours (packed)"][-2:] == ["3.00", "3.00-3.00"] and rows["ours (padded)"][0] == "100"  # 700 / 7 s
 
 
 def test_a_runner_out_of_memory_drops_out_and_is_reported(capsys):
     log = []
     runners = [FakeRunner("A", log, 1.0, oom_at=2), FakeRunner("ref", log, 1.0)]
     seconds, _ = bench.time_rounds(runners, n_batches=2, rounds=2)
-    assert seconds == [None, [2.0, 2.0]] and runners[0].calls == 2
+    assert seconds == [None, [1.0] * 4] and runners[0].calls == 2
     bench.report(["ours (padded)", "transformers (sdpa)"], seconds, [float("nan")] * 2,
                  dict(tokens=600, seqs=8, flops=1e9), peak_flops=1e9)
     assert "ours (padded)          out of memory" in capsys.readouterr().out

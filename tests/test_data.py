@@ -343,6 +343,23 @@ def test_batch_indices_cover_rows_and_follow_seed_and_epoch():
     assert data.batch_indices([5, 1, 9], 2, shuffle=False) == [[2, 0], [1]]  # longest first
 
 
+def test_batch_indices_capped_by_tokens():
+    """max_tokens (inference on a CPU): every row once, in the same longest-first order; no batch over batch_size
+    rows or, unless it is one row, over max_tokens padded tokens; and each batch as full as the cap allows."""
+    lengths = np.random.default_rng(0).integers(3, 512, size=1000)
+    batches = data.batch_indices(lengths, 64, shuffle=False, max_tokens=4096)
+    flat = [i for b in batches for i in b]
+    assert flat == [i for b in data.batch_indices(lengths, 64, shuffle=False) for i in b]
+    for batch, following in zip(batches, batches[1:] + [None]):
+        assert len(batch) <= 64 and (len(batch) == 1 or len(batch) * max(lengths[batch]) <= 4096)
+        if following is not None and len(batch) < 64:
+            assert (len(batch) + 1) * max(lengths[batch + following[:1]]) > 4096
+    assert any(len(b) == 64 for b in batches) and any(len(b) < 16 for b in batches)
+    assert data.batch_indices([600, 5, 700], 4, shuffle=False, max_tokens=500) == [[2], [0], [1]]
+    with pytest.raises(ValueError, match="inference"):
+        data.batch_indices(lengths, 64, shuffle=True, max_tokens=4096)
+
+
 def test_pad_batch_layout():
     batch = data.pad_batch([[101, 7, 102], [101, 102]], np.array([1, 0]), pad_id=0)
     assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]

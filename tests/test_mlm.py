@@ -94,6 +94,22 @@ def test_packed_mlm_batch_gives_the_padded_loss(arch):
         assert (logits - padded[0]).abs().max() <= 1e-5 and (loss - padded[1]).abs() <= 1e-6
 
 
+def test_mlm_batch_chosen_per_batch_keeps_labels_on_their_tokens():
+    """packed=None (the CPU default): make_batch packs a batch with much padding; the labels must follow."""
+    model = MaskedLM.from_pretrained(os.path.join(GOLDEN, "bert_mlm"), verbose=False).eval()
+    ids, mask = padded_batch(2)
+    labels = masked_labels(ids, mask, 2)
+    n = mask.sum(1).tolist()
+    seqs = [ids[0, :n[0]].tolist(), ids[1, :4].tolist()]  # a long and a short one: much padding
+    targets = [labels[0, :n[0]].numpy(), labels[1, :4].numpy()]
+    chosen = make_mlm_batch(seqs, targets, pad_id=0, packed=None)
+    assert "cu_seqlens" in chosen
+    with torch.no_grad():
+        want = model(**make_mlm_batch(seqs, targets, pad_id=0, packed=False))
+        got = model(**chosen)
+    assert (got[0] - want[0]).abs().max() <= 1e-5 and (got[1] - want[1]).abs() <= 1e-6
+
+
 def test_minilm_head_is_initialised_as_the_reference_does(tmp_path, capsys):
     """all-MiniLM-L6-v2 has no MLM head. The reference's (AutoModelForMaskedLM) initialised head, saved, gives the same
     logits and loss in ours on real text; our own initialisation draws from the same distribution, is reported, and
@@ -259,6 +275,7 @@ def test_mlm_resumes_to_the_same_weights(tmp_path, texts, monkeypatch):
     (["--long-docs", "windows_mean"], r"--long-docs 'windows_mean' must be head with --task mlm"),
     (["--metric", "macro_f1"], r"--metric 'macro_f1' must be auto or loss with --task mlm"),
     (["--text-pair-column", "b"], r"--text-pair-column 'b' must be a column name, .* not with --task mlm"),
+    (["--teacher", "runs/any"], r"--teacher 'runs/any' must be a fine-tuned classifier, .* not with --task mlm"),
 ])
 def test_mlm_options_are_checked_before_anything_loads(tmp_path, texts, extra, message, monkeypatch):
     monkeypatch.setattr(MaskedLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))

@@ -174,12 +174,17 @@ def test_failed_self_check_warns_once_and_packs_nothing(monkeypatch):
 
 
 def test_layout_choice_off_the_flash_path():
-    """No flash kernel here (CPU, or CUDA with amp off): padded by default; --pack packs (attention on a
-    padded copy)."""
+    """No flash kernel here (CPU, or CUDA with amp off): by default make_batch packs a batch with more than
+    a fifth padding; --pack packs all, --no-pack none."""
     for device, amp in [("cpu", "auto"), ("cuda", "off")]:
-        assert M.use_packing(torch.device(device), amp) is False
+        assert M.use_packing(torch.device(device), amp) is None
         assert M.use_packing(torch.device(device), amp, pack=True) is True
         assert M.use_packing(torch.device(device), amp, pack=False) is False
+    little = [[5] * 10, [5] * 10, [5] * 9, [5] * 9]  # 5% padding
+    much = [[5] * 10, [5] * 3, [5] * 4, [5] * 10]  # 32% padding
+    assert "attention_mask" in make_batch(little, None, 0, packed=None)
+    assert "cu_seqlens" in make_batch(much, None, 0, packed=None)
+    assert "cu_seqlens" in make_batch([little[:2], much], None, 0, windows=True, packed=None)  # windows count
     assert not M.flash_runs("cpu", torch.bfloat16) and not M.flash_runs("cuda", torch.float32)
     assert M.flash_runs("cuda:1", torch.bfloat16) and M.flash_runs("cuda", torch.float16)
 

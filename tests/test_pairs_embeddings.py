@@ -99,6 +99,9 @@ def test_embeddings_of_a_classifier_are_what_its_head_reads(tmp_path):
     with torch.no_grad():
         expected = model.encode(**pad_batch(seqs, None, 0))[:, 0]
     assert np.abs(predictor.embeddings(texts) - expected.numpy()).max() <= 1e-6
+    capped = predict.Predictor(folder, device="cpu", batch_tokens=8)  # a batch of one text each
+    assert np.abs(capped.embeddings(texts) - expected.numpy()).max() <= 1e-6
+    assert np.abs(capped.logits(texts) - predictor.logits(texts)).max() <= 1e-5
 
     windows = predict.Predictor(folder, device="cpu", max_length=8, long_docs="windows_mean")
     vectors = windows.embeddings(texts)

@@ -180,3 +180,16 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match=r"could not fetch 'no-such-org/no-such-model' from the hub"):
         train.resolve_model("no-such-org/no-such-model")
+
+
+def test_a_loss_as_selection_metric_is_minimised_unless_told_otherwise():
+    """--metric loss (or hamming_loss) keeps the checkpoint with the lowest value; an F1 the highest; and an
+    explicit --greater-is-better / --no-greater-is-better wins over either."""
+    def direction(*argv):
+        cfg = train.parse_config(list(argv))
+        return train.greater_is_better(cfg, train.selection_metric(cfg, multi_label=False))
+    assert direction() is True  # macro_f1
+    assert direction("--metric", "loss") is False and direction("--metric", "hamming_loss") is False
+    assert direction("--metric", "accuracy") is True
+    assert direction("--metric", "loss", "--greater-is-better") is True
+    assert direction("--no-greater-is-better") is False
