@@ -1,5 +1,6 @@
 """Smaller, faster models (issue #19): students with fewer layers (--num-layers), distillation from a teacher
 (--teacher) and int8 inference (predict.py --int8). Tiny random checkpoints and tiny made-up data keep it fast."""
+import importlib.util
 import json
 import os
 
@@ -12,6 +13,8 @@ import predict
 import train
 from make_golden import padded_batch, save_reference, tiny_reference_model
 from model import EncoderClassifier, global_every, student_layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from test_robustness import tiny_checkpoint, write_texts
 
 
@@ -268,3 +271,24 @@ def test_int8_agreement_counts_labels_and_label_sets():
     assert multi["same_prediction"] == 1.0
     multi = predict.int8_agreement(a, b, True, np.array([0.56, 0.5, 0.5]))  # sigmoid 0.525 vs 0.574 straddle 0.56
     assert multi["same_prediction"] == 0.5
+
+
+def test_student_speed_script_times_all_four_in_alternating_order(tiny, tmp_path, capsys, monkeypatch):
+    """scripts/student_speed.py: teacher and student, fp32 and int8, every round in one order then the reverse."""
+    spec = importlib.util.spec_from_file_location("student_speed", os.path.join(ROOT, "scripts", "student_speed.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"w{i % 60} w{(i + 1) % 60} w{(7 * i) % 60}\n" for i in range(70)))
+    order, score = [], script.Predictor.score
+    monkeypatch.setattr(script.Predictor, "score", lambda self, seqs, model=None: (
+        order.append((self.model_dir, self.fp32 is not None, len(seqs))), score(self, seqs, model))[1])
+    seconds = script.main(["--teacher", tiny["teacher"], "--student", tiny["teacher"], "--input", str(texts),
+                           "--rounds", "2"])
+    assert list(seconds) == ["teacher fp32", "teacher int8", "student fp32", "student int8"]
+    assert all(len(t) == 2 and min(t) > 0 for t in seconds.values())
+    assert [n for _, _, n in order[:4]] == [64] * 4  # the warm-ups
+    timed = [(int8, n) for _, int8, n in order[4:]]
+    assert all(n == 70 for _, n in timed)
+    assert [int8 for int8, _ in timed] == [False, True, False, True, True, False, True, False]
+    assert "70 texts of" in capsys.readouterr().out
