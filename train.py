@@ -1205,9 +1205,10 @@ MLM_RATE = {"bert": 0.15, "modernbert": 0.3}  # the share of tokens masked in ea
 
 def with_mlm_defaults(cfg, hf):
     """cfg for --task mlm: the architecture's masking rate unless --mlm-probability gives one, and model selection
-    on the validation loss (lower is better), so that train_config.json and --resume see what the run used."""
+    on the validation loss (greater_is_better's auto: lower is better), so that train_config.json and --resume see
+    what the run used."""
     rate = MLM_RATE.get(hf.get("model_type"), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability
-    return dataclasses.replace(cfg, mlm_probability=rate, metric="loss", greater_is_better=False)
+    return dataclasses.replace(cfg, mlm_probability=rate, metric="loss")
 
 
 def load_mlm_splits(cfg, encoder, model_dir):

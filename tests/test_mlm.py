@@ -224,7 +224,8 @@ def test_mlm_job_output_loads_in_transformers_and_fine_tunes(tmp_path, texts, ar
     out = tmp_path / "mlm"
     result = train.main(mlm_job(model, texts, out, "--max-steps", "4", "--eval-every", "2"))
     config = json.load(open(out / "train_config.json"))
-    assert config["mlm_probability"] == (0.15 if arch == "bert" else 0.3) and config["greater_is_better"] is False
+    assert config["mlm_probability"] == (0.15 if arch == "bert" else 0.3) and config["metric"] == "loss"
+    assert not train.greater_is_better(train.TrainConfig(**config), config["metric"])
     evals = log_rows(out, "eval")
     assert [e["step"] for e in evals] == [2, 4] and all(e["metric"] == "loss" and e["masked_tokens"] > 0 for e in evals)
     assert result["test"]["loss"] == pytest.approx(json.load(open(out / "test_metrics.json"))["loss"])
