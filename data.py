@@ -1,6 +1,6 @@
 """Everything between a user's file and a batch of tensors.
 
-read_table -> Table(texts, labels, multi_label, path, label_columns, pairs)
+read_table -> Table(texts, labels, multi_label, path, label_columns, pairs); Split: a job's encoded split
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
 TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, text pairs,
@@ -41,6 +41,16 @@ MISSING_LABELS = ("nan", "null", "none", "n/a", "<na>")
 
 class DataError(ValueError):
     """The user's data (not our code) is wrong; the message says where and how."""
+
+
+@dataclass
+class Split:
+    """One split of a training job, encoded. seqs: token ids per text (with windows_*, a list of windows per text);
+    targets: int64 [N] or float32 multi-hot [N, L] (masked-LM: labels per token, or None for training data, whose
+    masking draws anew each epoch)."""
+    seqs: list
+    targets: np.ndarray | list | None
+    masking: "Masking | None" = None
 
 
 # ----------------------------------------------------------------------------- reading files

@@ -15,6 +15,7 @@ import data
 import predict
 import train
 from test_robustness import tiny_checkpoint, write_texts
+from side import options
 
 FAST = ["--max-steps", "2", "--max-length", "32", "--batch-size", "4", "--eval-every", "2", "--log-every", "1"]
 
@@ -194,8 +195,7 @@ def test_09_resume_may_restart_a_run_killed_before_its_first_evaluation(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
-    resumed = train.TrainConfig(out_dir=str(out), resume=True)
-    assert train.old_run_outputs(resumed) == [] and train.old_run_outputs(train.TrainConfig(out_dir=str(out)))
+    assert options.old_run_outputs(str(out), resume=True) == [] and options.old_run_outputs(str(out), resume=False)
 
 
 def test_10_predict_empty_text(trained, monkeypatch):

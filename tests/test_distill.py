@@ -16,6 +16,7 @@ from model import EncoderClassifier, global_every, student_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from test_robustness import tiny_checkpoint, write_texts
+from side import distill
 
 
 def reference():
@@ -95,13 +96,13 @@ def test_soft_target_loss_by_hand():
     p = np.exp(teacher.numpy() / T) / np.exp(teacher.numpy() / T).sum(1, keepdims=True)
     q = np.exp(student.numpy() / T) / np.exp(student.numpy() / T).sum(1, keepdims=True)
     kl = (p * (np.log(p) - np.log(q))).sum(1).mean() * T ** 2
-    assert abs(train.distillation_loss(student, teacher, False, T).item() - kl) <= 1e-5
+    assert abs(distill.distillation_loss(student, teacher, False, T).item() - kl) <= 1e-5
     # multi-label: T^2 x each label's BCE against the teacher's probability, averaged over texts and labels
     p, q = 1 / (1 + np.exp(-teacher.numpy() / T)), 1 / (1 + np.exp(-student.numpy() / T))
     bce = -(p * np.log(q) + (1 - p) * np.log(1 - q)).mean() * T ** 2
-    assert abs(train.distillation_loss(student, teacher, True, T).item() - bce) <= 1e-5
+    assert abs(distill.distillation_loss(student, teacher, True, T).item() - bce) <= 1e-5
     # a student that already matches its teacher: KL 0; BCE down to the teacher's own entropy
-    assert train.distillation_loss(teacher, teacher, False, T).abs().item() <= 1e-6
+    assert distill.distillation_loss(teacher, teacher, False, T).abs().item() <= 1e-6
 
 
 @pytest.mark.parametrize("multi_label", [False, True])
@@ -116,10 +117,9 @@ def test_mix_of_hard_and_soft_losses(multi_label):
     labels = torch.tensor([[1., 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]]) if multi_label else torch.tensor([0, 2, 1, 1])
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     for weight in (0.0, 0.3, 1.0):
-        cfg = train.TrainConfig(distill_weight=weight, distill_temperature=2.0)
         logits, hard = student(**inputs)
-        mixed = train.with_teacher(cfg, teacher, inputs, logits, hard)
-        expected = (1 - weight) * hard + weight * train.distillation_loss(logits, teacher(ids, mask)[0], multi_label, 2)
+        mixed = distill.with_teacher(teacher, weight, 2.0, inputs, logits, hard)
+        expected = (1 - weight) * hard + weight * distill.distillation_loss(logits, teacher(ids, mask)[0], multi_label, 2)
         assert torch.allclose(mixed, expected, atol=1e-6)
         if weight == 0:
             plain = torch.autograd.grad(hard, list(student.parameters()), retain_graph=True)

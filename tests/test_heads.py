@@ -6,6 +6,7 @@ import torch
 from data import pack_batch
 from make_golden import padded_batch
 from model import BertConfig, EncoderClassifier, ModernBertConfig
+from side import options
 
 LABELS = 4
 
@@ -128,27 +129,27 @@ def test_head_lr_applies_to_everything_above_the_encoder():
     assert {g["lr"] for g in same.param_groups} == {1e-4}
 
 
-@pytest.mark.parametrize("options,message", [
+@pytest.mark.parametrize("argv,message", [
     (["--pooling", "attention"], "--pooling 'attention' must be auto, cls, mean, max, label_attention"),
     (["--pooling", "label_attention", "--long-docs", "windows_attention"], "not with --long-docs windows_attention"),
     (["--head-lr", "0"], "--head-lr 0.0 must be a number > 0"),
 ])
-def test_head_options_are_checked_before_anything_loads(tmp_path, options, message):
+def test_head_options_are_checked_before_anything_loads(tmp_path, argv, message):
     import train
     with pytest.raises(SystemExit, match=message):
-        train.main(["--out-dir", str(tmp_path / "out"), *options])
+        train.main(["--out-dir", str(tmp_path / "out"), *argv])
     assert not (tmp_path / "out").exists()
 
 
 def test_multi_label_defaults_resolve_to_the_recipe_and_single_label_keeps_the_reference():
     import train
     cfg = train.TrainConfig()
-    assert train.with_task_defaults(cfg, multi_label=False) == cfg
-    multi = train.with_task_defaults(cfg, multi_label=True)
-    assert (multi.pooling, multi.head_lr) == (train.MULTI_LABEL_RECIPE["pooling"], train.MULTI_LABEL_RECIPE["head_lr"])
+    assert options.with_task_defaults(cfg, multi_label=False) == cfg
+    multi = options.with_task_defaults(cfg, multi_label=True)
+    assert (multi.pooling, multi.head_lr) == (options.MULTI_LABEL_RECIPE["pooling"], options.MULTI_LABEL_RECIPE["head_lr"])
     chosen = train.TrainConfig(pooling="max", head_lr=2e-4)
-    assert train.with_task_defaults(chosen, multi_label=True) == chosen
-    windows = train.with_task_defaults(train.TrainConfig(long_docs="windows_attention"), multi_label=True)
+    assert options.with_task_defaults(chosen, multi_label=True) == chosen
+    windows = options.with_task_defaults(train.TrainConfig(long_docs="windows_attention"), multi_label=True)
     assert windows.pooling == "auto"
 
 

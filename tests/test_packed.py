@@ -20,6 +20,7 @@ from data import make_batch, pack_batch, pad_batch, to_device
 from make_golden import padded_batch, save_reference, tiny_reference_model
 from predict import Predictor
 from side.infer import predict_logits
+from side import checkpoints
 
 
 def reference_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
@@ -324,7 +325,7 @@ def test_predict_packs_through_the_kernel_like_transformers(tmp_path, monkeypatc
     model = M.EncoderClassifier.from_pretrained(minilm, num_labels=3, verbose=False)
     model.config.id2label = {0: "a", 1: "b", 2: "c"}
     model.save_pretrained(tmp_path)
-    for name in train.TOKENIZER_FILES:
+    for name in checkpoints.TOKENIZER_FILES:
         shutil.copy(os.path.join(minilm, name), tmp_path)
     texts = ["CT shows a spiculated nodule in the right upper lobe.", "Normal study.",
              "Axial T2-weighted MRI of the brain demonstrating a hyperintense lesion in the left temporal lobe "

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import predict
 import train
 from model import EncoderClassifier
+from side import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_BERT = os.path.join(ROOT, "tests", "golden", "bert")
@@ -186,7 +187,7 @@ def test_failed_saves_keep_the_previous_checkpoints(tiny, uninterrupted, tmp_pat
     monkeypatch.setattr(torch, "save", real_save)
     assert last_state(out)["step"] == 2 and os.listdir(out / "last") == ["state.pt"]
 
-    real_write = train.EncoderClassifier.save_pretrained
+    real_write = EncoderClassifier.save_pretrained
 
     def dying_write(model, folder):  # the best model's new files die before they are moved in
         real_write(model, folder)
@@ -195,11 +196,11 @@ def test_failed_saves_keep_the_previous_checkpoints(tiny, uninterrupted, tmp_pat
         raise KeyboardInterrupt("killed while saving")
 
     before = load_file(out / "model.safetensors")
-    monkeypatch.setattr(train.EncoderClassifier, "save_pretrained", dying_write)
+    monkeypatch.setattr(EncoderClassifier, "save_pretrained", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(EncoderClassifier.from_pretrained(str(out), verbose=False), str(out), tiny["model"],
-                              train.TrainConfig())
-    monkeypatch.setattr(train.EncoderClassifier, "save_pretrained", real_write)
+        checkpoints.save_checkpoint(EncoderClassifier.from_pretrained(str(out), verbose=False), str(out), tiny["model"],
+                                    {})
+    monkeypatch.setattr(EncoderClassifier, "save_pretrained", real_write)
     after = load_file(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 

