@@ -28,6 +28,7 @@ allocated above what was there before it (activations, gradients; not the weight
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 import model as M
-from data import make_batch, pad_batch, read_table, to_device
+from data import batch_indices, make_batch, pad_batch, read_table, to_device
 from model import EncoderClassifier, config_from_hf
 
 NUM_LABELS = 24
@@ -453,6 +454,90 @@ def report_predict(results, model_dir, device):
               f"{statistics.median(ratios):10.2f} {f'{min(ratios):.2f}-{max(ratios):.2f}':>11s}")
 
 
+# --- python bench.py --ort FILE: predict.py's model against ONNX Runtime on the same batches
+
+class OrtRunner:
+    """One side of --ort: a callable on prebuilt batches, timed one batch at a time like Runner.timed_step."""
+
+    def __init__(self, name, run, batches):
+        self.name, self.run, self.batches = name, run, batches
+
+    def timed_step(self, i):
+        t = time.perf_counter()
+        self.run(self.batches[i])
+        return time.perf_counter() - t, float("nan")
+
+
+def onnx_files(model_dir, folder):
+    """fp32 and int8 ONNX files of the folder's classifier, as a user makes them: transformers' model exported by
+    torch.onnx.export (opset 17, dynamic batch and length), then ONNX Runtime's dynamic int8 quantization
+    (per output channel, as our int8 path)."""
+    import transformers
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process the graph first
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
+    fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(reference, example, fp32, input_names=names, output_names=["logits"], opset_version=17,
+                          dynamo=False, dynamic_axes={n: {0: "batch", 1: "length"} for n in names})
+        quantize_dynamic(fp32, int8, per_channel=True, weight_type=QuantType.QInt8)
+    return fp32, int8
+
+
+def ort_vs_ours(files, model_dir, rounds, threads):
+    """Per file and precision: our model (Predictor: fp32, or int8 by torch's dynamic quantization) against an ONNX
+    Runtime session of the same folder, on predict.py's batches (length-sorted, at most 64 texts and CPU_BATCH_TOKENS
+    padded tokens), each batch built once for both; A B, B A, ... per batch visit. Returns rows for report_ort."""
+    import onnxruntime as ort
+    from predict import Predictor
+    from side.infer import CPU_BATCH_TOKENS
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        sessions = [ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                    for path in onnx_files(model_dir, folder)]
+        for int8, session in zip((False, True), sessions):
+            ours = Predictor(model_dir, device="cpu", int8=int8)
+            for path in files:
+                texts = read_table(path, label_column=[]).texts
+                seqs = ours.encoder.encode(texts)
+                groups = [[seqs[i] for i in rows] for rows in batch_indices(
+                    [len(s) for s in seqs], 64, shuffle=False, bucket=True, max_tokens=CPU_BATCH_TOKENS)]
+                pad_id = ours.encoder.pad_id
+                batches = [make_batch(group, None, pad_id, False, None) for group in groups]  # as predict.py's
+                feeds = [{name: tensor.numpy() for name, tensor in make_batch(group, None, pad_id).items()}
+                         for group in groups]  # padded, as exported
+                with torch.inference_mode():
+                    mine = lambda batch: ours.model(**batch)[0]
+                    runners = [OrtRunner("ours", mine, batches),
+                               OrtRunner("onnxruntime", lambda feed: session.run(None, feed)[0], feeds)]
+                    for runner in runners:
+                        runner.timed_step(0)  # warm-up
+                    seconds, _ = time_rounds(runners, len(groups), rounds)
+                    gap = max(float(np.abs(mine(b).numpy() - session.run(None, f)[0]).max())
+                              for b, f in zip(batches, feeds))
+                rows.append((os.path.basename(path), len(texts), "int8" if int8 else "fp32", seconds, gap))
+    return rows
+
+
+def report_ort(rows, rounds, threads):
+    print(f"\nours against ONNX Runtime, {threads} threads, {rounds} rounds, A B / B A per batch visit; texts/s from "
+          "the total model time; x ORT: ORT's total time over ours (range: per batch visit); max |diff|: their logits")
+    print(f"{'file':24s} {'texts':>6s} {'precision':>9s} {'ours':>9s} {'ORT':>9s} {'x ORT':>6s} {'range':>11s} "
+          f"{'max |diff|':>10s}")
+    for name, n, precision, (ours, theirs), gap in rows:
+        ratios = [b / a for a, b in zip(ours, theirs)]
+        print(f"{name:24s} {n:6d} {precision:>9s} {n * rounds / sum(ours):9.1f} {n * rounds / sum(theirs):9.1f} "
+              f"{sum(theirs) / sum(ours):6.2f} {f'{min(ratios):.2f}-{max(ratios):.2f}':>11s} {gap:10.2e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*MODELS, "all"], default="all")
@@ -477,10 +562,20 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="the acceptance check for a new machine (exit status 1 on failure)")
     p.add_argument("--predict", nargs="+", metavar="FILE", help="time predict.py against transformers' pipeline on these files")
     p.add_argument("--predict-model", help="--predict's checkpoint folder; default: a MiniLM classifier written here")
+    p.add_argument("--ort", nargs="+", metavar="FILE", help="time our model against ONNX Runtime (fp32 and int8) on the "
+                   "same batches of these files (needs onnxruntime and onnx)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.check:
         raise SystemExit(0 if check(device) else 1)
+    if args.ort:
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            raise SystemExit("--ort needs onnxruntime and onnx: pip install onnxruntime onnx (a benchmark only)")
+        with tempfile.TemporaryDirectory() as folder:
+            model_dir = args.predict_model or classifier_folder(folder)
+            report_ort(ort_vs_ours(args.ort, model_dir, args.rounds or 3, torch.get_num_threads()), args.rounds or 3,
+                       torch.get_num_threads())
+        return
     if args.predict:
         with tempfile.TemporaryDirectory() as folder:
             model_dir = args.predict_model or classifier_folder(folder)
