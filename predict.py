@@ -28,7 +28,9 @@ import torch
 
 from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, batch_indices, make_batch, read_table, to_device
 from metrics import compute_metrics, sigmoid, softmax
-from model import EncoderClassifier, autocast, check_vocab, use_packing, window_aggregation
+from model import EncoderClassifier, autocast, window_aggregation
+from side.hf import check_vocab
+from side.packing import use_packing
 
 # On a CPU a batch of long texts is cut to at most this many (padded) tokens: smaller matmuls stay in cache.
 # Model time on this 2-core CPU, MiniLM, texts sorted by length, 64 texts a batch against this cap: -23% on

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, Masking, TextEncoder, batch_indices, make_batch,
                   make_mlm_batch, read_table, to_device, train_val_split)
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import (MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, FlashCheckError, MaskedLM, amp_dtype,
-                   autocast, check_vocab, use_packing)
+from model import POOLINGS, EncoderClassifier, MaskedLM, amp_dtype, autocast
 from predict import predict_logits
+from side.hf import MULTI_LABEL, SINGLE_LABEL, check_vocab
+from side.packing import FlashCheckError, use_packing
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import bench
-from model import EncoderClassifier, config_from_hf
+from model import EncoderClassifier
+from side.hf import config_from_hf
 
 
 def test_tiny_bench_runs_every_implementation(capsys):

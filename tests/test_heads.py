@@ -5,7 +5,8 @@ import torch
 
 from data import pack_batch
 from make_golden import padded_batch
-from model import BertConfig, EncoderClassifier, ModernBertConfig
+from model import EncoderClassifier
+from side.hf import BertConfig, ModernBertConfig
 
 LABELS = 4
 
