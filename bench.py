@@ -40,7 +40,7 @@ import torch
 
 import model as M
 from data import make_batch, pad_batch, read_table, to_device
-from model import EncoderClassifier
+from model import EncoderClassifier, flops_per_token
 from side.hf import config_from_hf
 from side.packing import use_packing
 
@@ -123,7 +123,7 @@ def peak_above(device, before):
 
 def useful_flops(model, lengths, train):
     """Forward (+ backward) FLOPs spent on real tokens only."""
-    per_token = np.array([model.flops_per_token(n) for n in lengths])
+    per_token = np.array([flops_per_token(model, n) for n in lengths])
     return float((per_token * np.array(lengths)).sum()) / (1 if train else 3)
 
 

@@ -1,18 +1,16 @@
-"""
-BERT and ModernBERT encoders with sequence-classification heads (EncoderClassifier) and masked-LM heads
-(MaskedLM), written from scratch.
+"""BERT and ModernBERT encoders with sequence-classification and masked-LM heads, written from scratch: numerically
+the same as transformers' Bert/ModernBert ForSequenceClassification and ForMaskedLM, whose checkpoints they load and
+save (configs, weight names and folders: side/hf.py).
 
-Loads Hugging Face checkpoints (config.json + model.safetensors / pytorch_model.bin) and saves
-checkpoints that `transformers` loads back. Numerically the same as transformers'
-BertForSequenceClassification and ModernBertForSequenceClassification, BertForMaskedLM and ModernBertForMaskedLM.
-
-Attention runs on one of two layouts, chosen by the inputs to forward():
-- padded: input_ids [B, T] with attention_mask [B, T]  -> SDPA with a boolean mask
-- packed: input_ids [N] (all sequences concatenated) with cu_seqlens [B+1] -> no FLOPs on padding
-With doc_index, the sequences are windows of long documents and forward() returns one prediction per document.
-
-Configs, weight names and checkpoint folders live in side/hf.py; whether batches are packed (the flash kernel's
-self-check) in side/packing.py.
+padded_layout / packed_layout -> AttentionLayout   padded: input_ids [B, T] + attention_mask; packed: input_ids [N]
+    (the sequences one after another) + cu_seqlens [B+1], no FLOPs on padding
+attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's flash kernels, which
+    side/packing.py checks before packed batches use it), or padded_attention (packed, off the flash path)
+SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
+amp_dtype / autocast   the precision a device runs in
+pool_tokens (cls, mean, max, label_attention); per_document: a long document's windows (doc_index) -> one row
+EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
+EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
 import contextlib
 import math
@@ -348,7 +346,7 @@ def autocast(device, amp):
 
 
 # -----------------------------------------------------------------------------
-# the classifier: encoder + pooling + head + loss; loading and saving
+# the classifier: pooling and long documents' windows, the shared EncoderModel, then encoder + pooling + head + loss
 
 
 def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, margin=0.05):
@@ -392,12 +390,96 @@ def window_aggregation(strategy):
     return strategy.removeprefix("windows_")
 
 
+def head_options(c):
+    """The classifier's pooling and window aggregation (window_aggregation: how a long document's windows make one
+    prediction), refused when config c asks for what this model cannot do."""
+    if c.classifier_pooling not in POOLINGS:
+        raise ValueError(f"classifier_pooling {c.classifier_pooling!r} is not supported; use one of {POOLINGS}")
+    if c.multi_label_loss not in ("bce", "asl"):
+        raise ValueError(f"multi_label_loss {c.multi_label_loss!r} is not supported; use 'bce' or 'asl'")
+    aggregation = window_aggregation((c.long_document or {}).get("strategy", "head"))
+    if aggregation == "attention" and c.classifier_pooling == "label_attention":
+        raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
+                         "use windows_max or windows_mean with it")
+    return c.classifier_pooling, aggregation
+
+
 def segment_reduce(values, doc_index, num_docs, how):
     """Rows of values [W, ...] -> [num_docs, ...]: the max ("max") or mean ("mean") of each document's rows, with a
     segment op (no loop over documents)."""
     out = values.new_zeros(num_docs, *values.shape[1:])
     index = doc_index.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
     return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
+
+
+def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqlen=None, label_attention=None):
+    """Token vectors -> [B, H] per text, or [B, L, H] per label (pooling label_attention: label_attention scores
+    each token for each label, a Linear of one query per label)."""
+    if cu_seqlens is not None:
+        if pooling == "cls":
+            return hidden[cu_seqlens[:-1].long()]
+        if pooling == "mean":
+            return packed_mean(hidden, cu_seqlens)
+        hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    mask = attention_mask.bool()
+    if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
+        first = mask.long().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    if pooling == "mean":
+        m = mask.to(hidden.dtype)[..., None]
+        return (hidden * m).sum(dim=1) / m.sum(dim=1)
+    if pooling == "max":
+        return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
+    # label_attention: each label's softmax over the text's tokens weighs their vectors
+    scores = label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]
+    return torch.einsum("btl,bth->blh", scores.softmax(dim=1).to(hidden.dtype), hidden)
+
+
+def weigh_windows(window_attention, pooled, doc_index, num_docs):
+    """A softmax over each document's windows weighs their vectors: [W, H] -> [num_docs, H]. window_attention
+    scores each window (a Linear to one score)."""
+    scores = window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
+    top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
+    e = (scores - top[doc_index]).exp()
+    weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
+    weighted = weights[:, None].to(pooled.dtype) * pooled
+    return pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted)
+
+
+def per_document(pooled, doc_index, num_docs, how, window_attention=None, head=None):
+    """Window vectors [W, H] -> one row per document, with segment ops (no loop over documents), as head reads them
+    (None: the vectors themselves). how max / mean: of the windows' head outputs (logits). attention: head of the
+    windows' vectors weighed by weigh_windows. num_docs None: doc_index[-1] + 1, which waits for the device."""
+    num_docs = int(doc_index[-1]) + 1 if num_docs is None else num_docs
+    if how == "attention":
+        pooled = weigh_windows(window_attention, pooled, doc_index, num_docs)
+        return pooled if head is None else head(pooled)
+    return segment_reduce(pooled if head is None else head(pooled), doc_index, num_docs, how)
+
+
+@torch.no_grad()
+def init_weights(module, c, modernbert_std):
+    """Fresh weights for module as the reference initialises them, for config c. modernbert_std(module): ModernBERT's
+    std of a Linear or Embedding (EncoderModel.modernbert_init_std)."""
+    if isinstance(c, BertConfig):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, c.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, (nn.Linear, nn.Embedding)):
+        std = modernbert_std(module)
+        cut = c.initializer_cutoff_factor * std
+        nn.init.trunc_normal_(module.weight, 0.0, std, -cut, cut)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+    if isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        if module.bias is not None:
+            module.bias.zero_()
 
 
 class EncoderModel(nn.Module):
@@ -435,27 +517,9 @@ class EncoderModel(nn.Module):
         """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
         return self.config.initializer_range
 
-    @torch.no_grad()
     def _init_weights(self, module):
-        """Fresh weights as the reference initialises them (used for a new head)."""
-        c = self.config
-        if isinstance(c, BertConfig):
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, c.initializer_range)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            std = self.modernbert_init_std(module)
-            cut = c.initializer_cutoff_factor * std
-            nn.init.trunc_normal_(module.weight, 0.0, std, -cut, cut)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-        if isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            if module.bias is not None:
-                module.bias.zero_()
+        """Fresh weights as the reference initialises them (used for a new head): init_weights."""
+        init_weights(module, self.config, self.modernbert_init_std)
 
     # --- training helpers, as in nanoGPT
 
@@ -475,7 +539,7 @@ class EncoderModel(nn.Module):
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
                                  fused=fused)
 
-    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names below)
+    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names: side/hf.py)
 
     @classmethod
     def load(cls, model_dir, config, dtype=None, device=None, verbose=True, num_layers=None):
@@ -512,18 +576,9 @@ class EncoderClassifier(EncoderModel):
         bert = isinstance(config, BertConfig)
         self.encoder = BertEncoder(config) if bert else ModernBertEncoder(config)
         self.head = BertHead(config) if bert else ModernBertHead(config)
-        self.pooling = config.classifier_pooling
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported; use one of {POOLINGS}")
-        if config.multi_label_loss not in ("bce", "asl"):
-            raise ValueError(f"multi_label_loss {config.multi_label_loss!r} is not supported; use 'bce' or 'asl'")
+        self.pooling, self.aggregation = head_options(config)
         if self.pooling == "label_attention":  # one learned query per label over the tokens
             self.label_attention = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        # windows_max / windows_mean / windows_attention: how a long document's windows make one prediction
-        self.aggregation = window_aggregation((config.long_document or {}).get("strategy", "head"))
-        if self.aggregation == "attention" and self.pooling == "label_attention":
-            raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
-                             "use windows_max or windows_mean with it")
         if self.aggregation == "attention":  # one score per window; no bias: a softmax ignores it
             self.window_attention = nn.Linear(config.hidden_size, 1, bias=False)
         self.apply(self._init_weights)
@@ -535,7 +590,7 @@ class EncoderClassifier(EncoderModel):
         """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
         Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
         doc_index [B] int64, sorted: the sequences are windows and this is each one's document; the logits
-        (and labels) are then one row per document, aggregated as in aggregate(). num_docs: how many documents
+        (and labels) are then one row per document, aggregated by per_document. num_docs: how many documents
         (make_batch gives it; else len(labels), else doc_index[-1] + 1, which waits for the device).
         Returns (logits [B or documents, num_labels], loss or None)."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
@@ -543,9 +598,12 @@ class EncoderClassifier(EncoderModel):
         if doc_index is None:
             logits = self.head(pooled)
         else:
-            if num_docs is None:
-                num_docs = len(labels) if labels is not None else int(doc_index[-1]) + 1
-            logits = self.aggregate(pooled, doc_index, num_docs)
+            if self.aggregation is None:
+                raise ValueError("doc_index needs a windows_* strategy in config.long_document")
+            if num_docs is None and labels is not None:
+                num_docs = len(labels)
+            window_attention = getattr(self, "window_attention", None)
+            logits = per_document(pooled, doc_index, num_docs, self.aggregation, window_attention, self.head)
         return logits, (None if labels is None else self.loss(logits, labels))
 
     def embed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
@@ -558,78 +616,23 @@ class EncoderClassifier(EncoderModel):
         pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen, pooling)
         if doc_index is None:
             return pooled
-        num_docs = int(doc_index[-1]) + 1 if num_docs is None else num_docs
-        if self.aggregation == "attention":
-            return self.weigh_windows(pooled, doc_index, num_docs)
-        return segment_reduce(pooled, doc_index, num_docs, self.aggregation)
-
-    def aggregate(self, pooled, doc_index, num_docs):
-        """Window vectors [W, H] -> document logits [num_docs, num_labels], with segment ops (no loop over
-        documents). max / mean: of the windows' logits. attention: the head classifies the windows' vectors
-        weighed by weigh_windows."""
-        if self.aggregation is None:
-            raise ValueError("doc_index needs a windows_* strategy in config.long_document")
-        if self.aggregation != "attention":
-            return segment_reduce(self.head(pooled), doc_index, num_docs, self.aggregation)
-        return self.head(self.weigh_windows(pooled, doc_index, num_docs))
-
-    def weigh_windows(self, pooled, doc_index, num_docs):
-        """A softmax over each document's windows weighs their vectors: [W, H] -> [num_docs, H]."""
-        scores = self.window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
-        top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
-        e = (scores - top[doc_index]).exp()
-        weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
-        weighted = weights[:, None].to(pooled.dtype) * pooled
-        return pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted)
+        return per_document(pooled, doc_index, num_docs, self.aggregation, getattr(self, "window_attention", None))
 
     def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None, pooling=None):
         """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention). pooling: None = the model's."""
-        pooling = pooling or self.pooling
-        if cu_seqlens is not None:
-            if pooling == "cls":
-                return hidden[cu_seqlens[:-1].long()]
-            if pooling == "mean":
-                return packed_mean(hidden, cu_seqlens)
-            hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        mask = attention_mask.bool()
-        if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
-            first = mask.long().argmax(dim=1)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-        if pooling == "mean":
-            m = mask.to(hidden.dtype)[..., None]
-            return (hidden * m).sum(dim=1) / m.sum(dim=1)
-        if pooling == "max":
-            return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
-        # label_attention: each label's softmax over the text's tokens weighs their vectors
-        scores = self.label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]
-        return torch.einsum("btl,bth->blh", scores.softmax(dim=1).to(hidden.dtype), hidden)
+        return pool_tokens(hidden, pooling or self.pooling, attention_mask, cu_seqlens, max_seqlen,
+                           getattr(self, "label_attention", None))
 
     def loss(self, logits, labels):
-        if self.config.multi_label and self.config.multi_label_loss == "asl":
-            return asymmetric_loss(logits, labels.to(logits.dtype))
         if self.config.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            multi = asymmetric_loss if self.config.multi_label_loss == "asl" else F.binary_cross_entropy_with_logits
+            return multi(logits, labels.to(logits.dtype))
         return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
 
     def modernbert_init_std(self, module):
         if module is self.head.classifier:
             return self.config.hidden_size ** -0.5  # the reference's classifier init
         return self.config.initializer_range
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs (forward + backward) per real token: 6 per weight plus attention scores."""
-        c = self.config
-        lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
-        matrix_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and n not in lookups)
-        # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
-        # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
-        keys = c.num_hidden_layers * seq_len
-        if isinstance(c, ModernBertConfig):
-            local, w = sum(layer.local for layer in self.encoder.layers), c.local_attention // 2
-            keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
-        return 6 * matrix_params + 12 * c.hidden_size * keys
 
     @classmethod
     def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
@@ -639,6 +642,20 @@ class EncoderClassifier(EncoderModel):
         num_layers: keep only that many of the encoder's layers (keep_layers); None = all."""
         config = read_config(model_dir, num_labels, id2label, problem_type, overrides)
         return cls.load(model_dir, config, dtype, device, verbose, num_layers)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs (forward + backward) per real token of a classifier: 6 per weight plus attention scores."""
+    c = model.config
+    lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
+    matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and n not in lookups)
+    # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
+    # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
+    keys = c.num_hidden_layers * seq_len
+    if isinstance(c, ModernBertConfig):
+        local, w = sum(layer.local for layer in model.encoder.layers), c.local_attention // 2
+        keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
+    return 6 * matrix_params + 12 * c.hidden_size * keys
 
 
 # -----------------------------------------------------------------------------
