@@ -211,6 +211,7 @@ def keep_layers(config, hf_state, keep):
         changes["layer_types"] = [config.layer_types[i] for i in kept]
     return replace(config, **changes), state
 
+
 # -----------------------------------------------------------------------------
 # Hugging Face weight names
 
@@ -319,6 +320,7 @@ def ignorable(key, left_behind):
     """Weights the model leaves behind (its LEFT_BEHIND prefixes), and buffers."""
     return key.startswith(left_behind) or key.endswith("position_ids")
 
+
 def hf_tensors(config, ours):
     """Our weights (state dict ours) under the reference's names (qkv split back into query/key/value for BERT)."""
     out = {}
@@ -327,7 +329,6 @@ def hf_tensors(config, ours):
         for name, part in zip(sources, parts):
             out[name] = part.contiguous()
     return out
-
 
 
 # -----------------------------------------------------------------------------
@@ -397,6 +398,7 @@ def read_weights(model_dir, config, num_layers=None, verbose=True):
         config, state = keep_layers(config, normalise_keys(state, config), num_layers)
     return config, state
 
+
 def save_folder(out_dir, config, head, ours):
     """A checkpoint folder that transformers loads: config.json (config_to_hf, head: the reference class's
     suffix) and model.safetensors, our weights (state dict ours) under the reference's names."""
@@ -409,7 +411,6 @@ def save_folder(out_dir, config, head, ours):
     save_file(state, weights, metadata={"format": "pt"})
     # safetensors creates the file 0600: give it the mode config.json got from the umask, as the other files have
     os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(out_dir, "config.json")).st_mode))
-
 
 
 def check_vocab(tokenizer, vocab_size, model_dir):
