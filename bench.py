@@ -41,7 +41,9 @@ import torch
 
 import model as M
 from data import batch_indices, make_batch, pad_batch, read_table, to_device
-from model import EncoderClassifier, config_from_hf
+from model import EncoderClassifier, flops_per_token
+from side.hf import config_from_hf
+from side.packing import use_packing
 
 NUM_LABELS = 24
 BASE = {
@@ -122,7 +124,7 @@ def peak_above(device, before):
 
 def useful_flops(model, lengths, train):
     """Forward (+ backward) FLOPs spent on real tokens only."""
-    per_token = np.array([model.flops_per_token(n) for n in lengths])
+    per_token = np.array([flops_per_token(model, n) for n in lengths])
     return float((per_token * np.array(lengths)).sum()) / (1 if train else 3)
 
 
@@ -135,7 +137,7 @@ class Ours:
     def __init__(self, hf, device, layout, grad_checkpointing):
         # default: train.py's choice: packed on a GPU once the flash kernel passed its self-check (under
         # "packed", a failed check is an error); elsewhere per batch, packed where padding is over 20%
-        self.packed = M.use_packing(device, "auto", {"default": None, "padded": False, "packed": True}[layout])
+        self.packed = use_packing(device, "auto", {"default": None, "padded": False, "packed": True}[layout])
         self.model = EncoderClassifier(config_from_hf(hf)).to(device)
         self.model.encoder.grad_checkpointing = grad_checkpointing
         self.device = device
@@ -319,7 +321,7 @@ def check(device, amp="auto"):
     dtype = M.amp_dtype(device, amp)
     with warnings.catch_warnings(record=True) as caught:  # the self-check's warning, if it fails
         warnings.simplefilter("always")
-        packed = M.use_packing(device, amp)
+        packed = use_packing(device, amp)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     tiny = EncoderClassifier(config_from_hf(hf_config("bert", tiny=True)))
     fused = tiny.configure_optimizers(0.01, 1e-5, device_type=device.type).defaults["fused"]

@@ -28,7 +28,8 @@ import torch
 
 from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, read_table
 from metrics import compute_metrics, sigmoid, softmax
-from model import EncoderClassifier, check_vocab, window_aggregation
+from model import EncoderClassifier, window_aggregation
+from side.hf import check_vocab
 from side.infer import CPU_BATCH_TOKENS, predict_embeddings, predict_logits
 
 

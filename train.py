@@ -34,13 +34,14 @@ import torch
 from data import IGNORE_INDEX, DataError, LabelEncoder, Split, TextEncoder, batch_indices, make_batch, read_table
 from data import to_device, train_val_split
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
-from model import (MULTI_LABEL, SINGLE_LABEL, EncoderClassifier, FlashCheckError, amp_dtype, autocast, check_vocab,
-                   use_packing)
+from model import EncoderClassifier, amp_dtype, autocast
 from side import checkpoints, distill, options
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
+from side.hf import MULTI_LABEL, SINGLE_LABEL, check_vocab
 from side.logs import TrainLog, plot_curves
 from side.mlm import MaskedLanguageModelling
+from side.packing import FlashCheckError, use_packing
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from data import TextEncoder
-from model import MULTI_LABEL, EncoderClassifier
+from model import EncoderClassifier
+from side.hf import MULTI_LABEL
 from side.options import read_model_folder
 
 

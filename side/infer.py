@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from data import batch_indices, make_batch, to_device
-from model import autocast, use_packing
+from model import autocast
+from side.packing import use_packing
 
 # On a CPU a batch of long texts is cut to at most this many (padded) tokens: smaller matmuls stay in cache.
 # Model time on this 2-core CPU, MiniLM, texts sorted by length, 64 texts a batch against this cap: -23% on

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE_INDEX, Masking, Split, batch_indices, make_mlm_batch, read_table, to_device, train_val_split
-from model import MaskedLM, autocast, check_vocab, use_packing
+from model import MaskedLM, autocast
+from side.hf import check_vocab
+from side.packing import use_packing
 from side.distributed import all_reduce, is_main_rank, rank_rows
 from side.options import dropout_overrides
 

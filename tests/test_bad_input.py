@@ -1,7 +1,6 @@
 """Bad input and faults (issue #16): each case ends with one message naming the problem, never a traceback or a
 silently wrong result, and leaves every file as it was. Most fail before the model loads (milliseconds); the few
 that need a trained folder share one run of the tiny BERT."""
-import csv
 import hashlib
 import json
 import os

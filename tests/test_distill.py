@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import predict
 import train
 from make_golden import padded_batch, save_reference, tiny_reference_model
-from model import EncoderClassifier, global_every, student_layers
+from model import EncoderClassifier
+from side.hf import global_every, student_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from test_robustness import tiny_checkpoint, write_texts
@@ -129,7 +129,7 @@ def test_mix_of_hard_and_soft_losses(multi_label):
 
 
 def tiny_bert(num_labels, problem_type, layers):
-    from model import BertConfig
+    from side.hf import BertConfig
     config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=37, max_position_embeddings=64, num_labels=num_labels,
                         problem_type=problem_type)

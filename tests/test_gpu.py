@@ -6,6 +6,8 @@ import torch
 
 import bench
 import model as M
+from side.hf import config_from_hf
+from side.packing import flash_check
 import train
 from data import make_batch, pack_batch, pad_batch, to_device
 
@@ -30,7 +32,7 @@ def random_texts():
 
 def setup(arch):
     torch.manual_seed(0)
-    model = M.EncoderClassifier(M.config_from_hf(CONFIGS[arch])).cuda().eval()
+    model = M.EncoderClassifier(config_from_hf(CONFIGS[arch])).cuda().eval()
     seqs, labels = random_texts()
     padded = {k: v.cuda() for k, v in pad_batch(seqs, labels, 0).items()}
     packed = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in pack_batch(seqs, labels).items()}
@@ -48,8 +50,8 @@ def test_acceptance_check_passes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_passes_its_self_check(dtype):
     """Global and windowed, forward and backward, through varlen_attn and (with dropout: its mask replayed
-    in backward) the aten op; see model.flash_check."""
-    assert M.flash_check("cuda", dtype) is None
+    in backward) the aten op; see side/packing.flash_check."""
+    assert flash_check("cuda", dtype) is None
 
 
 def test_packed_attention_dropout_follows_the_seed():

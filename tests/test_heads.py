@@ -5,8 +5,9 @@ import torch
 
 from data import pack_batch
 from make_golden import padded_batch
-from model import BertConfig, EncoderClassifier, ModernBertConfig
+from model import EncoderClassifier
 from side import options
+from side.hf import BertConfig, ModernBertConfig
 
 LABELS = 4
 

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import train
 from data import TextEncoder, make_batch, split_windows
-from model import BertConfig, EncoderClassifier, ModernBertConfig
+from model import EncoderClassifier
+from side.hf import BertConfig, ModernBertConfig
 from predict import Predictor
 
 FILLER = [f"w{i}" for i in range(30)]

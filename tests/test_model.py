@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from model import EncoderClassifier, hf_names, load_state_dict
+from model import EncoderClassifier
+from side.hf import hf_names, load_state_dict
 from make_golden import GOLDEN, padded_batch, save_reference, tiny_reference_model
 
 MULTI = "multi_label_classification"
@@ -282,6 +283,7 @@ def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, windows
     from data import make_batch, to_device
     from test_gpu import CONFIGS  # the GPU tests' tiny configs
     import model as M
+    from side.hf import config_from_hf
     device = "meta" if packed else "cpu"
     if packed:  # the GPU branch of attend(), whatever the device
         monkeypatch.setattr(M, "attend", lambda q, k, v, layout, window, dropout:
@@ -289,7 +291,7 @@ def test_compiled_model_is_one_graph_for_every_batch_shape(arch, packed, windows
     hf = dict(CONFIGS[arch], long_document={"strategy": "windows_attention", "max_length": 32}) if windows \
         else CONFIGS[arch]
     with torch.device(device):
-        model = EncoderClassifier(M.config_from_hf(hf))
+        model = EncoderClassifier(config_from_hf(hf))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, dynamic=True, backend="eager")

@@ -19,8 +19,8 @@ import train
 from data import make_batch, pack_batch, pad_batch, to_device
 from make_golden import padded_batch, save_reference, tiny_reference_model
 from predict import Predictor
-from side.infer import predict_logits
-from side import checkpoints
+from side import checkpoints, packing
+from side.hf import config_from_hf
 
 
 def reference_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
@@ -58,7 +58,7 @@ def gpu_path_on_cpu(monkeypatch, kernel=reference_varlen_kernel):
     kernel = kernel if isinstance(kernel, Kernel) else Kernel(kernel)
     monkeypatch.setattr(M, "flash_runs", lambda device, dtype: True)
     monkeypatch.setattr(M, "varlen_kernel", kernel)
-    monkeypatch.setattr(M, "_flash_checks", {})
+    monkeypatch.setattr(packing, "_flash_checks", {})
     return kernel
 
 
@@ -68,9 +68,9 @@ def gpu_path_on_cpu(monkeypatch, kernel=reference_varlen_kernel):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_self_check_passes_a_kernel_that_keeps_the_semantics(monkeypatch, dtype):
     kernel = gpu_path_on_cpu(monkeypatch)
-    assert M.flash_check("cpu", dtype) is None
+    assert packing.flash_check("cpu", dtype) is None
     assert kernel.calls == 4  # global and windowed, with and without dropout: one forward each
-    assert sorted(set(kernel.dropouts)) == [0.0, M.CHECK_DROPOUT]
+    assert sorted(set(kernel.dropouts)) == [0.0, packing.CHECK_DROPOUT]
 
 
 def test_self_check_leaves_the_random_state_alone(monkeypatch):
@@ -78,7 +78,7 @@ def test_self_check_leaves_the_random_state_alone(monkeypatch):
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    M.flash_check("cpu", torch.float32)
+    packing.flash_check("cpu", torch.float32)
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -145,17 +145,17 @@ FAILURES = [  # a broken kernel, the check that must catch it
 @pytest.mark.parametrize("kernel,expected", FAILURES, ids=[f.__name__ for f, _ in FAILURES])
 def test_self_check_names_the_failed_check(monkeypatch, kernel, expected):
     gpu_path_on_cpu(monkeypatch, kernel)
-    assert M.flash_check("cpu", torch.bfloat16).startswith(expected)
+    assert packing.flash_check("cpu", torch.bfloat16).startswith(expected)
 
 
 def test_self_check_catches_the_real_kernel_missing_or_raising(monkeypatch):
     """The real varlen_kernel, unchanged: without varlen_attn (an older torch) the import fails; on the CPU
     torch's flash op exists but raises (no CPU kernel), as a GPU it does not support would."""
     gpu_path_on_cpu(monkeypatch, M.varlen_kernel)
-    assert M.flash_check("cpu", torch.bfloat16).startswith("global layer, dropout 0.0: NotImplementedError: ")
+    assert packing.flash_check("cpu", torch.bfloat16).startswith("global layer, dropout 0.0: NotImplementedError: ")
     monkeypatch.delattr(torch.nn.attention.varlen, "varlen_attn")
-    monkeypatch.setattr(M, "_flash_checks", {})
-    assert M.flash_check("cpu", torch.bfloat16).startswith("global layer, dropout 0.0: ImportError: ")
+    monkeypatch.setattr(packing, "_flash_checks", {})
+    assert packing.flash_check("cpu", torch.bfloat16).startswith("global layer, dropout 0.0: ImportError: ")
 
 
 def test_failed_self_check_warns_once_and_packs_nothing(monkeypatch):
@@ -163,25 +163,25 @@ def test_failed_self_check_warns_once_and_packs_nothing(monkeypatch):
     with pytest.warns(UserWarning, match=rf"flash varlen attention failed its self-check on cpu in torch.float32 "
                                          rf"with torch {re.escape(torch.__version__)}: global layer, dropout 0.0: forward "
                                          r"differs .*Packed batches are off: running on padded batches"):
-        assert M.use_packing(torch.device("cpu"), "auto") is False
+        assert packing.use_packing(torch.device("cpu"), "auto") is False
     calls = kernel.calls
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert M.use_packing(torch.device("cpu"), "auto") is False  # decided: no second check, no second warning
+        assert packing.use_packing(torch.device("cpu"), "auto") is False  # decided: no second check, no second warning
     assert kernel.calls == calls and not caught
-    with pytest.raises(M.FlashCheckError, match=r"failed its self-check .*: global layer, dropout 0.0: forward "
+    with pytest.raises(packing.FlashCheckError, match=r"failed its self-check .*: global layer, dropout 0.0: forward "
                                                 r"differs.*Without --pack"):
-        M.use_packing(torch.device("cpu"), "auto", pack=True)
-    assert M.use_packing(torch.device("cpu"), "auto", pack=False) is False
+        packing.use_packing(torch.device("cpu"), "auto", pack=True)
+    assert packing.use_packing(torch.device("cpu"), "auto", pack=False) is False
 
 
 def test_layout_choice_off_the_flash_path():
     """No flash kernel here (CPU, or CUDA with amp off): by default make_batch packs a batch with more than
     a fifth padding; --pack packs all, --no-pack none."""
     for device, amp in [("cpu", "auto"), ("cuda", "off")]:
-        assert M.use_packing(torch.device(device), amp) is None
-        assert M.use_packing(torch.device(device), amp, pack=True) is True
-        assert M.use_packing(torch.device(device), amp, pack=False) is False
+        assert packing.use_packing(torch.device(device), amp) is None
+        assert packing.use_packing(torch.device(device), amp, pack=True) is True
+        assert packing.use_packing(torch.device(device), amp, pack=False) is False
     little = [[5] * 10, [5] * 10, [5] * 9, [5] * 9]  # 5% padding
     much = [[5] * 10, [5] * 3, [5] * 4, [5] * 10]  # 32% padding
     assert "attention_mask" in make_batch(little, None, 0, packed=None)
@@ -238,7 +238,7 @@ def test_train_py_falls_back_to_padded_batches_or_stops_under_pack(tiny, padded_
         train.main(job(tiny, tmp_path / "fallback", *NO_DROPOUT))
     assert kernel.calls == 1, "the self-check stops at its first failure; nothing else calls the kernel"
     same_run(tmp_path / "fallback", padded_run)
-    monkeypatch.setattr(M, "_flash_checks", {})
+    monkeypatch.setattr(packing, "_flash_checks", {})
     with pytest.raises(SystemExit, match=r"failed its self-check on cpu in torch.float32 with torch .*: global "
                                          r"layer, dropout 0.0: backward dq differs"):
         train.main(job(tiny, tmp_path / "pack", "--pack", *NO_DROPOUT))
@@ -308,7 +308,7 @@ def test_attention_dropout_reaches_the_kernel_in_training_only(monkeypatch):
     """BERT trains with attention dropout (the kernel's dropout path); evaluation passes 0 (varlen_attn)."""
     from test_gpu import CONFIGS
     kernel = gpu_path_on_cpu(monkeypatch)
-    model = M.EncoderClassifier(M.config_from_hf(dict(CONFIGS["bert"], attention_probs_dropout_prob=0.1)))
+    model = M.EncoderClassifier(config_from_hf(dict(CONFIGS["bert"], attention_probs_dropout_prob=0.1)))
     batch = make_batch([[5, 6, 7], [8, 9]], None, 0, packed=True)
     model.train()(**batch)
     model.eval()(**batch)
@@ -348,7 +348,7 @@ def test_autocast_dtype_and_grad_scaler(monkeypatch):
     from test_gpu import CONFIGS
     scalers = []
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scalers.append((device, enabled)))
-    model = M.EncoderClassifier(M.config_from_hf(CONFIGS["bert"]))
+    model = M.EncoderClassifier(config_from_hf(CONFIGS["bert"]))
     cases = [  # device, amp, native bf16, autocast dtype
         ("cuda", "auto", True, torch.bfloat16), ("cuda", "auto", False, torch.float16),
         ("cuda", "bf16", False, torch.bfloat16), ("cuda", "fp16", True, torch.float16),
@@ -373,7 +373,7 @@ def test_fused_adamw_where_it_exists_and_every_optimizer_skips_a_bad_step():
     host check per step); with fp16 the grad scaler skips. Each way, a nan gradient leaves the weights."""
     from test_gpu import CONFIGS
     torch.manual_seed(0)
-    model = M.EncoderClassifier(M.config_from_hf(CONFIGS["bert"]))
+    model = M.EncoderClassifier(config_from_hf(CONFIGS["bert"]))
     assert model.configure_optimizers(0.01, 1e-3, device_type="cuda").defaults["fused"]
     assert not model.configure_optimizers(0.01, 1e-3, device_type="mps").defaults["fused"]
     batch = make_batch([[5, 6, 7], [8, 9]], [0, 1], 0)
