@@ -18,9 +18,7 @@ def check_student(hf, num_layers, teacher_dir, out_dir, encoder, labels):
     """--num-layers fits the checkpoint, and the --teacher folder can teach this run: a classifier of the same
     labels, reading the very batches the student reads (same tokenizer, max_length and long-document scheme).
     Checked before either model loads. Returns the teacher's folder, or None."""
-    layers = hf.get("num_hidden_layers")
-    if layers and num_layers > layers:
-        raise SystemExit(f"--num-layers {num_layers}: the checkpoint has only {layers} layers")
+    check_layers(hf, num_layers)
     if not teacher_dir:
         return None
     if not os.path.isdir(teacher_dir):
@@ -32,6 +30,13 @@ def check_student(hf, num_layers, teacher_dir, out_dir, encoder, labels):
     if problems:
         raise SystemExit(f"--teacher {teacher_dir} cannot teach this run: " + "; ".join(problems))
     return teacher_dir
+
+
+def check_layers(hf, num_layers):
+    """--num-layers keeps at most the layers the checkpoint (its config.json, hf) has."""
+    layers = hf.get("num_hidden_layers")
+    if layers and num_layers > layers:
+        raise SystemExit(f"--num-layers {num_layers}: the checkpoint has only {layers} layers")
 
 
 def teacher_problems(teacher, teacher_dir, encoder, labels):

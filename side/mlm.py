@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from data import IGNORE_INDEX, Masking, Split, batch_indices, make_mlm_batch, read_table, to_device, train_val_split
 from model import MaskedLM, autocast, check_vocab, use_packing
+from side.distill import check_layers
 from side.distributed import all_reduce, is_main_rank, rank_rows
 from side.options import dropout_overrides
 
@@ -40,6 +41,7 @@ class MaskedLanguageModelling:
         # so that train_config.json and --resume see what the run used; lower is better for the loss
         self.cfg = dataclasses.replace(cfg, mlm_probability=rate, metric="loss")
         self.model_dir, self.hf, self.encoder, self.id2label = model_dir, hf, encoder, None
+        check_layers(hf, cfg.num_layers)
         self.splits = load_mlm_splits(self.cfg, encoder, model_dir)
 
     def describe(self):
@@ -51,7 +53,8 @@ class MaskedLanguageModelling:
         try:
             overrides = dropout_overrides(self.hf.get("model_type"), cfg.hidden_dropout, cfg.attention_dropout,
                                           cfg.classifier_dropout)
-            model = MaskedLM.from_pretrained(self.model_dir, overrides=overrides, verbose=is_main_rank())
+            model = MaskedLM.from_pretrained(self.model_dir, overrides=overrides, verbose=is_main_rank(),
+                                             num_layers=cfg.num_layers)
             check_vocab(self.encoder.tokenizer, model.config.vocab_size, self.model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot use the checkpoint {self.model_dir}: {e}") from None
@@ -138,7 +141,7 @@ def mlm_report(cfg, splits, evaluate, device, best, model_dir):
     scored = splits[name]
     after = evaluate(MaskedLM.from_pretrained(cfg.out_dir, device=device, verbose=False), scored)[0]
     torch.manual_seed(cfg.seed)  # an MLM head the start lacks is drawn as the run's was
-    start = MaskedLM.from_pretrained(model_dir, device=device, verbose=False)
+    start = MaskedLM.from_pretrained(model_dir, device=device, verbose=False, num_layers=cfg.num_layers)
     before = evaluate(start, scored)[0]
     lines = [f"best validation loss: {best:.4f}", "",
              f"{name} ({len(scored.seqs)} sequences, {after['masked_tokens']} masked tokens): masked-token prediction",

@@ -1,16 +1,43 @@
 """Faults and bad input in training (issue #27): a full disk, Ctrl-C, options that were silently ignored,
 masked-LM with nothing to score, labels no training row teaches, and misleading messages. Each case ends with one
 message saying what happened and how to go on, and leaves the previous checkpoint whole."""
+import json
 import os
 
 import pytest
 
 import train
+from model import MaskedLM
+from test_mlm import mlm_job, tiny_mlm_checkpoint
+from test_robustness import write_texts
 
 
 def write(path, text):
     path.write_text(text)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Unlabelled notes (one per line) for --task mlm, and a labelled test file."""
+    root = tmp_path_factory.mktemp("faults")
+    rows = open(write_texts(root / "labelled.csv", 30, 0)).read().splitlines()[1:]
+    (root / "notes.txt").write_text("\n".join(row.rsplit(",", 1)[0] for row in rows) + "\n")
+    return {"train": str(root / "notes.txt"), "test": write_texts(root / "test.csv", 8, 1), "root": root}
+
+
+# ----------------------------------------------------------------------------- 3: a smaller masked LM
+
+def test_mlm_keeps_the_layers_num_layers_asks_for(tmp_path, texts):
+    """The tiny BERT has 2 layers: --num-layers 1 trains and saves a masked LM of 1 (it was silently all)."""
+    model = tiny_mlm_checkpoint(tmp_path / "model", "bert")
+    out = tmp_path / "mlm"
+    train.main(mlm_job(model, texts, out, "--num-layers", "1", "--max-steps", "2", "--eval-every", "2"))
+    assert json.load(open(out / "train_config.json"))["num_layers"] == 1
+    assert json.load(open(out / "config.json"))["num_hidden_layers"] == 1
+    assert len(MaskedLM.from_pretrained(out, verbose=False).encoder.layers) == 1
+    with pytest.raises(SystemExit, match=r"--num-layers 3: the checkpoint has only 2 layers"):
+        train.main(mlm_job(model, texts, tmp_path / "too_many", "--num-layers", "3"))
 
 
 # ----------------------------------------------------------------------------- 5: a config file naming another
