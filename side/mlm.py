@@ -97,7 +97,22 @@ def load_mlm_splits(cfg, encoder, model_dir):
               "val": masked_once(encoder.pieces(val_texts), masking)}
     if cfg.test_file:
         splits["test"] = masked_once(encoder.pieces(read(cfg.test_file)), masking)
+    more_val = "a longer --val-file" if cfg.val_file else "a --val-file or a larger --val-fraction"
+    for name, what, more in (("val", "validation", more_val), ("test", "test", "a longer --test-file")):
+        if name in splits:
+            check_something_masked(splits[name], what, cfg.mlm_probability, more)
     return splits
+
+
+def check_something_masked(split, name, rate, more):
+    """An evaluation split with no masked token has nothing to score: its loss would read 0 (perplexity 1) and
+    select a checkpoint on nothing."""
+    if any((labels != IGNORE_INDEX).any() for labels in split.targets):
+        return
+    tokens = sum(len(seq) for seq in split.seqs)
+    raise SystemExit(f"--mlm-probability {rate} masks none of the {tokens} tokens of the {len(split.seqs)} {name} "
+                     f"sequence(s): there is nothing to score. Raise --mlm-probability, or give more {name} text "
+                     f"({more})")
 
 
 def masked_once(seqs, masking):

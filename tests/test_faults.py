@@ -48,3 +48,21 @@ def test_config_key_inside_a_config_file_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match=r"--config .*outer.toml: config = '.*inner.toml': a config file cannot "
                                          r"name another; merge its options into this one"):
         train.parse_config(["--config", outer])
+
+
+# ----------------------------------------------------------------------------- 4: masked-LM with nothing to score
+
+@pytest.mark.parametrize("case", ["rate", "val", "test"])
+def test_mlm_refuses_evaluation_data_without_a_masked_token(tmp_path, texts, case, monkeypatch):
+    """It reported validation loss 0.0000, perplexity 1.00, and picked a "best" checkpoint from that. Two texts of
+    one word each: at 0.15, seed 0 masks neither."""
+    monkeypatch.setattr(MaskedLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    model = tiny_mlm_checkpoint(tmp_path / "model", "bert")
+    two_words = write(tmp_path / "two.txt", "w1\nw2\n")
+    extra = {"rate": ["--mlm-probability", "0.001"], "val": ["--val-file", two_words],
+             "test": ["--test-file", two_words]}[case]
+    split, tokens = ("validation", r"\d+") if case == "rate" else ("test" if case == "test" else "validation", "6")
+    with pytest.raises(SystemExit, match=rf"--mlm-probability [\d.]+ masks none of the {tokens} tokens of the \d+ "
+                                         rf"{split} sequence\(s\): there is nothing to score\. Raise --mlm-prob"):
+        train.main(mlm_job(model, texts, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
