@@ -21,7 +21,6 @@ Progress / evaluate_and_checkpoint   how far a run is, saved at each evaluation 
 train()   the job, read top to bottom; main() turns expected failures into one-line messages
 Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM.
 """
-import collections
 import dataclasses
 import json
 import math
@@ -41,6 +40,7 @@ from side.distributed import (gather_logits, init_distributed, is_main_rank, is_
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.logs import TrainLog, plot_curves
 from side.mlm import MaskedLanguageModelling
+from side.validation import check_validation_share
 
 
 @dataclass
@@ -223,8 +223,7 @@ def load_splits(cfg, encoder):
     else:
         train_rows, val_rows = train_val_split(train.labels, cfg.val_fraction, cfg.seed,
                                                stratify=not train.multi_label)
-        if not train.multi_label:
-            check_every_class_validated(cfg, train.labels, [train.labels[i] for i in val_rows])
+        check_validation_share(cfg.train_file, cfg.val_fraction, train.labels, train_rows, val_rows, train.multi_label)
         splits = {"train": split(train, train_rows), "val": split(train, val_rows)}
     if cfg.test_file:
         splits["test"] = split(read_other(cfg.test_file))
@@ -243,20 +242,6 @@ def encoded_split(table, rows, labels, encoder, unknown_labels):
                         "(--unknown-labels ignore)")
     pairs = [table.pairs[i] for i in rows] if table.pairs else None
     return Split(encoder.encode([table.texts[i] for i in rows], pairs), targets)
-
-
-def check_every_class_validated(cfg, labels, val_labels):
-    """The stratified split takes round(val_fraction x rows) of each class (and leaves one in training): a small
-    class gets no validation row, and without any the run could not select a model. Say what is needed."""
-    counts, validated = collections.Counter(labels), set(val_labels)
-    short = [(name, n) for name, n in sorted(counts.items()) if name not in validated]
-    if not short:
-        return
-    need = max(2, math.ceil(0.5 / cfg.val_fraction - 1e-9))  # the fewest rows that round to one validation row
-    shown = ", ".join(f"{name!r} ({n} row{'s' * (n > 1)})" for name, n in short[:10]) + ", ..." * (len(short) > 10)
-    raise DataError(f"{cfg.train_file}: --val-fraction {cfg.val_fraction} holds out no validation row of "
-                    f"{len(short)} of {len(counts)} classes: {shown}; a class needs at least {need} rows for one. "
-                    "Add rows, give a --val-file, or raise --val-fraction")
 
 
 def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device):

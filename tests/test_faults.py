@@ -3,13 +3,14 @@ masked-LM with nothing to score, labels no training row teaches, and misleading 
 message saying what happened and how to go on, and leaves the previous checkpoint whole."""
 import json
 import os
+import re
 
 import pytest
 
 import train
 from model import MaskedLM
 from test_mlm import mlm_job, tiny_mlm_checkpoint
-from test_robustness import write_texts
+from test_robustness import tiny_checkpoint, write_texts
 
 
 def write(path, text):
@@ -23,7 +24,11 @@ def texts(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     rows = open(write_texts(root / "labelled.csv", 30, 0)).read().splitlines()[1:]
     (root / "notes.txt").write_text("\n".join(row.rsplit(",", 1)[0] for row in rows) + "\n")
-    return {"train": str(root / "notes.txt"), "test": write_texts(root / "test.csv", 8, 1), "root": root}
+    return {"train": str(root / "notes.txt"), "test": write_texts(root / "test.csv", 8, 1), "root": root,
+            "labelled": str(root / "labelled.csv"), "classifier": tiny_checkpoint(root / "classifier")}
+
+
+FAST = ["--max-length", "32", "--batch-size", "4", "--log-every", "1", "--lr", "2e-3"]
 
 
 # ----------------------------------------------------------------------------- 3: a smaller masked LM
@@ -66,3 +71,19 @@ def test_mlm_refuses_evaluation_data_without_a_masked_token(tmp_path, texts, cas
                                          rf"{split} sequence\(s\): there is nothing to score\. Raise --mlm-prob"):
         train.main(mlm_job(model, texts, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 6: labels only in validation
+
+def test_multi_label_split_warns_of_labels_no_training_row_has(tmp_path, texts, capsys):
+    """30 labels of one row each: the 20% validation share holds 6 of them, which no training row has."""
+    rows = open(texts["labelled"]).read().splitlines()[1:]
+    data = write(tmp_path / "rare.csv", "text,labels\n" + "".join(f"{row.rsplit(',', 1)[0]},l{i};common\n"
+                                                                 for i, row in enumerate(rows)))
+    out = tmp_path / "out"
+    train.main(["--model", texts["classifier"], "--train-file", data, "--test-file", "", "--task", "multi",
+                "--val-fraction", "0.2", "--out-dir", str(out), "--max-steps", "1", *FAST])
+    printed = capsys.readouterr().out
+    assert re.search(r"warning: .*rare.csv: 6 of 31 labels occur only in the --val-fraction 0.2 validation share, "
+                     r"in no training row: the model cannot learn them.*\('l\d+' \(1 row\), ", printed), printed
+    assert (out / "model.safetensors").exists()  # a warning: the run goes on
