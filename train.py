@@ -18,7 +18,7 @@ Classification   the objective: labels (single- or multi-label) -> splits, model
 Learner / build_learner / linear_schedule   AdamW with warmup and decay, the grad scaler, DDP/FSDP, compile
 epoch_steps -> train_step -> optimizer_step   a training step (tests/test_train.py checks it against the reference)
 Progress / evaluate_and_checkpoint   how far a run is, saved at each evaluation for --resume
-train()   the job, read top to bottom; main() turns expected failures into one-line messages
+train()   the job, read top to bottom; main() turns expected failures into one-line messages (side/failures.py)
 Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM.
 """
 import dataclasses
@@ -35,7 +35,7 @@ from data import to_device, train_val_split
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
 from model import (MULTI_LABEL, SINGLE_LABEL, EncoderClassifier, FlashCheckError, amp_dtype, autocast, check_vocab,
                    use_packing)
-from side import checkpoints, distill, options
+from side import checkpoints, distill, failures, options
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.logs import TrainLog, plot_curves
@@ -543,7 +543,8 @@ def train(cfg):
     if rank != 0:
         return None
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
-    return objective.report(device, progress.best)
+    with failures.writing(cfg.out_dir, "the report to"):
+        return objective.report(device, progress.best)
 
 
 def describe(cfg, objective, device):
@@ -551,16 +552,6 @@ def describe(cfg, objective, device):
     sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in objective.splits.items())
     return (f"{sizes} {objective.describe()}; device {device}"
             + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
-
-
-def oom_message(cfg):
-    """What to try after an out-of-memory error: the same global batch in smaller pieces."""
-    world = rank_and_world()[1]
-    smaller = max(cfg.batch_size // 2, 1)
-    accum = math.ceil(cfg.batch_size * cfg.grad_accum / smaller)
-    return (f"out of memory with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} (global batch "
-            f"{cfg.batch_size * cfg.grad_accum * world}). Try --batch-size {smaller} --grad-accum {accum}: the "
-            "same global batch in smaller pieces; or a shorter --max-length, --grad-checkpointing, or --fsdp")
 
 
 def parse_config(argv=None):
@@ -576,7 +567,11 @@ def main(argv=None):
     except FlashCheckError as e:  # --pack on a GPU whose flash kernel failed the self-check
         raise SystemExit(str(e)) from None
     except torch.OutOfMemoryError:  # raised by the forward, backward or optimizer step (or an evaluation)
-        raise SystemExit(oom_message(cfg)) from None
+        raise SystemExit(failures.oom_message(cfg.batch_size, cfg.grad_accum)) from None
+    except failures.WriteFailed as e:  # disk full, permission denied, the folder removed: the last checkpoint is whole
+        raise SystemExit(failures.write_failed(e, cfg.out_dir)) from None
+    except KeyboardInterrupt:  # Ctrl-C
+        raise SystemExit(failures.interrupted(cfg.out_dir)) from None
     finally:
         leave_group()  # a run that ended early: leave the process group cleanly
 

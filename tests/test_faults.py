@@ -1,16 +1,26 @@
 """Faults and bad input in training (issue #27): a full disk, Ctrl-C, options that were silently ignored,
 masked-LM with nothing to score, labels no training row teaches, and misleading messages. Each case ends with one
 message saying what happened and how to go on, and leaves the previous checkpoint whole."""
+import errno
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import train
 from model import MaskedLM
+from side import logs
 from test_mlm import mlm_job, tiny_mlm_checkpoint
-from test_robustness import tiny_checkpoint, write_texts
+from test_robustness import (ROOT, assert_same_run, job, last_state, tiny, tiny_checkpoint,  # noqa: F401 (fixtures)
+                             uninterrupted, write_texts)
+
+FULL = os.strerror(errno.ENOSPC)  # "No space left on device"
 
 
 def write(path, text):
@@ -31,13 +41,154 @@ def texts(tmp_path_factory):
 FAST = ["--max-length", "32", "--batch-size", "4", "--log-every", "1", "--lr", "2e-3"]
 
 
+# ----------------------------------------------------------------------------- 1: a full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size): a folder on a tmpfs of that size (root only: skipped where mount is not permitted);
+    grow(folder): room again, as after freeing space. Unmounted afterwards."""
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode or os.geteuid() != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+        mounted.append(folder)
+        return folder
+
+    mount.grow = lambda folder: subprocess.run(["mount", "-o", "remount,size=20m", str(folder)], check=True)
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_full_disk_before_the_first_checkpoint(tiny, small_disk):
+    """The issue's case: --out-dir on a 200 KB tmpfs. The first training state (about 300 KB) does not fit."""
+    out = small_disk("200k") / "out"
+    with pytest.raises(SystemExit, match=rf"^cannot write the training state {out}/last/state.pt: {FULL}\. Once "
+                                         r"there is space, run the same command with --overwrite: there is no "
+                                         r"checkpoint to resume from yet$"):
+        train.main(job(tiny, out))
+    assert not [name for name in os.listdir(out / "last") if name.startswith(".tmp-")], "no debris left"
+
+
+def test_full_disk_mid_run_keeps_the_checkpoint_and_resumes(tiny, uninterrupted, small_disk):
+    """600 KB holds the first checkpoint (model 85 KB, state 300 KB) but not the next one beside it. After
+    space is freed, --resume ends with the weights of a run that never stopped."""
+    disk = small_disk("600k")
+    out = disk / "out"
+    with pytest.raises(SystemExit, match=rf"^cannot write the (training state {out}/last/state.pt|model to {out}): "
+                                         rf"{FULL}\. Once there is space, run the same command with --resume: it "
+                                         rf"continues from the last checkpoint, {out}/last/state.pt \(step 2\)$"):
+        train.main(job(tiny, out))
+    assert last_state(out)["step"] == 2
+    small_disk.grow(disk)
+    train.main(job(tiny, out, "--resume"))
+    assert_same_run(out, uninterrupted)
+
+
+def saves_until_full(real_save, calls):
+    """torch.save, failing from its calls-th call on as it does on a full disk: part of the file written, then a
+    RuntimeError about stream positions whose context is the OSError."""
+    count = []
+
+    def save(obj, f, *args, **kwargs):
+        count.append(1)
+        if len(count) < calls:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"part of a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, FULL)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return save
+
+
+class FullLog:
+    """metrics.jsonl's file, whose writes fail once `rows` rows are written."""
+
+    def __init__(self, file, rows):
+        self.file, self.rows = file, rows
+
+    def write(self, text):
+        self.rows -= 1
+        if self.rows < 0:
+            raise OSError(errno.ENOSPC, FULL)
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+@pytest.mark.parametrize("what", ["state", "log", "report"])
+def test_failed_write_names_the_path_and_resumes(tiny, uninterrupted, tmp_path, monkeypatch, what):
+    """The portable variant: a write that raises ENOSPC (the training state's second save, the log's fifth row,
+    the report); the message names the path and --resume, and --resume ends as the uninterrupted run."""
+    out = tmp_path / "out"
+    if what == "state":
+        monkeypatch.setattr(torch, "save", saves_until_full(torch.save, 2))
+        failed, step = rf"the training state {out}/last/state.pt", 2
+    elif what == "log":
+        real_init = logs.TrainLog.__init__
+
+        def init(self, *args):
+            real_init(self, *args)
+            self.file = FullLog(self.file, 5)
+        monkeypatch.setattr(logs.TrainLog, "__init__", init)
+        failed, step = rf"the log {out}/metrics.jsonl", 2
+    else:
+        monkeypatch.setattr(train, "final_report", lambda *a: open(os.path.join(out, "..", "missing", "r"), "w"))
+        failed, step = rf"the report to {out}", 14
+    with pytest.raises(SystemExit, match=rf"^cannot write {failed}: .*\. Once .*, run the same command with "
+                                         rf"--resume: it continues from the last checkpoint, .*\(step {step}\)$"):
+        train.main(job(tiny, out))
+    monkeypatch.undo()
+    train.main(job(tiny, out, "--resume"))
+    assert_same_run(out, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- 2: Ctrl-C
+
+def test_ctrl_c_names_the_last_checkpoint_and_resumes(tiny, uninterrupted, tmp_path):
+    """SIGINT to a real training process (SIGINT at its default: a background process of a non-interactive shell
+    would ignore it), once its first checkpoint is written; then --resume ends as the uninterrupted run."""
+    out = tmp_path / "interrupted"
+    slow = ("import sys, time, train\nstep = train.optimizer_step\n"
+            "train.optimizer_step = lambda *a: (time.sleep(0.2), step(*a))[1]\ntrain.main(sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", slow, *job(tiny, out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 600
+    while not os.path.exists(out / "last" / "state.pt") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=600)[1]
+    step = last_state(out)["step"]
+    assert process.returncode == 1 and step < 14, stderr
+    assert "Traceback" not in stderr and stderr.strip() == (
+        f"interrupted (Ctrl-C). Run the same command with --resume: it continues from the last checkpoint, "
+        f"{out}/last/state.pt (step {step})"), stderr
+    train.main(job(tiny, out, "--resume"))
+    assert_same_run(out, uninterrupted)
+
+
 # ----------------------------------------------------------------------------- 3: a smaller masked LM
 
-def test_mlm_keeps_the_layers_num_layers_asks_for(tmp_path, texts):
-    """The tiny BERT has 2 layers: --num-layers 1 trains and saves a masked LM of 1 (it was silently all)."""
-    model = tiny_mlm_checkpoint(tmp_path / "model", "bert")
-    out = tmp_path / "mlm"
+@pytest.fixture(scope="module")
+def small_mlm(texts):
+    """A masked LM of 1 of the tiny BERT's 2 layers, trained 2 steps with --num-layers 1."""
+    model = tiny_mlm_checkpoint(texts["root"] / "mlm_model", "bert")
+    out = texts["root"] / "small_mlm"
     train.main(mlm_job(model, texts, out, "--num-layers", "1", "--max-steps", "2", "--eval-every", "2"))
+    return {"model": model, "out": out}
+
+
+def test_mlm_keeps_the_layers_num_layers_asks_for(tmp_path, texts, small_mlm):
+    """The tiny BERT has 2 layers: --num-layers 1 trains and saves a masked LM of 1 (it was silently all)."""
+    model, out = small_mlm["model"], small_mlm["out"]
     assert json.load(open(out / "train_config.json"))["num_layers"] == 1
     assert json.load(open(out / "config.json"))["num_hidden_layers"] == 1
     assert len(MaskedLM.from_pretrained(out, verbose=False).encoder.layers) == 1
@@ -87,3 +238,4 @@ def test_multi_label_split_warns_of_labels_no_training_row_has(tmp_path, texts, 
     assert re.search(r"warning: .*rare.csv: 6 of 31 labels occur only in the --val-fraction 0.2 validation share, "
                      r"in no training row: the model cannot learn them.*\('l\d+' \(1 row\), ", printed), printed
     assert (out / "model.safetensors").exists()  # a warning: the run goes on
+
