@@ -26,6 +26,11 @@ def check_student(hf, num_layers, teacher_dir, out_dir, encoder, labels):
     if os.path.realpath(teacher_dir) == os.path.realpath(out_dir):
         raise SystemExit(f"--out-dir {out_dir} is the --teacher: the student would replace it; pass another")
     teacher = read_model_folder(teacher_dir)
+    architectures = teacher.get("architectures") or ["ForSequenceClassification"]  # none named: judge by the labels
+    if not teacher.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise SystemExit(f"--teacher {teacher_dir}: not a fine-tuned classifier ({', '.join(architectures)}, "
+                         f"{'no labels' if not teacher.get('id2label') else 'no classifier head'} in its config.json): "
+                         "fine-tune it on this data first (train.py --model it), then distil from that folder")
     problems = teacher_problems(teacher, teacher_dir, encoder, labels)
     if problems:
         raise SystemExit(f"--teacher {teacher_dir} cannot teach this run: " + "; ".join(problems))

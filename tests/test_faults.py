@@ -239,3 +239,33 @@ def test_multi_label_split_warns_of_labels_no_training_row_has(tmp_path, texts, 
                      r"in no training row: the model cannot learn them.*\('l\d+' \(1 row\), ", printed), printed
     assert (out / "model.safetensors").exists()  # a warning: the run goes on
 
+
+# ----------------------------------------------------------------------------- 8: misleading messages (training)
+
+def test_jsonl_text_that_is_a_number_is_named_so(tiny, tmp_path):
+    data = write(tmp_path / "numbers.jsonl", '{"text": "w1 w2", "label": "c0"}\n{"text": 42, "label": "c1"}\n')
+    with pytest.raises(SystemExit, match=r"^data error: .*numbers.jsonl: row 2 \(line 2\): the text in column 'text' "
+                                         r"is a number \(42\), not a string: write it in quotes$"):
+        train.main(job(tiny, tmp_path / "out", "--train-file", data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_masked_lm_folder_as_teacher_is_named_so(tiny, small_mlm, tmp_path):
+    """It listed the MLM folder's labels as "single-label, 0: "."""
+    with pytest.raises(SystemExit, match=rf"^--teacher {small_mlm['out']}: not a fine-tuned classifier "
+                                         r"\(BertForMaskedLM, no labels in its config.json\): fine-tune it on this "
+                                         r"data first \(train.py --model it\), then distil from that folder$"):
+        train.main(job(tiny, tmp_path / "out", "--teacher", str(small_mlm["out"])))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 9: empty and invisible texts
+
+@pytest.mark.parametrize("blank", ["", "  ", "\u00a0", "\u200b", "\u200b\u00a0\ufeff\u00ad\u2060"])
+def test_one_rule_for_empty_and_invisible_training_texts(tiny, tmp_path, blank):
+    """A row of only U+200B was accepted while one of U+00A0 was refused: both are refused now."""
+    data = write(tmp_path / "blank.csv", f"text,label\nw1 w2,c0\n{blank},c1\n")
+    with pytest.raises(SystemExit, match=r"^data error: .*blank.csv: row 2 \(line 3\): empty text in column 'text' "
+                                         r"\(nothing, or only spaces and invisible characters\)$"):
+        train.main(job(tiny, tmp_path / "out", "--train-file", data))
+    assert not (tmp_path / "out").exists()
