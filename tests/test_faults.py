@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
+import predict
 import train
+from data import DataError
 from model import MaskedLM
 from side import logs
 from test_mlm import mlm_job, tiny_mlm_checkpoint
@@ -269,3 +271,42 @@ def test_one_rule_for_empty_and_invisible_training_texts(tiny, tmp_path, blank):
                                          r"\(nothing, or only spaces and invisible characters\)$"):
         train.main(job(tiny, tmp_path / "out", "--train-file", data))
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 7, 8, 9: predict.py
+
+def test_pair_model_without_its_second_text_warns(tiny, tmp_path, capsys):
+    """train_config.json records the pair column: predict.py and the Predictor API say when it is not given."""
+    rows = open(tiny["train"]).read().splitlines()[1:]
+    pairs = write(tmp_path / "pairs.csv", "text,hypothesis,label\n" + "".join(
+        f"{row.rsplit(',', 1)[0]},w{i % 7} w{i % 5},{row.rsplit(',', 1)[1]}\n" for i, row in enumerate(rows)))
+    out = tmp_path / "pairs"
+    train.main(job(tiny, out, "--train-file", pairs, "--val-file", "", "--text-pair-column", "hypothesis",
+                   "--max-steps", "2"))
+    capsys.readouterr()
+    warning = (rf"warning: {out} was trained on sentence pairs \(--text-pair-column hypothesis\); these texts come "
+               r"without their second text: pass --text-pair-column \(Predictor: pairs=\)")
+    predict.main(["--model", str(out), "--text", "w1 w2"])
+    assert re.search(warning, capsys.readouterr().err)
+    predict.Predictor(str(out)).predict(["w1 w2"])
+    assert re.search(warning, capsys.readouterr().err)
+    predict.main(["--model", str(out), "--input", pairs, "--text-pair-column", "hypothesis"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_bad_window_stride_in_predict_is_not_blamed_on_the_checkpoint(uninterrupted):
+    with pytest.raises(SystemExit, match=r"^window stride 999 must be between 1 and 30 \(the text tokens of a window "
+                                         r"of max_length 32: a larger stride would skip tokens\)$"):
+        predict.main(["--model", str(uninterrupted), "--long-docs", "windows_mean", "--window-stride", "999",
+                      "--text", "w1 w2"])
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\u00a0", "\u200b", "\ufeff\u200d"])
+def test_python_api_refuses_empty_and_invisible_texts_as_the_cli_does(uninterrupted, blank):
+    predictor = predict.Predictor(str(uninterrupted))
+    message = r"^text 2 \(of 3\): empty, or only spaces and invisible characters; there is nothing to read$"
+    for call in (predictor.predict, predictor.embeddings):
+        with pytest.raises(DataError, match=message):
+            call(["w1 w2", blank, "w3"])
+    with pytest.raises(SystemExit, match=r"^--text number 2 is empty \(or only spaces and invisible characters\)"):
+        predict.main(["--model", str(uninterrupted), "--text", "w1", "--text", blank])
