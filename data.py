@@ -15,6 +15,7 @@ import csv
 import io
 import itertools
 import json
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,17 @@ MISSING_LABELS = ("nan", "null", "none", "n/a", "<na>")
 
 class DataError(ValueError):
     """The user's data (not our code) is wrong; the message says where and how."""
+
+
+class OptionError(ValueError):
+    """An option (max_length, the window stride) does not fit the checkpoint's tokenizer; the message says why."""
+
+
+def is_blank_text(text):
+    """A text with nothing to read: empty, or only whitespace (no-break spaces too: Unicode Z*) and invisible
+    characters (controls and format characters: zero-width space U+200B, joiners, the BOM, soft hyphens). One rule
+    for training files, predict.py's --text and files, and the Predictor API. Stops at the first visible character."""
+    return not any(unicodedata.category(c)[0] != "Z" and unicodedata.category(c) not in ("Cc", "Cf") for c in text)
 
 
 @dataclass
@@ -258,14 +270,25 @@ def read_table(path, text_column="text", label_column=None, multi_label=None, la
 
 
 def _texts(path, records, column):
-    """The column's text of every record; an empty or missing one is an error naming its row."""
+    """The column's text of every record; a missing, blank (is_blank_text) or non-string one is an error naming its
+    row."""
     texts = []
     for where, record in records:
         value = record.get(column)
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{path}: {where}: empty or missing text in column {column!r}")
+        if value is None:
+            raise DataError(f"{path}: {where}: no text in column {column!r} (missing, or JSON null)")
+        if not isinstance(value, str):  # JSONL: a number, true/false, a list or an object
+            kind = JSON_TYPES.get(type(value), type(value).__name__)
+            raise DataError(f"{path}: {where}: the text in column {column!r} is {kind} ({json.dumps(value)[:40]}), "
+                            "not a string: write it in quotes")
+        if is_blank_text(value):
+            raise DataError(f"{path}: {where}: empty text in column {column!r} (nothing, or only spaces and invisible "
+                            "characters)")
         texts.append(value)
     return texts
+
+
+JSON_TYPES = {int: "a number", float: "a number", bool: "true or false", list: "a list", dict: "an object"}
 
 
 # ----------------------------------------------------------------------------- labels
@@ -494,10 +517,10 @@ class TextEncoder:
         self.stride = (stride or max(self.budget // 2, 1)) if self.windows else None
         specials = max_length - self.budget
         if self.budget < 1:
-            raise ValueError(f"max_length {max_length} leaves no room for text: the special tokens take {specials}; "
+            raise OptionError(f"max_length {max_length} leaves no room for text: the special tokens take {specials}; "
                              f"use at least {specials + 1}")
         if self.windows and not 1 <= self.stride <= self.budget:
-            raise ValueError(f"window stride {stride} must be between 1 and {self.budget} (the text tokens of a "
+            raise OptionError(f"window stride {stride} must be between 1 and {self.budget} (the text tokens of a "
                              f"window of max_length {max_length}: a larger stride would skip tokens)")
         # config.json's long_document: predict.py rebuilds this encoder from it
         self.long_document = {"strategy": long_docs, "max_length": max_length}
@@ -506,7 +529,14 @@ class TextEncoder:
 
     def encode(self, texts, pairs=None) -> list:
         """Per text: its ids, or its list of windows (windows_*). pairs: each text's second text; then per pair
-        its PairIds, truncated as the reference's `longest_first` (head and native only)."""
+        its PairIds, truncated as the reference's `longest_first` (head and native only). A blank text (is_blank_text)
+        is an error: there would be nothing to read but the special tokens."""
+        texts = list(texts)
+        for name, given in (("text", texts), ("text_pair", pairs or ())):
+            blank = [i for i, text in enumerate(given, 1) if is_blank_text(text)]
+            if blank:
+                raise DataError(f"{_first(blank, 5, name)} (of {len(given)}): empty, or only spaces and invisible "
+                                "characters; there is nothing to read")
         if pairs is not None:
             return self.encode_pairs(texts, pairs)
         wrap = lambda ids: self.prefix + ids + self.suffix

@@ -730,7 +730,7 @@ class MaskedLM(EncoderModel):
         return c.initializer_range
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype=None, device=None, overrides=None, verbose=True):
+    def from_pretrained(cls, model_dir, dtype=None, device=None, overrides=None, verbose=True, num_layers=None):
         """Load a checkpoint folder: an MLM checkpoint, a bare encoder or a classifier (its head left behind). An MLM
         head it lacks (all-MiniLM-L6-v2 has none) is initialised as the reference does, and reported."""
-        return cls.load(model_dir, read_config(model_dir, overrides=overrides), dtype, device, verbose)
+        return cls.load(model_dir, read_config(model_dir, overrides=overrides), dtype, device, verbose, num_layers)

@@ -17,6 +17,7 @@ Multi-label checkpoints return every label whose probability reaches its thresho
 import argparse
 import copy
 import csv
+import io
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from data import LONG_DOCS, DataError, LabelEncoder, TextEncoder, read_table
+from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, read_table
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
 from side.hf import check_vocab
@@ -93,9 +94,19 @@ class Predictor:
         check_vocab(self.encoder.tokenizer, config.vocab_size, model_dir)
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
         self.batch_size, self.batch_tokens, self.amp = batch_size, batch_tokens, amp
+        options = os.path.join(model_dir, "train_config.json")  # train.py's: the pair column it trained with
+        with open(options) if os.path.isfile(options) else io.StringIO("{}") as f:
+            self.pair_column = json.load(f).get("text_pair_column")
+
+    def encode(self, texts, pairs=None):
+        if pairs is None and self.pair_column:
+            print(f"warning: {self.model_dir} was trained on sentence pairs (--text-pair-column {self.pair_column}); "
+                  "these texts come without their second text: pass --text-pair-column (Predictor: pairs=)",
+                  file=sys.stderr)
+        return self.encoder.encode(texts, pairs)
 
     def logits(self, texts, pairs=None):
-        return self.score(self.encoder.encode(texts, pairs))
+        return self.score(self.encode(texts, pairs))
 
     def score(self, seqs, model=None):
         """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32)."""
@@ -108,7 +119,7 @@ class Predictor:
         """One vector per text, as the classifier pools its token vectors (a checkpoint without a classifier, such
         as a bare or masked-LM encoder, has no pooling of its own: mean pooling)."""
         pooling = "mean" if self.model.fresh_head else None
-        seqs = self.encoder.encode(texts, pairs)
+        seqs = self.encode(texts, pairs)
         return predict_embeddings(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp, pooling=pooling,
                                   max_tokens=self.batch_tokens)
 
@@ -143,7 +154,7 @@ def scored(predictor, texts, pairs=None):
     """The logits of texts, saying how fast the model scored them (tokenizing apart); with int8, also how closely
     and how fast the fp32 model scores the same texts."""
     start = time.perf_counter()
-    seqs = predictor.encoder.encode(texts, pairs)
+    seqs = predictor.encode(texts, pairs)
     tokenized = time.perf_counter()
     logits = predictor.score(seqs)
     seconds = max(time.perf_counter() - tokenized, 1e-9)
@@ -243,6 +254,8 @@ def main(argv=None):
             return write_embeddings(args.embeddings, predictor.embeddings(texts, pairs))
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    except OptionError as e:  # --max-length or --window-stride: the checkpoint is fine
+        raise SystemExit(str(e)) from None
     except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
         raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
     logits = scored(predictor, texts, pairs)
@@ -274,8 +287,8 @@ def check_arguments(args):
                "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)")}
     bad = [f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}" for name, (ok, what) in allowed.items()
            if not ok]
-    bad += [f"--text number {i} is empty: there is nothing to label" for i, text in enumerate(args.text or [], 1)
-            if not text.strip()]
+    bad += [f"--text number {i} is empty (or only spaces and invisible characters): there is nothing to label"
+            for i, text in enumerate(args.text or [], 1) if is_blank_text(text)]
     if not os.path.isdir(args.model):
         bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
     if args.int8 and args.device and args.device.split(":")[0] != "cpu":

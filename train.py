@@ -18,10 +18,9 @@ Classification   the objective: labels (single- or multi-label) -> splits, model
 Learner / build_learner / linear_schedule   AdamW with warmup and decay, the grad scaler, DDP/FSDP, compile
 epoch_steps -> train_step -> optimizer_step   a training step (tests/test_train.py checks it against the reference)
 Progress / evaluate_and_checkpoint   how far a run is, saved at each evaluation for --resume
-train()   the job, read top to bottom; main() turns expected failures into one-line messages
+train()   the job, read top to bottom; main() turns expected failures into one-line messages (side/failures.py)
 Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM.
 """
-import collections
 import dataclasses
 import json
 import math
@@ -35,13 +34,14 @@ from data import IGNORE_INDEX, DataError, LabelEncoder, Split, TextEncoder, batc
 from data import to_device, train_val_split
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
 from model import EncoderClassifier, amp_dtype, autocast
-from side import checkpoints, distill, options
+from side import checkpoints, distill, failures, options
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.hf import MULTI_LABEL, SINGLE_LABEL, check_vocab
 from side.logs import TrainLog, plot_curves
 from side.mlm import MaskedLanguageModelling
 from side.packing import FlashCheckError, use_packing
+from side.validation import check_validation_share
 
 
 @dataclass
@@ -224,8 +224,7 @@ def load_splits(cfg, encoder):
     else:
         train_rows, val_rows = train_val_split(train.labels, cfg.val_fraction, cfg.seed,
                                                stratify=not train.multi_label)
-        if not train.multi_label:
-            check_every_class_validated(cfg, train.labels, [train.labels[i] for i in val_rows])
+        check_validation_share(cfg.train_file, cfg.val_fraction, train.labels, train_rows, val_rows, train.multi_label)
         splits = {"train": split(train, train_rows), "val": split(train, val_rows)}
     if cfg.test_file:
         splits["test"] = split(read_other(cfg.test_file))
@@ -244,20 +243,6 @@ def encoded_split(table, rows, labels, encoder, unknown_labels):
                         "(--unknown-labels ignore)")
     pairs = [table.pairs[i] for i in rows] if table.pairs else None
     return Split(encoder.encode([table.texts[i] for i in rows], pairs), targets)
-
-
-def check_every_class_validated(cfg, labels, val_labels):
-    """The stratified split takes round(val_fraction x rows) of each class (and leaves one in training): a small
-    class gets no validation row, and without any the run could not select a model. Say what is needed."""
-    counts, validated = collections.Counter(labels), set(val_labels)
-    short = [(name, n) for name, n in sorted(counts.items()) if name not in validated]
-    if not short:
-        return
-    need = max(2, math.ceil(0.5 / cfg.val_fraction - 1e-9))  # the fewest rows that round to one validation row
-    shown = ", ".join(f"{name!r} ({n} row{'s' * (n > 1)})" for name, n in short[:10]) + ", ..." * (len(short) > 10)
-    raise DataError(f"{cfg.train_file}: --val-fraction {cfg.val_fraction} holds out no validation row of "
-                    f"{len(short)} of {len(counts)} classes: {shown}; a class needs at least {need} rows for one. "
-                    "Add rows, give a --val-file, or raise --val-fraction")
 
 
 def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device):
@@ -559,7 +544,8 @@ def train(cfg):
     if rank != 0:
         return None
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
-    return objective.report(device, progress.best)
+    with failures.writing(cfg.out_dir, "the report to"):
+        return objective.report(device, progress.best)
 
 
 def describe(cfg, objective, device):
@@ -567,16 +553,6 @@ def describe(cfg, objective, device):
     sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in objective.splits.items())
     return (f"{sizes} {objective.describe()}; device {device}"
             + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
-
-
-def oom_message(cfg):
-    """What to try after an out-of-memory error: the same global batch in smaller pieces."""
-    world = rank_and_world()[1]
-    smaller = max(cfg.batch_size // 2, 1)
-    accum = math.ceil(cfg.batch_size * cfg.grad_accum / smaller)
-    return (f"out of memory with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} (global batch "
-            f"{cfg.batch_size * cfg.grad_accum * world}). Try --batch-size {smaller} --grad-accum {accum}: the "
-            "same global batch in smaller pieces; or a shorter --max-length, --grad-checkpointing, or --fsdp")
 
 
 def parse_config(argv=None):
@@ -592,7 +568,11 @@ def main(argv=None):
     except FlashCheckError as e:  # --pack on a GPU whose flash kernel failed the self-check
         raise SystemExit(str(e)) from None
     except torch.OutOfMemoryError:  # raised by the forward, backward or optimizer step (or an evaluation)
-        raise SystemExit(oom_message(cfg)) from None
+        raise SystemExit(failures.oom_message(cfg.batch_size, cfg.grad_accum)) from None
+    except failures.WriteFailed as e:  # disk full, permission denied, the folder removed: the last checkpoint is whole
+        raise SystemExit(failures.write_failed(e, cfg.out_dir)) from None
+    except KeyboardInterrupt:  # Ctrl-C
+        raise SystemExit(failures.interrupted(cfg.out_dir)) from None
     finally:
         leave_group()  # a run that ended early: leave the process group cleanly
 

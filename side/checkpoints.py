@@ -1,7 +1,8 @@
 """Checkpoints, written atomically, and exact resume: out_dir/last/state.pt holds all that --resume needs.
 
 save_checkpoint / keep_recent   weights + config.json + tokenizer + train_config.json, each renamed into place
-atomic_torch_save / fsync / remove_debris   a write is whole or absent, whenever a kill comes
+atomic_torch_save / fsync / remove_debris   a write is whole or absent, whenever a kill comes; one that fails
+    (disk full, permission denied) raises failures.WriteFailed naming the path
 full_state / unsharded   whole state dicts (also under FSDP) and a plain model to save from them
 rng_state / set_rng_state / all_rng_states   every rank's random generators
 save_training_state -> load_training_state -> restore_training_state   the resume state, checked before use
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from side.distributed import all_rng_gather, rank_and_world
+from side.failures import writing
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
@@ -31,51 +33,54 @@ def save_checkpoint(model, folder, model_dir, options):
     """Weights + config.json (labels, thresholds) + tokenizer files + the exact training options.
     They are written into a temp folder inside `folder`, then each file is renamed over the old one:
     a kill mid-write leaves the previous model.safetensors whole, never a torn one."""
-    os.makedirs(folder, exist_ok=True)
-    remove_debris(folder)
-    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
-    try:
-        model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(model_dir, name)):
-                shutil.copy(os.path.join(model_dir, name), tmp)
-        with open(os.path.join(tmp, "train_config.json"), "w") as f:
-            json.dump(options, f, indent=2)
-        for name in sorted(os.listdir(tmp)):
-            fsync(os.path.join(tmp, name))
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-        fsync(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(folder, "the model to"):
+        os.makedirs(folder, exist_ok=True)
+        remove_debris(folder)
+        tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
+        try:
+            model.save_pretrained(tmp)
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(model_dir, name)):
+                    shutil.copy(os.path.join(model_dir, name), tmp)
+            with open(os.path.join(tmp, "train_config.json"), "w") as f:
+                json.dump(options, f, indent=2)
+            for name in sorted(os.listdir(tmp)):
+                fsync(os.path.join(tmp, name))
+                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+            fsync(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def keep_recent(model, out_dir, keep, step, model_dir, options):
     """out_dir/checkpoints/step-N for the last `keep` evaluations (--keep-checkpoints)."""
     folder = os.path.join(out_dir, "checkpoints")
     save_checkpoint(model, os.path.join(folder, f"step-{step}"), model_dir, options)
-    saved = sorted(os.listdir(folder), key=lambda name: int(name.split("-")[1]))
-    for old in saved[:-keep]:
-        shutil.rmtree(os.path.join(folder, old))
+    with writing(folder, "the checkpoints folder"):
+        saved = sorted(os.listdir(folder), key=lambda name: int(name.split("-")[1]))
+        for old in saved[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
 
 
 def atomic_torch_save(obj, path):
     """torch.save into a temp file beside path, fsync, rename over path: whenever a kill comes, path
     holds the previous state or the new one, whole."""
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    remove_debris(folder)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the folder's other files follow the umask
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync(folder)
+    with writing(path, "the training state"):
+        os.makedirs(folder, exist_ok=True)
+        remove_debris(folder)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the folder's files follow the umask
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        fsync(folder)
 
 
 def current_umask():

@@ -19,9 +19,7 @@ def check_student(hf, num_layers, teacher_dir, out_dir, encoder, labels):
     """--num-layers fits the checkpoint, and the --teacher folder can teach this run: a classifier of the same
     labels, reading the very batches the student reads (same tokenizer, max_length and long-document scheme).
     Checked before either model loads. Returns the teacher's folder, or None."""
-    layers = hf.get("num_hidden_layers")
-    if layers and num_layers > layers:
-        raise SystemExit(f"--num-layers {num_layers}: the checkpoint has only {layers} layers")
+    check_layers(hf, num_layers)
     if not teacher_dir:
         return None
     if not os.path.isdir(teacher_dir):
@@ -29,10 +27,22 @@ def check_student(hf, num_layers, teacher_dir, out_dir, encoder, labels):
     if os.path.realpath(teacher_dir) == os.path.realpath(out_dir):
         raise SystemExit(f"--out-dir {out_dir} is the --teacher: the student would replace it; pass another")
     teacher = read_model_folder(teacher_dir)
+    architectures = teacher.get("architectures") or ["ForSequenceClassification"]  # none named: judge by the labels
+    if not teacher.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise SystemExit(f"--teacher {teacher_dir}: not a fine-tuned classifier ({', '.join(architectures)}, "
+                         f"{'no labels' if not teacher.get('id2label') else 'no classifier head'} in its config.json): "
+                         "fine-tune it on this data first (train.py --model it), then distil from that folder")
     problems = teacher_problems(teacher, teacher_dir, encoder, labels)
     if problems:
         raise SystemExit(f"--teacher {teacher_dir} cannot teach this run: " + "; ".join(problems))
     return teacher_dir
+
+
+def check_layers(hf, num_layers):
+    """--num-layers keeps at most the layers the checkpoint (its config.json, hf) has."""
+    layers = hf.get("num_hidden_layers")
+    if layers and num_layers > layers:
+        raise SystemExit(f"--num-layers {num_layers}: the checkpoint has only {layers} layers")
 
 
 def teacher_problems(teacher, teacher_dir, encoder, labels):

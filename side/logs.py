@@ -13,6 +13,7 @@ import time
 import torch
 
 from side.distributed import global_mean, is_main_rank
+from side.failures import writing
 
 
 class TrainLog:
@@ -25,12 +26,14 @@ class TrainLog:
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.metric, self.columns, self.steps_per_epoch = metric, columns, steps_per_epoch
         resumed = progress.evals > 0  # a saved state always comes after an evaluation
-        os.makedirs(out_dir, exist_ok=True)
         if self.main_rank and resume:
             print(f"resuming at step {progress.step}" if resumed else
                   f"--resume: no {out_dir}/last yet, starting afresh")
-            trim_log(self.path, progress.step)
-        self.file = open(self.path, "a" if resumed else "w") if self.main_rank else open(os.devnull, "w")
+        with writing(self.path, "the log"):
+            os.makedirs(out_dir, exist_ok=True)
+            if self.main_rank and resume:
+                trim_log(self.path, progress.step)
+            self.file = open(self.path, "a" if resumed else "w") if self.main_rank else open(os.devnull, "w")
         self.bar = ProgressBar(total_steps, progress.step)
         self.running = torch.zeros(2, device=device)  # [sum of losses, batches]
         self.restart_clock()
@@ -44,8 +47,7 @@ class TrainLog:
 
     def training(self, step, lr, skipped):
         loss = global_mean(self.running)  # with check_bad_steps, the only host syncs between evaluations
-        row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "skipped_steps": skipped}
-        self.file.write(json.dumps(row) + "\n")
+        self.write({"kind": "train", "step": step, "loss": loss, "lr": lr, "skipped_steps": skipped})
         if self.main_rank:
             self.bar.update(step, loss, lr, self.tokens / (time.time() - self.clock))
 
@@ -56,12 +58,18 @@ class TrainLog:
         if self.main_rank:
             self.bar.newline()
             print(evaluation_row(epoch, progress.step, train_loss, metrics, self.columns, progress.evals == 0))
-        self.file.write(json.dumps({"kind": "eval", "step": progress.step, "epoch": epoch, "metric": self.metric,
-                                    **metrics}) + "\n")
-        self.file.flush()
+        self.write({"kind": "eval", "step": progress.step, "epoch": epoch, "metric": self.metric, **metrics},
+                   flush=True)
+
+    def write(self, row, flush=False):
+        with writing(self.path, "the log"):  # a full disk shows here, or at the flush
+            self.file.write(json.dumps(row) + "\n")
+            if flush:
+                self.file.flush()
 
     def close(self):
-        self.file.close()
+        with writing(self.path, "the log"):
+            self.file.close()
 
 
 def real_tokens(batch):
@@ -126,5 +134,6 @@ def plot_curves(log_path, png_path):
         b.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2")
         b.set_xlabel("step"), b.set_title(f"validation {metric}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    with writing(png_path, "the curves"):
+        fig.savefig(png_path, dpi=100)
     plt.close(fig)

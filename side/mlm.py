@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from data import IGNORE_INDEX, Masking, Split, batch_indices, make_mlm_batch, read_table, to_device, train_val_split
 from model import MaskedLM, autocast
+from side.distill import check_layers
 from side.hf import check_vocab
 from side.packing import use_packing
 from side.distributed import all_reduce, is_main_rank, rank_rows
@@ -42,6 +43,7 @@ class MaskedLanguageModelling:
         # so that train_config.json and --resume see what the run used; lower is better for the loss
         self.cfg = dataclasses.replace(cfg, mlm_probability=rate, metric="loss")
         self.model_dir, self.hf, self.encoder, self.id2label = model_dir, hf, encoder, None
+        check_layers(hf, cfg.num_layers)
         self.splits = load_mlm_splits(self.cfg, encoder, model_dir)
 
     def describe(self):
@@ -53,7 +55,8 @@ class MaskedLanguageModelling:
         try:
             overrides = dropout_overrides(self.hf.get("model_type"), cfg.hidden_dropout, cfg.attention_dropout,
                                           cfg.classifier_dropout)
-            model = MaskedLM.from_pretrained(self.model_dir, overrides=overrides, verbose=is_main_rank())
+            model = MaskedLM.from_pretrained(self.model_dir, overrides=overrides, verbose=is_main_rank(),
+                                             num_layers=cfg.num_layers)
             check_vocab(self.encoder.tokenizer, model.config.vocab_size, self.model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot use the checkpoint {self.model_dir}: {e}") from None
@@ -96,7 +99,22 @@ def load_mlm_splits(cfg, encoder, model_dir):
               "val": masked_once(encoder.pieces(val_texts), masking)}
     if cfg.test_file:
         splits["test"] = masked_once(encoder.pieces(read(cfg.test_file)), masking)
+    more_val = "a longer --val-file" if cfg.val_file else "a --val-file or a larger --val-fraction"
+    for name, what, more in (("val", "validation", more_val), ("test", "test", "a longer --test-file")):
+        if name in splits:
+            check_something_masked(splits[name], what, cfg.mlm_probability, more)
     return splits
+
+
+def check_something_masked(split, name, rate, more):
+    """An evaluation split with no masked token has nothing to score: its loss would read 0 (perplexity 1) and
+    select a checkpoint on nothing."""
+    if any((labels != IGNORE_INDEX).any() for labels in split.targets):
+        return
+    tokens = sum(len(seq) for seq in split.seqs)
+    raise SystemExit(f"--mlm-probability {rate} masks none of the {tokens} tokens of the {len(split.seqs)} {name} "
+                     f"sequence(s): there is nothing to score. Raise --mlm-probability, or give more {name} text "
+                     f"({more})")
 
 
 def masked_once(seqs, masking):
@@ -140,7 +158,7 @@ def mlm_report(cfg, splits, evaluate, device, best, model_dir):
     scored = splits[name]
     after = evaluate(MaskedLM.from_pretrained(cfg.out_dir, device=device, verbose=False), scored)[0]
     torch.manual_seed(cfg.seed)  # an MLM head the start lacks is drawn as the run's was
-    start = MaskedLM.from_pretrained(model_dir, device=device, verbose=False)
+    start = MaskedLM.from_pretrained(model_dir, device=device, verbose=False, num_layers=cfg.num_layers)
     before = evaluate(start, scored)[0]
     lines = [f"best validation loss: {best:.4f}", "",
              f"{name} ({len(scored.seqs)} sequences, {after['masked_tokens']} masked tokens): masked-token prediction",

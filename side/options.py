@@ -94,6 +94,9 @@ def read_config_file(config_class, path):
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise SystemExit(f"{path}: unknown option(s) {unknown}; see python train.py --help")
+    if "config" in values:  # read once, from the command line: a file naming another would be ignored
+        raise SystemExit(f"--config {path}: config = {values['config']!r}: a config file cannot name another; "
+                         "merge its options into this one, or pass --config on the command line")
     for name, value in values.items():
         kind = option_type(config_class, name)
         fits = (value is None and defaults[name] is None) or (

@@ -199,8 +199,9 @@ def test_09_resume_may_restart_a_run_killed_before_its_first_evaluation(tmp_path
 
 def test_10_predict_empty_text(trained, monkeypatch):
     monkeypatch.setattr(predict, "Predictor", None)
-    for text in ("", "   "):
-        with pytest.raises(SystemExit, match=r"^--text number 2 is empty: there is nothing to label$"):
+    for text in ("", "   ", "\u00a0", "\u200b"):
+        with pytest.raises(SystemExit, match=r"^--text number 2 is empty \(or only spaces and invisible characters\): "
+                                             r"there is nothing to label$"):
             predict.main(["--model", str(trained), "--text", "w1", "--text", text])
 
 

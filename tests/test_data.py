@@ -187,7 +187,7 @@ BAD_INPUTS = [  # (file name, content, read_table kwargs, fragments the message 
     ("nocol.csv", "body,label\na,x\n", {}, ["nocol.csv", "header", "'text'", "['body', 'label']"]),
     ("nolabelcol.csv", "text,label\na,x\n", {"label_column": "y"}, ["nolabelcol.csv", "['y']", "['text', 'label']"]),
     ("tsv_as.csv", "text\tlabel\na\tx\n", {}, ["tsv_as.csv", "header", "tab-separated"]),
-    ("empty_text.csv", "text,label\nok,x\n,y\n", {}, ["empty_text.csv", "row 2 (line 3)", "empty or missing text"]),
+    ("empty_text.csv", "text,label\nok,x\n,y\n", {}, ["empty_text.csv", "row 2 (line 3)", "empty text in column 'text'"]),
     ("space_text.csv", "text,label\nok,x\nok,x\n   ,y\n", {}, ["space_text.csv", "row 3 (line 4)", "text"]),
     ("no_label.csv", "text,label\nok,x\nok,\n", {}, ["no_label.csv", "row 2 (line 3)", "no label"]),
     ("no_label_multi.csv", "text,labels\nok,a;b\nok, ; \n", {}, ["no_label_multi.csv", "row 2", "no label"]),

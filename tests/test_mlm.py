@@ -262,7 +262,7 @@ def test_mlm_resumes_to_the_same_weights(tmp_path, texts, monkeypatch):
         return real_step(*args)
 
     monkeypatch.setattr(train, "optimizer_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"interrupted \(Ctrl-C\)\. Run the same command with --resume"):
         train.main(job(stopped))
     monkeypatch.setattr(train, "optimizer_step", real_step)
     assert torch.load(stopped / "last" / "state.pt", weights_only=True)["step"] == 3
