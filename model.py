@@ -1,6 +1,6 @@
 """BERT and ModernBERT encoders with sequence-classification and masked-LM heads, written from scratch: numerically
 the same as transformers' Bert/ModernBert ForSequenceClassification and ForMaskedLM, whose checkpoints they load and
-save (configs, weight names and folders: side/hf.py).
+save (configs: side/hf.py; weight names and folders: side/weights.py).
 
 padded_layout / packed_layout -> AttentionLayout   padded: input_ids [B, T] + attention_mask; packed: input_ids [N]
     (the sequences one after another) + cu_seqlens [B+1], no FLOPs on padding
@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from side.hf import (BertConfig, ModernBertConfig, hf_tensors, load_hf_weights, read_config, read_weights,
-                     save_folder)
+from side.hf import BertConfig, ModernBertConfig
+from side.weights import hf_tensors, load_hf_weights, read_config, read_weights, save_folder
 
 POOLINGS = ("cls", "mean", "max", "label_attention")
 ACTIVATIONS = {
@@ -539,7 +539,7 @@ class EncoderModel(nn.Module):
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
                                  fused=fused)
 
-    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names: side/hf.py)
+    # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names: side/weights.py)
 
     @classmethod
     def load(cls, model_dir, config, dtype=None, device=None, verbose=True, num_layers=None):

@@ -30,7 +30,7 @@ import torch
 from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, read_table
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
-from side.hf import check_vocab
+from side.weights import check_vocab
 from side.infer import CPU_BATCH_TOKENS, predict_embeddings, predict_logits
 
 

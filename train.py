@@ -37,7 +37,8 @@ from model import EncoderClassifier, amp_dtype, autocast
 from side import checkpoints, distill, failures, options
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
-from side.hf import MULTI_LABEL, SINGLE_LABEL, check_vocab
+from side.hf import MULTI_LABEL, SINGLE_LABEL
+from side.weights import check_vocab
 from side.logs import TrainLog, plot_curves
 from side.mlm import MaskedLanguageModelling
 from side.packing import FlashCheckError, use_packing

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from data import IGNORE_INDEX, Masking, Split, batch_indices, make_mlm_batch, read_table, to_device, train_val_split
 from model import MaskedLM, autocast
 from side.distill import check_layers
-from side.hf import check_vocab
+from side.weights import check_vocab
 from side.packing import use_packing
 from side.distributed import all_reduce, is_main_rank, rank_rows
 from side.options import dropout_overrides

@@ -12,7 +12,7 @@ import train
 from data import IGNORE_INDEX, Masking, TextEncoder, make_mlm_batch
 from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
 from model import EncoderClassifier, MaskedLM
-from side.hf import hf_names
+from side.weights import hf_names
 from test_model import minilm_dir, reference
 from test_robustness import SPECIAL, WORDS, log_rows, write_texts
 from side import options

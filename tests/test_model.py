@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import EncoderClassifier
-from side.hf import hf_names, load_state_dict
+from side.weights import hf_names, load_state_dict
 from make_golden import GOLDEN, padded_batch, save_reference, tiny_reference_model
 
 MULTI = "multi_label_classification"
