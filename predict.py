@@ -12,7 +12,8 @@ From Python:
     Predictor("out").predict(["CT shows a spiculated nodule."])
     -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
 
-Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
+Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
+calibrated by train.py --calibrate temperature has its logits divided by the temperature in its config.json.
 """
 import argparse
 import copy
@@ -91,17 +92,20 @@ class Predictor:
         self.encoder = TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
         check_vocab(self.encoder.tokenizer, config.vocab_size, model_dir)
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
+        # train.py --calibrate temperature: every logit is divided by it (one, or one per label); 1 without
+        self.temperature = np.asarray(config.hf.get("calibration_temperature", 1.0), np.float32)
         self.batch_size, self.batch_tokens, self.amp = batch_size, batch_tokens, amp
 
     def logits(self, texts, pairs=None):
         return self.score(self.encoder.encode(texts, pairs))
 
     def score(self, seqs, model=None):
-        """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32)."""
+        """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32), divided by the
+        checkpoint's calibration temperature when it has one."""
         if self.names is None:
             raise ValueError(f"{self.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
         return predict_logits(model or self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp,
-                              max_tokens=self.batch_tokens)
+                              max_tokens=self.batch_tokens) / self.temperature
 
     def embeddings(self, texts, pairs=None):
         """One vector per text, as the classifier pools its token vectors (a checkpoint without a classifier, such
