@@ -20,6 +20,7 @@ The table: <out-dir>/seeds.md (markdown) and seeds.json; standard deviations are
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,21 +105,26 @@ def start_process(command, log_path, device):
 def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):
     """jobs: (seed, command, log path), run at most one per device at a time, in order. {seed: exit code}."""
     waiting, running, free, codes = list(jobs), {}, list(devices), {}
-    while waiting or running:
-        while waiting and free:
-            seed, command, log_path = waiting.pop(0)
-            device = free.pop(0)
-            print(f"seed {seed}: running{f' on GPU {device}' if device is not None else ''} (log: {log_path})",
-                  flush=True)
-            running[seed] = (start(command, log_path, device), device)
-        time.sleep(poll_seconds)
-        for seed, (process, device) in list(running.items()):
-            if process.poll() is not None:
-                codes[seed] = process.returncode
-                free.append(device)
-                del running[seed]
-                print(f"seed {seed}: {'done' if codes[seed] == 0 else f'failed (exit code {codes[seed]})'}",
+    try:
+        while waiting or running:
+            while waiting and free:
+                seed, command, log_path = waiting.pop(0)
+                device = free.pop(0)
+                print(f"seed {seed}: running{f' on GPU {device}' if device is not None else ''} (log: {log_path})",
                       flush=True)
+                running[seed] = (start(command, log_path, device), device)
+            time.sleep(poll_seconds)
+            for seed, (process, device) in list(running.items()):
+                if process.poll() is not None:
+                    codes[seed] = process.returncode
+                    free.append(device)
+                    del running[seed]
+                    print(f"seed {seed}: {'done' if codes[seed] == 0 else f'failed (exit code {codes[seed]})'}",
+                          flush=True)
+    finally:  # stopped (Ctrl-C, a kill): its runs stop too, so a second seeds.py never writes beside them
+        for process, _ in running.values():
+            process.terminate()
+            process.wait()
     return codes
 
 
@@ -195,6 +201,7 @@ def markdown(table, seeds):
 
 def main(argv=None):
     args, train_args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill ends the runs too (run_jobs' finally)
     cfg = check_job(train_args)
     os.makedirs(args.out_dir, exist_ok=True)
     folder = lambda seed: os.path.join(args.out_dir, f"seed-{seed}")

@@ -56,6 +56,22 @@ def test_a_process_sees_only_its_gpu(tmp_path):
     assert log.read_text().strip() == "visible 3"
 
 
+def test_a_stopped_seeds_py_stops_its_runs(tmp_path, monkeypatch):
+    started = []
+
+    def start(command, log_path, device):
+        started.append(seeds.start_process(command, log_path, device))
+        return started[-1]
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt  # what Ctrl-C (or main's SIGTERM handler, as SystemExit) does while it waits
+    monkeypatch.setattr(seeds.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        seeds.run_jobs([(0, [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "log"))], [None],
+                       start)
+    assert started[0].returncode is not None  # terminated and waited for: nothing writes on behind our back
+
+
 def test_arguments_seeds_sets_itself_are_refused():
     with pytest.raises(SystemExit):
         seeds.parse_args(["--seeds", "0,1", "--", "--seed", "3"])
