@@ -90,9 +90,7 @@ class TrainConfig:
     head_lr: float | None = None
     loss: str = "bce"  # multi-label: bce | asl (asymmetric loss: easy negatives of rare labels count less)
     # off | temperature: after training, divide the logits by a temperature fit on the best checkpoint's validation
-    # data (one; multi-label: one per label, shared by labels with under 10 validation texts with or without them),
-    # tune the thresholds after it, save both in config.json for predict.py (side/calibrate.py, docs/reports.md)
-    calibrate: str = "off"
+    calibrate: str = "off"  # data (multi-label: one per label); in config.json for predict.py; docs/reports.md
     # -- smaller, faster models (docs/smaller-models.md)
     # keep this many of the checkpoint's encoder layers (every (layers // K)-th from the first); 0 = all
     num_layers: int = 0
