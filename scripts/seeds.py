@@ -162,9 +162,9 @@ def flatten(metrics, prefix=""):
 
 
 def spread(values):
-    values = np.asarray(values, np.float64)
+    """Mean, sample standard deviation (None for one value), min and max (counts stay whole numbers)."""
     std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return {"mean": float(values.mean()), "std": std, "min": float(values.min()), "max": float(values.max())}
+    return {"mean": float(np.mean(values)), "std": std, "min": min(values), "max": max(values)}
 
 
 def summarise(per_seed, baselines):
@@ -183,7 +183,7 @@ def summarise(per_seed, baselines):
 
 
 def number(value):
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def markdown(table, seeds):
