@@ -171,7 +171,8 @@ class Classification:
                                     logits, loss)
 
     def evaluate(self, model, split, threshold=None):
-        """Metrics dict for a split, the threshold (multi-label: tuned here when None) and the logits."""
+        """Metrics dict (with ECE and Brier) for a split, the threshold (multi-label: tuned here when None) and the
+        logits."""
         return self.score(model, self.logits(model, split), split.targets, threshold)
 
     def logits(self, model, split):
