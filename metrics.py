@@ -10,6 +10,12 @@ tests/test_metrics.py checks every metric against it. Conventions:
 - ROC-AUC is undefined for a class/label without both positives and negatives,
   average precision for one without positives. Macro averages skip those
   (sklearn raises or warns instead) and are nan when none is defined.
+- Calibration (calibration_metrics): expected calibration error over 15 equal-width bins (Guo et al. 2017) and
+  the Brier score. Single-label: top-label ECE (the top class's probability against whether it was right) and
+  the multi-class Brier score (sum over classes, as Brier 1950 and sklearn's brier_score_loss for several
+  classes). Multi-label: every label decision, each label's probability against its presence, for both.
+- f1_by_frequency: multi-label micro- and macro-F1 of the labels grouped by how often they occur in the
+  training data (FREQUENCY_EDGES).
 Inputs are numpy arrays (or CPU tensors, which np.asarray accepts).
 """
 import numpy as np
@@ -226,6 +232,93 @@ def tune_thresholds(logits, targets, per_label=False, average="micro"):
         if not moved:
             break
     return _GRID[choice]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+CALIBRATION_BINS = 15
+
+
+def calibration_inputs(logits, targets, multi_label):
+    """(confidence, outcome) pairs, one per decision. Single-label: the top class's probability and 1 where it was
+    the true class (top-label). Multi-label: every label decision's probability and 1 where the label is there."""
+    if multi_label:
+        logits, targets = _multilabel_inputs(logits, targets)
+        return sigmoid(logits).ravel(), targets.ravel().astype(np.float64)
+    logits, targets = _multiclass_inputs(logits, targets)
+    probs = softmax(logits)
+    return probs.max(axis=1), (probs.argmax(axis=1) == targets).astype(np.float64)
+
+
+def reliability_bins(confidence, outcome, n_bins=CALIBRATION_BINS):
+    """Per equal-width bin of confidence, (lo, hi] with 0 in the first: (count, mean confidence, observed
+    frequency of the outcome); 0 for an empty bin. What a reliability diagram draws."""
+    confidence, outcome = np.asarray(confidence, np.float64), np.asarray(outcome, np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    mean = lambda values: _divide(np.bincount(bins, values, minlength=n_bins), count)
+    return count, mean(confidence), mean(outcome)
+
+
+def expected_calibration_error(confidence, outcome, n_bins=CALIBRATION_BINS):
+    """The bins' gaps |observed frequency - mean confidence|, weighted by their share of the decisions."""
+    count, mean_confidence, frequency = reliability_bins(confidence, outcome, n_bins)
+    return float(np.sum(count * np.abs(frequency - mean_confidence)) / count.sum())
+
+
+def brier_score(logits, targets, multi_label):
+    """Mean squared distance of the probabilities from the one-hot (single-label: summed over classes) or
+    multi-hot (multi-label: per label decision) targets."""
+    if multi_label:
+        logits, targets = _multilabel_inputs(logits, targets)
+        return float(np.mean((sigmoid(logits) - targets) ** 2))
+    logits, targets = _multiclass_inputs(logits, targets)
+    one_hot = targets[:, None] == np.arange(logits.shape[1])
+    return float(np.mean(np.sum((softmax(logits) - one_hot) ** 2, axis=1)))
+
+
+def calibration_metrics(logits, targets, multi_label):
+    return {"ece": expected_calibration_error(*calibration_inputs(logits, targets, multi_label)),
+            "brier": brier_score(logits, targets, multi_label)}
+
+
+# ----------------------------------------------------------------------------- rare and frequent labels
+
+# a label's bucket by its count of training texts: 0 (only in validation or test data), 1-10, 11-50, 51-200, >200
+FREQUENCY_EDGES = (10, 50, 200)
+
+
+def frequency_buckets(train_counts, edges=FREQUENCY_EDGES):
+    """Bucket name -> the indices of the labels whose training count falls in it, in order; empty ones left out."""
+    counts = np.asarray(train_counts)
+    lows, highs = [0, 1, *(e + 1 for e in edges)], [0, *edges, np.inf]
+    buckets = {}
+    for lo, hi in zip(lows, highs):
+        name = str(lo) if lo == hi else f">{lo - 1}" if hi == np.inf else f"{lo}-{hi}"
+        members = np.flatnonzero((counts >= lo) & (counts <= hi))
+        if members.size:
+            buckets[name] = members
+    return buckets
+
+
+def f1_by_frequency(logits, targets, train_counts, threshold=0.5, edges=FREQUENCY_EDGES):
+    """Multi-label: per training-count bucket, its number of labels, their positives in `targets`, and the
+    micro-F1 (pooled counts) and macro-F1 (mean of per-label F1s, 0 for a label never present nor predicted)
+    of its labels alone."""
+    logits, targets = _multilabel_inputs(logits, targets)
+    preds = _predict_multilabel(logits, threshold)[1]
+    tp, n_pred, n_true = (preds & targets).sum(axis=0), preds.sum(axis=0), targets.sum(axis=0)
+    return {name: {"labels": int(idx.size), "support": int(n_true[idx].sum()),
+                   "micro_f1": float(_f1(tp[idx].sum(), n_pred[idx].sum(), n_true[idx].sum())),
+                   "macro_f1": float(_f1(tp[idx], n_pred[idx], n_true[idx]).mean())}
+            for name, idx in frequency_buckets(train_counts, edges).items()}
+
+
+def format_frequency_table(buckets):
+    """f1_by_frequency's buckets as aligned rows."""
+    header = f"{'training texts':<15}{'labels':>8}{'support':>9}{'micro_f1':>10}{'macro_f1':>10}"
+    return "\n".join([header] + [f"{name:<15}{b['labels']:>8}{b['support']:>9}{b['micro_f1']:>10.4f}"
+                                  f"{b['macro_f1']:>10.4f}" for name, b in buckets.items()])
 
 
 def _fmt(value):

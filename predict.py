@@ -12,7 +12,8 @@ From Python:
     Predictor("out").predict(["CT shows a spiculated nodule."])
     -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
 
-Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
+Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
+calibrated by train.py --calibrate temperature has its logits divided by the temperature in its config.json.
 """
 import argparse
 import copy
@@ -93,6 +94,8 @@ class Predictor:
         self.encoder = TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
         check_vocab(self.encoder.tokenizer, config.vocab_size, model_dir)
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
+        # train.py --calibrate temperature: every logit is divided by it (one, or one per label); 1 without
+        self.temperature = np.asarray(config.hf.get("calibration_temperature", 1.0), np.float32)
         self.batch_size, self.batch_tokens, self.amp = batch_size, batch_tokens, amp
         options = os.path.join(model_dir, "train_config.json")  # train.py's: the pair column it trained with
         with open(options) if os.path.isfile(options) else io.StringIO("{}") as f:
@@ -109,11 +112,12 @@ class Predictor:
         return self.score(self.encode(texts, pairs))
 
     def score(self, seqs, model=None):
-        """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32)."""
+        """Logits of encoded texts by the model, or by another one of the same checkpoint (fp32), divided by the
+        checkpoint's calibration temperature when it has one."""
         if self.names is None:
             raise ValueError(f"{self.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
         return predict_logits(model or self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp,
-                              max_tokens=self.batch_tokens)
+                              max_tokens=self.batch_tokens) / self.temperature
 
     def embeddings(self, texts, pairs=None):
         """One vector per text, as the classifier pools its token vectors (a checkpoint without a classifier, such

@@ -19,10 +19,10 @@ Learner / build_learner / linear_schedule   AdamW with warmup and decay, the gra
 epoch_steps -> train_step -> optimizer_step   a training step (tests/test_train.py checks it against the reference)
 Progress / evaluate_and_checkpoint   how far a run is, saved at each evaluation for --resume
 train()   the job, read top to bottom; main() turns expected failures into one-line messages (side/failures.py)
-Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM.
+Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM, the final
+report and calibration.
 """
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -32,9 +32,9 @@ import torch
 
 from data import IGNORE_INDEX, DataError, LabelEncoder, Split, TextEncoder, batch_indices, make_batch, read_table
 from data import to_device, train_val_split
-from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
+from metrics import calibration_metrics, compute_metrics, tune_thresholds
 from model import EncoderClassifier, amp_dtype, autocast
-from side import checkpoints, distill, failures, options
+from side import calibrate, checkpoints, distill, failures, options
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.hf import MULTI_LABEL, SINGLE_LABEL
@@ -42,6 +42,7 @@ from side.weights import check_vocab
 from side.logs import TrainLog, plot_curves
 from side.mlm import MaskedLanguageModelling
 from side.packing import FlashCheckError, use_packing
+from side.reports import final_report, threshold_list
 from side.validation import check_validation_share
 
 
@@ -89,6 +90,8 @@ class TrainConfig:
     # peak lr of everything above the encoder (head, label queries); None = --lr (single-label), 1e-3 (multi-label)
     head_lr: float | None = None
     loss: str = "bce"  # multi-label: bce | asl (asymmetric loss: easy negatives of rare labels count less)
+    # off | temperature: after training, divide the logits by a temperature fit on the best checkpoint's validation
+    calibrate: str = "off"  # data (multi-label: one per label); in config.json for predict.py; docs/reports.md
     # -- smaller, faster models (docs/smaller-models.md)
     # keep this many of the checkpoint's encoder layers (every (layers // K)-th from the first); 0 = all
     num_layers: int = 0
@@ -169,18 +172,25 @@ class Classification:
                                     logits, loss)
 
     def evaluate(self, model, split, threshold=None):
-        """Metrics dict for a split, the threshold (multi-label: tuned here when None) and the logits."""
+        """Metrics dict (with ECE and Brier) for a split, the threshold (multi-label: tuned here when None) and the
+        logits."""
+        return self.score(model, self.logits(model, split), split.targets, threshold)
+
+    def logits(self, model, split):
         cfg = self.cfg
-        logits = gather_logits(model, split.seqs, self.encoder.pad_id, cfg.batch_size * 2, cfg.amp, cfg.pack)
-        loss = model.loss(torch.from_numpy(logits), torch.from_numpy(split.targets)).item()
-        if not model.config.multi_label:
-            return {"loss": loss, **compute_metrics(logits, split.targets, False)}, None, logits
-        if threshold is None:
-            threshold = tuned_threshold(cfg.threshold, cfg.metric, logits, split.targets)
-        return {"loss": loss, **compute_metrics(logits, split.targets, True, threshold)}, threshold, logits
+        return gather_logits(model, split.seqs, self.encoder.pad_id, cfg.batch_size * 2, cfg.amp, cfg.pack)
+
+    def score(self, model, logits, targets, threshold=None):
+        """evaluate's results from the logits, divided first by the model's temperature (side/calibrate.py)."""
+        logits, multi = logits / calibrate.temperature_of(model.config), model.config.multi_label
+        loss = model.loss(torch.from_numpy(logits), torch.from_numpy(targets)).item()
+        if multi and threshold is None:
+            threshold = tuned_threshold(self.cfg.threshold, self.cfg.metric, logits, targets)
+        metrics = compute_metrics(logits, targets, multi, threshold if multi else 0.5)
+        return {"loss": loss, **metrics, **calibration_metrics(logits, targets, multi)}, threshold, logits
 
     def report(self, device, best):
-        return final_report(self.cfg, self.splits, self.labels, self.evaluate, device, best)
+        return final_report(self, self.cfg.out_dir, self.cfg.calibrate, device, best)
 
 
 def text_encoder(cfg, model_dir, hf):
@@ -260,6 +270,7 @@ def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device)
         check_vocab(encoder.tokenizer, model.config.vocab_size, model_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
+    calibrate.set_temperature(model.config, None)  # a calibrated checkpoint's temperature is not this model's
     if labels.multi_label and cfg.prior_bias and model.fresh_head:
         with torch.no_grad():
             model.head.classifier.bias.copy_(prior_bias(train_targets))
@@ -280,34 +291,6 @@ def tuned_threshold(threshold, metric, logits, targets):
         average = "macro" if metric == "macro_f1" else "micro"
         return tune_thresholds(logits, targets, per_label=threshold == "per_label", average=average)
     return float(threshold)
-
-
-def threshold_list(threshold, num_labels):
-    if threshold is None:
-        return None
-    return [float(t) for t in np.broadcast_to(np.asarray(threshold, np.float64), (num_labels,))]
-
-
-def final_report(cfg, splits, labels, evaluate, device, best):
-    """Reload the best checkpoint from disk (proves it loads), then report on the test data."""
-    model = EncoderClassifier.from_pretrained(cfg.out_dir, device=device, verbose=False)
-    lines = [f"best validation {options.selection_metric(cfg.metric, labels.multi_label)}: {best:.4f}"]
-    result = {"best_val": best}
-    if "test" in splits:
-        test = splits["test"]
-        threshold = np.asarray(model.config.thresholds) if model.config.multi_label else None
-        metrics, _, logits = evaluate(model, test, threshold)
-        rows = per_class_report(logits, test.targets, model.config.multi_label, labels.names,
-                                threshold if threshold is not None else 0.5)
-        lines += ["", f"test ({len(test.seqs)} texts)", format_table(metrics), "", format_report(rows)]
-        result["test"] = metrics
-        with open(os.path.join(cfg.out_dir, "test_metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-    report = "\n".join(lines)
-    with open(os.path.join(cfg.out_dir, "report.txt"), "w") as f:
-        f.write(report + "\n")
-    print("\n" + report + f"\n\nsaved to {cfg.out_dir}/")
-    return result
 
 
 # ----------------------------------------------------------------------------- what trains the model

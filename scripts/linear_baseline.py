@@ -19,17 +19,22 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import LabelEncoder, read_table, train_val_split  # noqa: E402
-from metrics import compute_metrics, format_table, tune_thresholds  # noqa: E402
+from data import IGNORE_INDEX, LabelEncoder, read_table, train_val_split  # noqa: E402
+from metrics import calibration_metrics, compute_metrics, f1_by_frequency, format_table, tune_thresholds  # noqa: E402
 
 
 def read_split(args):
     """(train, val, test) as (texts, targets) and the label encoder, split exactly as train.py splits."""
     multi = {"auto": None, "single": False, "multi": True}[args.task]
-    read = lambda path, m=multi: read_table(path, args.text_column, args.label_column or None, m, args.label_sep)
+    columns = args.label_column.split(",") if "," in args.label_column else (args.label_column or None)
+    read = lambda path, m=multi: read_table(path, args.text_column, columns, m, args.label_sep)
     table = read(args.train_file)
     labels = LabelEncoder.fit(table.labels, table.multi_label, names=table.label_columns or ())
-    rows = lambda t, idx: ([t.texts[i] for i in idx], labels.encode([t.labels[i] for i in idx], t.path))
+
+    def rows(t, idx):  # as train.py: unknown labels dropped with --unknown-labels ignore, and rows left without one
+        targets = labels.encode([t.labels[i] for i in idx], t.path, args.unknown_labels)
+        keep = np.ones(len(targets), bool) if labels.multi_label else targets != IGNORE_INDEX
+        return [t.texts[i] for i, k in zip(idx, keep) if k], targets[keep]
     if args.val_file:
         val_table = read(args.val_file, table.multi_label)
         train, val = rows(table, range(len(table.texts))), rows(val_table, range(len(val_table.texts)))
@@ -59,14 +64,15 @@ def fit_and_score(args):
             out[:, present] = model.decision_function(vectorizer.transform(texts))
             return out
         threshold = tune_thresholds(logits(val_x), val_y)
-        metrics = compute_metrics(logits(test_x), test_y, True, threshold)
-        metrics["threshold"] = threshold
+        scores = logits(test_x)
+        metrics = {**compute_metrics(scores, test_y, True, threshold), "threshold": threshold}
+        metrics["by_label_frequency"] = f1_by_frequency(scores, test_y, train_y.sum(axis=0), threshold)
     else:
         model = linear.fit(features, train_y)
         scores = np.full((len(test_x), labels.num_labels), -30.0, np.float32)
         scores[:, model.classes_] = model.decision_function(vectorizer.transform(test_x))
         metrics = compute_metrics(scores, test_y, False)
-    return metrics
+    return {**metrics, **calibration_metrics(scores, test_y, labels.multi_label)}
 
 
 def main(argv=None):
@@ -78,6 +84,8 @@ def main(argv=None):
     p.add_argument("--label-column", default="", help="default: `label`, else `labels`")
     p.add_argument("--task", default="auto", choices=["auto", "single", "multi"])
     p.add_argument("--label-sep", default=";")
+    p.add_argument("--unknown-labels", default="error", choices=["error", "ignore"],
+                   help="val/test labels unseen in training: error, or ignore them (as train.py's option)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="the split's seed: use train.py's --seed")
     p.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength")

@@ -3,15 +3,17 @@
 TrainLog   metrics.jsonl (rank 0 writes it), training loss summed on the device, tokens/s
 ProgressBar / evaluation_row   the lines a person watches
 trim_log   --resume: the log's rows after the resumed step go (they are run again)
-plot_curves -> training_curves.png (with matplotlib, when installed)
+plot_curves -> training_curves.png, plot_reliability -> calibration.png (with matplotlib, when installed)
 """
 import json
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
+from metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bins
 from side.distributed import global_mean, is_main_rank
 from side.failures import writing
 
@@ -113,14 +115,22 @@ def trim_log(path, step):
         f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
 
 
-def plot_curves(log_path, png_path):
-    """Training loss and the validation metric against steps; needs matplotlib (optional)."""
+def pyplot(missing):
+    """matplotlib's pyplot drawing to files, or None (and a note saying what is missing) when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no training_curves.png (the numbers are in metrics.jsonl)")
+        print(f"matplotlib is not installed: {missing}")
+        return None
+    return plt
+
+
+def plot_curves(log_path, png_path):
+    """Training loss and the validation metric against steps; needs matplotlib (optional)."""
+    plt = pyplot("no training_curves.png (the numbers are in metrics.jsonl)")
+    if plt is None:
         return
     rows = [json.loads(line) for line in open(log_path)]
     train = [r for r in rows if r["kind"] == "train"]
@@ -136,4 +146,28 @@ def plot_curves(log_path, png_path):
     fig.tight_layout()
     with writing(png_path, "the curves"):
         fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(png_path, curves):
+    """A reliability diagram: per confidence bin (metrics.reliability_bins), how often the outcome came true
+    against the mean confidence, one line per curve (name -> (confidence, outcome)); the diagonal is perfect
+    calibration. Below it, how many decisions each bin holds. Needs matplotlib (optional)."""
+    plt = pyplot("no calibration.png (ECE and Brier are in report.txt)")
+    if plt is None:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    width = 1 / CALIBRATION_BINS
+    for i, (name, (confidence, outcome)) in enumerate(curves.items()):
+        count, mean_confidence, frequency = reliability_bins(confidence, outcome)
+        used = count > 0
+        ece = expected_calibration_error(confidence, outcome)
+        top.plot(mean_confidence[used], frequency[used], "o-", label=f"{name} (ECE {ece:.3f})")
+        centres = (np.arange(CALIBRATION_BINS) + 0.5) * width
+        bottom.bar(centres + (i - 0.5) * width / 3, count, width / 3, label=name)
+    top.set_ylabel("observed frequency"), top.legend(fontsize=8), top.set_xlim(0, 1), top.set_ylim(0, 1)
+    bottom.set_yscale("log"), bottom.set_xlabel("predicted probability"), bottom.set_ylabel("decisions")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -36,7 +36,8 @@ class MaskedLanguageModelling:
         return {"text_pair_column": (not cfg.text_pair_column, "a column name, for a classifier: not with --task mlm"),
                 "long_docs": (cfg.long_docs == "head", "head with --task mlm (it reads every token)"),
                 "teacher": (not cfg.teacher, "a fine-tuned classifier, for a classifier: not with --task mlm"),
-                "metric": (cfg.metric in ("auto", "loss"), "auto or loss with --task mlm")}
+                "metric": (cfg.metric in ("auto", "loss"), "auto or loss with --task mlm"),
+                "calibrate": (cfg.calibrate == "off", "off with --task mlm (it has no labels to calibrate)")}
 
     def __init__(self, cfg, model_dir, hf, encoder):
         rate = MLM_RATE.get(hf.get("model_type"), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability

@@ -145,6 +145,7 @@ def check_options(cfg, objective_rules=None):
                     "auto, " + ", ".join(POOLINGS) + " (label_attention not with --long-docs windows_attention)"),
         "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
         "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
+        "calibrate": (cfg.calibrate in ("off", "temperature"), "off or temperature"),
         "num_layers": (cfg.num_layers >= 0, ">= 0 (0 = all of the checkpoint's layers)"),
         "distill_weight": (0 <= cfg.distill_weight <= 1, "between 0 and 1"),
         "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
@@ -276,7 +277,7 @@ def check_out_dir(out, model_dir, overwrite, resume, main_rank):
 
 # everything a run writes into out_dir: another run's copy of any of them marks the folder as taken
 RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json", "report.txt", "train_config.json",
-               "checkpoints", "training_curves.png", "config.json", *TOKENIZER_FILES)
+               "checkpoints", "training_curves.png", "calibration.png", "config.json", *TOKENIZER_FILES)
 
 
 def old_run_outputs(out_dir, resume):

@@ -210,7 +210,7 @@ def write_docs(path, n, seed):
                                             ("windows_attention", ["--grad-checkpointing"])])
 def test_windows_read_the_end_that_head_truncation_loses(tmp_path, strategy, extra):
     """max_length 16 keeps 14 tokens: head truncation never sees the label word, windows do. The test
-    accuracy comes from the best checkpoint reloaded from disk (train.final_report). windows_attention (and
+    accuracy comes from the best checkpoint reloaded from disk (side/reports.py's final_report). windows_attention (and
     windows_mean) dilute the one telling window among 8 and need more than 30 steps on 40 documents: here
     they only have to train end to end, save, reload and predict the same."""
     tiny_checkpoint(tmp_path / "model")

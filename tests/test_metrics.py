@@ -259,3 +259,64 @@ def test_format_report():
         "weighted avg     0.8750     0.4375     0.4667         4",
     ]
     assert metrics.format_report([]) == " " * 12 + "  precision     recall   f1-score   support"
+
+
+def test_ece_of_a_hand_computed_case():
+    """15 bins of width 1/15. Top-label: confidences 0.95, 0.95 (one right) share the last bin: |0.5 - 0.95|;
+    0.5 and 0.52 (both right) share bin 8, (7/15, 8/15]: |1 - 0.51|. ECE = (2 * 0.45 + 2 * 0.49) / 4."""
+    confidence, outcome = np.array([0.95, 0.95, 0.5, 0.52]), np.array([1.0, 0.0, 1.0, 1.0])
+    assert abs(metrics.expected_calibration_error(confidence, outcome) - (2 * 0.45 + 2 * 0.49) / 4) <= TOL
+    count, mean_confidence, frequency = metrics.reliability_bins(confidence, outcome)
+    assert count.tolist() == [0] * 7 + [2] + [0] * 6 + [2] and frequency[7] == 1.0 and frequency[14] == 0.5
+    assert abs(mean_confidence[7] - 0.51) <= TOL
+    # an edge belongs to the bin below it, and 0 to the first: (lo, hi]
+    assert metrics.reliability_bins([0.0, 1 / 3, 1.0], [0, 0, 1])[0].nonzero()[0].tolist() == [0, 4, 14]
+    # single-label logits: probabilities [0.8, 0.2] and [0.3, 0.7]; the second text's true class is 0
+    logits = np.log([[0.8, 0.2], [0.3, 0.7]])
+    ece = metrics.calibration_metrics(logits, [0, 0], multi_label=False)["ece"]
+    assert abs(ece - (abs(1 - 0.8) + abs(0 - 0.7)) / 2) <= 1e-12
+    # multi-label: every label decision is one point, each label's probability against its presence
+    logits = np.log(np.array([[0.9, 0.1]]) / (1 - np.array([[0.9, 0.1]])))
+    ece = metrics.calibration_metrics(logits, [[1, 1]], multi_label=True)["ece"]
+    assert abs(ece - (0.1 + 0.9) / 2) <= 1e-12
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_brier_matches_sklearn(seed):
+    skm = sklearn_metrics()
+    logits, targets, _ = multilabel_case(seed)
+    ours = metrics.calibration_metrics(logits, targets, multi_label=True)["brier"]
+    assert_close(ours, skm.brier_score_loss(targets.ravel(), metrics.sigmoid(logits).ravel(), pos_label=1), "multi")
+    logits, targets = multiclass_case(seed)
+    n_classes = logits.shape[1]
+    ours = metrics.calibration_metrics(logits, targets, multi_label=False)["brier"]
+    probs = metrics.softmax(logits)
+    if n_classes == 2:  # sklearn reads two classes as binary: the positive class's probability, halved sum
+        ref = 2 * skm.brier_score_loss(targets, probs[:, 1], pos_label=1)
+    else:
+        ref = skm.brier_score_loss(targets, probs, labels=list(range(n_classes)))
+    assert_close(ours, ref, "single")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_f1_by_frequency_matches_sklearn_on_each_bucket(seed):
+    skm = sklearn_metrics()
+    rng = np.random.default_rng(seed)
+    logits, targets, threshold = multilabel_case(seed)
+    train_counts = rng.choice([0, 1, 5, 10, 11, 50, 51, 200, 201, 5000], size=targets.shape[1])
+    buckets = metrics.f1_by_frequency(logits, targets, train_counts, threshold)
+    edges = {"0": (0, 0), "1-10": (1, 10), "11-50": (11, 50), "51-200": (51, 200), ">200": (201, np.inf)}
+    expected = [name for name, (lo, hi) in edges.items() if ((train_counts >= lo) & (train_counts <= hi)).any()]
+    assert list(buckets) == expected  # in order, empty buckets left out
+    preds = metrics.sigmoid(logits) >= np.asarray(threshold)
+    for name, bucket in buckets.items():
+        lo, hi = edges[name]
+        cols = np.flatnonzero((train_counts >= lo) & (train_counts <= hi))
+        y, p = targets[:, cols] > 0.5, preds[:, cols]
+        assert bucket["labels"] == len(cols) and bucket["support"] == int(y.sum())
+        for average in ("micro", "macro"):
+            ref = skm.f1_score(y, p, average=average, zero_division=0) if len(cols) > 1 else \
+                skm.f1_score(y[:, 0], p[:, 0], zero_division=0)  # one column is read as binary
+            assert_close(bucket[f"{average}_f1"], ref, f"{name} {average}")
+    table = metrics.format_frequency_table(buckets)
+    assert len(table.splitlines()) == len(buckets) + 1 and table.splitlines()[1].startswith(expected[0])

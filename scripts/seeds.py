@@ -1,0 +1,236 @@
+"""
+One train.py job once per seed, then a table of every test metric per seed with its mean, standard deviation and
+min-max, beside the linear baseline (scripts/linear_baseline.py) fit on each seed's split of the same data.
+
+    python scripts/seeds.py --seeds 0,1,2 --out-dir runs/abstracts          # the default job (medical abstracts)
+    python scripts/seeds.py --seeds 0,1,2 --out-dir runs/roco -- --train-file ../shared/data/roco_radiology/train.csv \\
+        --test-file ../shared/data/roco_radiology/test.csv --max-length 128
+
+Everything after `--` goes to train.py, run as `train.py <options> --seed N --out-dir <out-dir>/seed-N` with its
+output in <out-dir>/seed-N.log. The seed sets the validation split, the new head's weights and the batch order.
+Seeds run one after another; on a machine with several GPUs (--devices, default every visible one) one per GPU at a
+time, each process seeing only its own (CUDA_VISIBLE_DEVICES).
+
+Interrupted? Run the same command again: a seed whose run finished (test_metrics.json) is skipped, one with a saved
+state (last/state.pt) continues with train.py --resume, one killed before its first evaluation starts again.
+
+The table: <out-dir>/seeds.md (markdown) and seeds.json; standard deviations are the sample's (n - 1). The baseline
+(needs scikit-learn; --no-baseline skips it) is cached per seed in <out-dir>/baseline-seed-N.json.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+
+SEEDS_SETS = ("--seed", "--out-dir", "--resume", "--overwrite")  # train.py options this script sets per seed
+
+
+def parse_args(argv):
+    """(this script's arguments, train.py's options): the two sides of `--`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--out-dir", default="runs/seeds", help="each seed's run goes to <out-dir>/seed-N")
+    p.add_argument("--devices", help="GPUs to run on, one seed per GPU at a time (e.g. 0,1); default: every "
+                   "visible GPU, none on a machine without one")
+    p.add_argument("--no-baseline", action="store_true", help="leave the linear baseline out of the table")
+    args = p.parse_args(ours)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, such as 0,1,2")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error(f"--seeds {args.seeds}: give distinct seeds >= 0")
+    taken = [a for a in train_args if a.split("=")[0] in SEEDS_SETS]
+    if taken:
+        p.error(f"{', '.join(taken)}: seeds.py sets --seed and --out-dir for each run (and --resume when it "
+                "continues one); pass --out-dir before the `--`")
+    return args, train_args
+
+
+def check_job(train_args):
+    """train.py's options as it reads them; the job must be a classifier with a test file."""
+    cfg = train.parse_config(train_args)
+    if cfg.task == "mlm" or not cfg.test_file:
+        raise SystemExit("seeds.py tabulates a classifier's test metrics: it needs a --test-file and no --task mlm")
+    return cfg
+
+
+def seed_state(folder):
+    """done (its test report is there), resume (a saved state to continue from), again (killed before its first
+    evaluation: it left outputs but no state) or new."""
+    if os.path.isfile(os.path.join(folder, "test_metrics.json")):
+        return "done"
+    if os.path.isfile(os.path.join(folder, "last", "state.pt")):
+        return "resume"
+    return "again" if os.path.isdir(folder) else "new"
+
+
+def seed_command(train_args, seed, folder, state):
+    extra = {"resume": ["--resume"], "again": ["--overwrite"]}.get(state, [])
+    return [sys.executable, os.path.join(ROOT, "train.py"), *train_args, "--seed", str(seed), "--out-dir", folder,
+            *extra]
+
+
+def visible_gpus():
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them; [None] (no pinning) without any."""
+    import torch
+    count = torch.cuda.device_count()
+    if not count:
+        return [None]
+    named = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return named[:count] if len(named) >= count else [str(i) for i in range(count)]
+
+
+def start_process(command, log_path, device):
+    """train.py in a process of its own, its output appended to log_path; pinned to one GPU when device is set."""
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    with open(log_path, "a") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):
+    """jobs: (seed, command, log path), run at most one per device at a time, in order. {seed: exit code}."""
+    waiting, running, free, codes = list(jobs), {}, list(devices), {}
+    try:
+        while waiting or running:
+            while waiting and free:
+                seed, command, log_path = waiting.pop(0)
+                device = free.pop(0)
+                print(f"seed {seed}: running{f' on GPU {device}' if device is not None else ''} (log: {log_path})",
+                      flush=True)
+                running[seed] = (start(command, log_path, device), device)
+            time.sleep(poll_seconds)
+            for seed, (process, device) in list(running.items()):
+                if process.poll() is not None:
+                    codes[seed] = process.returncode
+                    free.append(device)
+                    del running[seed]
+                    print(f"seed {seed}: {'done' if codes[seed] == 0 else f'failed (exit code {codes[seed]})'}",
+                          flush=True)
+    finally:  # stopped (Ctrl-C, a kill): its runs stop too, so a second seeds.py never writes beside them
+        for process, _ in running.values():
+            process.terminate()
+            process.wait()
+    return codes
+
+
+def baseline_metrics(cfg, seed, path):
+    """linear_baseline.py's test metrics on this seed's split, computed once and cached at path; None without
+    scikit-learn."""
+    if os.path.isfile(path):
+        return json.load(open(path))
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        print("scikit-learn is not installed: no linear baseline in the table (pip install scikit-learn)")
+        return None
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import linear_baseline
+    args = SimpleNamespace(train_file=cfg.train_file, val_file=cfg.val_file, test_file=cfg.test_file,
+                           text_column=cfg.text_column, label_column=cfg.label_column, task=cfg.task,
+                           label_sep=cfg.label_sep, val_fraction=cfg.val_fraction, seed=seed, C=10.0, jobs=1,
+                           unknown_labels=cfg.unknown_labels)
+    metrics = linear_baseline.fit_and_score(args)
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def flatten(metrics, prefix=""):
+    """Scalar metrics, nested ones (by_label_frequency, validation) named a.b.c; lists (thresholds) left out."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = value
+    return out
+
+
+def spread(values):
+    """Mean, sample standard deviation (None for one value), min and max (counts stay whole numbers)."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"mean": float(np.mean(values)), "std": std, "min": min(values), "max": max(values)}
+
+
+def summarise(per_seed, baselines):
+    """{metric: {per_seed: {seed: value}, mean, std, min, max, baseline: the same over the baseline's seeds}}."""
+    runs = {seed: flatten(m) for seed, m in per_seed.items()}
+    lines = {seed: flatten(m) for seed, m in baselines.items() if m is not None}
+    names = list(dict.fromkeys(name for m in runs.values() for name in m))
+    table = {}
+    for name in names:
+        values = {seed: m[name] for seed, m in runs.items() if name in m}
+        table[name] = {"per_seed": values, **spread(list(values.values()))}
+        base = {seed: m[name] for seed, m in lines.items() if name in m}
+        if base:
+            table[name]["baseline"] = {"per_seed": base, **spread(list(base.values()))}
+    return table
+
+
+def number(value):
+    return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def markdown(table, seeds):
+    """The table as markdown: a row per metric, a column per seed, mean ± std, min-max, the baseline's mean ± std."""
+    header = ["metric", *(f"seed {s}" for s in seeds), "mean ± std", "min-max", "baseline mean ± std"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, row in table.items():
+        base = row.get("baseline")
+        cells = [name, *(number(row["per_seed"].get(s)) for s in seeds),
+                 f"{number(row['mean'])} ± {number(row['std'])}", f"{number(row['min'])}-{number(row['max'])}",
+                 f"{number(base['mean'])} ± {number(base['std'])}" if base else "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    args, train_args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill ends the runs too (run_jobs' finally)
+    cfg = check_job(train_args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    folder = lambda seed: os.path.join(args.out_dir, f"seed-{seed}")
+    jobs = []
+    for seed in args.seeds:
+        state = seed_state(folder(seed))
+        print(f"seed {seed}: " + {"done": "finished before, skipped", "resume": "interrupted, continues (--resume)",
+                                  "again": "killed before its first evaluation, starts again", "new": "to run"}[state])
+        if state != "done":
+            jobs.append((seed, seed_command(train_args, seed, folder(seed), state),
+                         os.path.join(args.out_dir, f"seed-{seed}.log")))
+    devices = args.devices.split(",") if args.devices else visible_gpus()
+    codes = run_jobs(jobs, devices)
+    done = [s for s in args.seeds if seed_state(folder(s)) == "done"]
+    per_seed = {s: json.load(open(os.path.join(folder(s), "test_metrics.json"))) for s in done}
+    baselines = {} if args.no_baseline else {
+        s: baseline_metrics(cfg, s, os.path.join(args.out_dir, f"baseline-seed-{s}.json")) for s in done}
+    table = summarise(per_seed, baselines)
+    with open(os.path.join(args.out_dir, "seeds.json"), "w") as f:
+        json.dump({"seeds": done, "train_options": train_args, "metrics": table}, f, indent=2)
+    text = markdown(table, done)
+    with open(os.path.join(args.out_dir, "seeds.md"), "w") as f:
+        f.write(text + "\n")
+    print(f"\n{text}\n\nwritten to {args.out_dir}/seeds.md and seeds.json")
+    failed = sorted(s for s, code in codes.items() if code != 0)
+    if failed:
+        raise SystemExit(f"seeds {failed} failed: see {args.out_dir}/seed-N.log; the table holds seeds {done}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

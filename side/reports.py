@@ -1,0 +1,111 @@
+"""The classifier's report after training: the best checkpoint reloaded from disk, its temperature fit on the
+validation data (--calibrate temperature, side/calibrate.py), then validation and test scores with calibration
+(ECE, Brier), and for multi-label data F1 by how often each label occurs in the training data.
+
+final_report -> report.txt, test_metrics.json, calibration.png (with matplotlib)
+threshold_list   a tuned threshold as config.json keeps it
+"""
+import json
+import os
+
+import numpy as np
+
+from metrics import (calibration_inputs, calibration_metrics, f1_by_frequency, format_frequency_table, format_report,
+                     format_table, per_class_report)
+from model import EncoderClassifier
+from side import calibrate
+from side.logs import plot_reliability
+
+CALIBRATION_KEYS = ("ece", "brier")
+
+
+def final_report(objective, out_dir, calibration, device, best):
+    """Reload the best checkpoint from disk (proves it loads), calibrate it when asked (calibration: off |
+    temperature), then report on the validation and test data. objective: train.py's Classification."""
+    model = EncoderClassifier.from_pretrained(out_dir, device=device, verbose=False)
+    calibrate.set_temperature(model.config, None)  # a report made again after a kill fits it anew, from raw logits
+    raw = {name: (objective.logits(model, objective.splits[key]), objective.splits[key].targets)
+           for name, key in (("validation", "val"), ("test", "test")) if key in objective.splits}
+    lines = [f"best validation {objective.metric}: {best:.4f}"]
+    if calibration == "temperature":
+        lines.append(fit_and_save(model, objective, *raw["validation"], out_dir))
+    scored = {name: score(model, objective, logits, targets, calibration != "off")
+              for name, (logits, targets) in raw.items()}
+    validation = {k: v for k, v in scored["validation"][0].items() if k.startswith(CALIBRATION_KEYS)}
+    lines += ["", "validation calibration", format_table(validation)]
+    result = {"best_val": best, "validation": validation}
+    if "test" in scored:
+        metrics, logits = scored["test"]
+        lines += ["", f"test ({len(logits)} texts)", format_table(metrics)]
+        if model.config.multi_label:
+            metrics["by_label_frequency"] = f1_by_frequency(logits, raw["test"][1], train_counts(objective),
+                                                            np.asarray(model.config.thresholds))
+            lines += ["", "test F1 by the labels' count of training texts", format_frequency_table(
+                metrics["by_label_frequency"])]
+        rows = per_class_report(logits, raw["test"][1], model.config.multi_label, objective.labels.names,
+                                model.config.thresholds if model.config.multi_label else 0.5)
+        lines += ["", format_report(rows)]
+        result["test"] = metrics
+        with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
+            json.dump({**metrics, "validation": validation}, f, indent=2)
+    write_report(out_dir, "\n".join(lines))
+    plot_reliability(os.path.join(out_dir, "calibration.png"), reliability_curves(model, raw, calibration != "off"))
+    return result
+
+
+def fit_and_save(model, objective, logits, targets, out_dir):
+    """Fit the temperature on the validation logits, tune the thresholds after it, write both into config.json.
+    Returns the report's line about it."""
+    multi = model.config.multi_label
+    temperature = calibrate.fit_temperature(logits, targets, multi)
+    calibrate.set_temperature(model.config, temperature)
+    _, threshold, _ = objective.score(model, logits, targets)  # thresholds tuned on the calibrated probabilities
+    model.config.thresholds = threshold_list(threshold, model.config.num_labels)
+    calibrate.save_calibration(out_dir, temperature, model.config.thresholds)
+    if not multi:
+        return f"calibration: temperature {temperature:.4f}, fit on the validation data"
+    spread = np.asarray(temperature)
+    return (f"calibration: a temperature per label, {spread.min():.4f} to {spread.max():.4f} (median "
+            f"{np.median(spread):.4f}); labels with fewer than {calibrate.MIN_POSITIVES} validation texts with or "
+            "without them share one")
+
+
+def score(model, objective, logits, targets, calibrated):
+    """(metrics at the saved thresholds, the logits as the model reports them: divided by its temperature);
+    calibrated: ECE and Brier of the raw logits too, as <name>_uncalibrated."""
+    saved = np.asarray(model.config.thresholds) if model.config.multi_label else None
+    metrics, _, reported = objective.score(model, logits, targets, saved)
+    if calibrated:
+        raw = calibration_metrics(logits, targets, model.config.multi_label)
+        metrics.update({f"{k}_uncalibrated": v for k, v in raw.items()})
+    return metrics, reported
+
+
+def reliability_curves(model, raw, calibrated):
+    """The test data's (the validation data's without a test file) decisions, before and after calibration."""
+    name = "test" if "test" in raw else "validation"
+    logits, targets = raw[name]
+    multi = model.config.multi_label
+    curves = {f"{name}, uncalibrated" if calibrated else name: calibration_inputs(logits, targets, multi)}
+    if calibrated:
+        curves[f"{name}, temperature-scaled"] = calibration_inputs(
+            logits / calibrate.temperature_of(model.config), targets, multi)
+    return curves
+
+
+def train_counts(objective):
+    """Each label's count of training texts (a soft target counts where it is over 0.5, as metrics.py reads it)."""
+    return (objective.splits["train"].targets > 0.5).sum(axis=0)
+
+
+def write_report(out_dir, report):
+    with open(os.path.join(out_dir, "report.txt"), "w") as f:
+        f.write(report + "\n")
+    print("\n" + report + f"\n\nsaved to {out_dir}/")
+
+
+def threshold_list(threshold, num_labels):
+    """A threshold (None, a number or one per label) as config.json keeps it: one float per label."""
+    if threshold is None:
+        return None
+    return [float(t) for t in np.broadcast_to(np.asarray(threshold, np.float64), (num_labels,))]

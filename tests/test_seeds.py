@@ -1,0 +1,129 @@
+"""scripts/seeds.py: one GPU per run at a time (proven with stand-in processes), and a tiny job over 2 seeds whose
+second run is interrupted and then continued by running the same command again."""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import train
+from test_robustness import tiny_checkpoint, write_texts
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import seeds  # noqa: E402
+
+
+class StandIn:
+    """A process that ends after a few polls, recording which runs were on which device meanwhile."""
+
+    def __init__(self, seed, device, running, polls):
+        self.seed, self.device, self.running, self.left, self.returncode = seed, device, running, polls, None
+        running.append((seed, device))
+
+    def poll(self):
+        self.left -= 1
+        if self.left <= 0:
+            self.running.remove((self.seed, self.device))
+            self.returncode = 0
+        return self.returncode
+
+
+def test_one_run_per_gpu_at_a_time():
+    running, seen = [], []
+
+    def start(command, log_path, device):
+        process = StandIn(command, device, running, polls=2 + command % 3)
+        seen.append(sorted(running))
+        assert len({d for _, d in running}) == len(running) <= 2  # never two runs on one GPU, never a third
+        return process
+
+    codes = seeds.run_jobs([(s, s, f"log-{s}") for s in range(5)], ["0", "1"], start, poll_seconds=0)
+    assert codes == {s: 0 for s in range(5)}
+    assert max(len(r) for r in seen) == 2  # both GPUs busy at once
+    assert {d for r in seen for _, d in r} == {"0", "1"}
+    order = []
+    codes = seeds.run_jobs([(s, s, "") for s in range(3)], [None],
+                           lambda c, l, d: order.append(c) or StandIn(c, d, running, 1), poll_seconds=0)
+    assert order == [0, 1, 2] and codes == {0: 0, 1: 0, 2: 0}  # no GPU: one after another
+
+
+def test_a_process_sees_only_its_gpu(tmp_path):
+    log = tmp_path / "log"
+    command = [sys.executable, "-c", "import os; print('visible', os.environ['CUDA_VISIBLE_DEVICES'])"]
+    assert seeds.run_jobs([(0, command, str(log))], ["3"], poll_seconds=0.05) == {0: 0}
+    assert log.read_text().strip() == "visible 3"
+
+
+def test_a_stopped_seeds_py_stops_its_runs(tmp_path, monkeypatch):
+    started = []
+
+    def start(command, log_path, device):
+        started.append(seeds.start_process(command, log_path, device))
+        return started[-1]
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt  # what Ctrl-C (or main's SIGTERM handler, as SystemExit) does while it waits
+    monkeypatch.setattr(seeds.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        seeds.run_jobs([(0, [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "log"))], [None],
+                       start)
+    assert started[0].returncode is not None  # terminated and waited for: nothing writes on behind our back
+
+
+def test_arguments_seeds_sets_itself_are_refused():
+    with pytest.raises(SystemExit):
+        seeds.parse_args(["--seeds", "0,1", "--", "--seed", "3"])
+    with pytest.raises(SystemExit):
+        seeds.parse_args(["--", "--out-dir=x"])
+    args, rest = seeds.parse_args(["--seeds", "2,5", "--", "--epochs", "1"])
+    assert args.seeds == [2, 5] and rest == ["--epochs", "1"]
+
+
+def test_seeds_table_and_an_interrupted_run_continued(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    model = tiny_checkpoint(tmp_path / "model")
+    job = ["--model", model, "--train-file", write_texts(tmp_path / "train.csv", 40, 0), "--test-file",
+           write_texts(tmp_path / "test.csv", 12, 2), "--max-length", "32", "--batch-size", "4", "--epochs", "1",
+           "--eval-every", "2", "--lr", "2e-3", "--val-fraction", "0.25", "--device", "cpu"]
+    root = tmp_path / "runs"
+    seeds.main(["--seeds", "0,1", "--out-dir", str(root), "--", *job])
+    first = {s: json.load(open(root / f"seed-{s}" / "test_metrics.json")) for s in (0, 1)}
+    assert first[0] != first[1]  # the seed changed the run
+
+    # seed 1 again, killed after its third step: its last state is from the evaluation at step 2
+    shutil.rmtree(root / f"seed-1")
+    steps = []
+    real_step = train.train_step
+
+    def dying_step(*args):
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return real_step(*args)
+    monkeypatch.setattr(train, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*job, "--seed", "1", "--out-dir", str(root / "seed-1")])
+    monkeypatch.undo()
+    assert seeds.seed_state(str(root / "seed-1")) == "resume" and seeds.seed_state(str(root / "seed-0")) == "done"
+    finished = os.path.getmtime(root / "seed-0" / "test_metrics.json")
+
+    table = seeds.main(["--seeds", "0,1", "--out-dir", str(root), "--", *job])
+    assert os.path.getmtime(root / "seed-0" / "test_metrics.json") == finished  # skipped
+    assert "resuming at step 2" in (root / "seed-1.log").read_text()
+    assert json.load(open(root / "seed-1" / "test_metrics.json")) == first[1]  # exactly the uninterrupted run's
+    for name in ("macro_f1", "ece", "brier"):
+        values = [first[0][name], first[1][name]]
+        row = table[name]
+        assert row["per_seed"] == {0: values[0], 1: values[1]}
+        assert row["mean"] == pytest.approx(np.mean(values), abs=1e-15)
+        assert row["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-15)
+        assert (row["min"], row["max"]) == (min(values), max(values))
+        baseline = [json.load(open(root / f"baseline-seed-{s}.json"))[name] for s in (0, 1)]
+        assert row["baseline"]["per_seed"] == {0: baseline[0], 1: baseline[1]}
+    saved = json.load(open(root / "seeds.json"))
+    assert saved["seeds"] == [0, 1] and "validation.ece" in saved["metrics"]
+    markdown = (root / "seeds.md").read_text().splitlines()
+    assert markdown[0].startswith("| metric | seed 0 | seed 1 | mean ± std")
+    assert any(line.startswith("| macro_f1 |") for line in markdown)
