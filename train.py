@@ -41,7 +41,7 @@ from data import (IGNORE_INDEX, LONG_DOCS, DataError, LabelEncoder, Masking, Tex
 from metrics import compute_metrics, format_report, format_table, per_class_report, tune_thresholds
 from model import (MULTI_LABEL, POOLINGS, SINGLE_LABEL, EncoderClassifier, FlashCheckError, MaskedLM, amp_dtype,
                    autocast, check_vocab, use_packing)
-from predict import predict_logits
+from side.infer import predict_logits
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -18,7 +18,8 @@ import model as M
 import train
 from data import make_batch, pack_batch, pad_batch, to_device
 from make_golden import padded_batch, save_reference, tiny_reference_model
-from predict import Predictor, predict_logits
+from predict import Predictor
+from side.infer import predict_logits
 
 
 def reference_varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
