@@ -187,7 +187,7 @@ def _no_duplicate_keys(pairs):
     return record
 
 
-def _require_columns(path, columns, wanted, delimiter):
+def require_columns(path, columns, wanted, delimiter):
     missing = [c for c in wanted if c not in columns]
     if not missing:
         return
@@ -278,7 +278,7 @@ def read_table(path, text_column="text", label_column=None, multi_label=None, la
         label_column = next((c for c in ("label", "labels") if c in columns), None)
     several = isinstance(label_column, (list, tuple))
     label_columns = list(label_column) if several else [label_column] if label_column else []
-    _require_columns(path, columns, [text_column, *([pair_column] if pair_column else []), *label_columns], delimiter)
+    require_columns(path, columns, [text_column, *([pair_column] if pair_column else []), *label_columns], delimiter)
     if not records:
         raise DataError(f"{path}: no data rows after the header")
     texts = _texts(path, records, text_column)
@@ -360,10 +360,10 @@ class LabelEncoder:
     num_labels = property(lambda self: len(self._names))
     multi_label = property(lambda self: self._multi_label)
 
-    def encode(self, raw_labels, path=None, unknown="error", hint='or pass unknown="ignore"') -> np.ndarray:
+    def encode(self, raw_labels, path=None, unknown="error", hint='or pass unknown="ignore"', rows=None) -> np.ndarray:
         """unknown="error" raises DataError on labels not seen in training, ending with hint (what the caller's
         user can do: train.py names its flag); "ignore" drops them (single-label rows get IGNORE_INDEX) and
-        warns with the count."""
+        warns with the count. rows: the file's row number of each label, for the message (default 1, 2, ...)."""
         if unknown not in ("error", "ignore"):
             raise ValueError(f'unknown must be "error" or "ignore", got {unknown!r}')
         n, unknown_rows = len(raw_labels), {}
@@ -375,7 +375,7 @@ class LabelEncoder:
             for name in value if self._multi_label else [value]:
                 idx = self._label2id.get(str(name))
                 if idx is None:
-                    unknown_rows.setdefault(name, []).append(row + 1)
+                    unknown_rows.setdefault(name, []).append(row + 1 if rows is None else rows[row])
                 elif self._multi_label:
                     targets[row, idx] = 1.0
                 else:
