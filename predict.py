@@ -260,26 +260,20 @@ class Job:
         if self.format == "jsonl":
             return "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields)
         if self.predictor.model.config.multi_label:
-            tail = [[";".join(x["label"] for x in p["labels"]), ";".join(f"{x['probability']:.4f}" for x in p["labels"])]
-                    for p in predictions]
+            tail = [[";".join(x["label"] for x in p["labels"]),
+                     ";".join(f"{x['probability']:.4f}" for x in p["labels"])] for p in predictions]
         else:
             tail = [[p["label"], f"{p['probability']:.4f}"] for p in predictions]
         body = [[cell(f.get(name)) for name in self.given] + end for f, end in zip(fields, tail)]
         return (self.header() if index == 0 else "") + self.csv_text(body)
-
-    def rejects(self, rows):
-        """JSONL lines of the rows set aside: row, line, their fields but the text, and the reason."""
-        return "".join(json.dumps({"row": r.number, "line": r.line, **given_fields(
-            r.record or {}, (self.text_column, self.pair_column), REJECT_FIELDS), "reason": r.problem},
-            ensure_ascii=False) + "\n" for r in rows)
-
 
 def label_chunk(job, index, rows):
     """One chunk of input rows -> its Chunk. Rows with a problem are set aside; the others are tokenized, sorted by
     length into batches (side/infer.py), scored and put back in input order."""
     good = [r for r in rows if not r.problem]
     bad = [r for r in rows if r.problem]
-    chunk = Chunk(index, rows=len(good), rejected=len(bad), rejects=job.rejects(bad).encode())
+    chunk = Chunk(index, rows=len(good), rejected=len(bad),
+                  rejects=reject_lines(bad, (job.text_column, job.pair_column)).encode())
     if job.labels:
         chunk.targets = job.targets(good)
     values = job.values(good)
@@ -292,6 +286,12 @@ def label_chunk(job, index, rows):
     else:
         chunk.output = job.render(good, job.predictor.decode(values), index).encode()
     return chunk
+
+
+def reject_lines(rows, texts):
+    """JSONL lines of the rows set aside: row, line, their fields but the texts, and the reason."""
+    return "".join(json.dumps({"row": r.number, "line": r.line, **given_fields(r.record or {}, texts, REJECT_FIELDS),
+                               "reason": r.problem}, ensure_ascii=False) + "\n" for r in rows)
 
 
 def out_of_memory_retry(predictor, score, seqs):

@@ -54,7 +54,10 @@ class ChunkWriter:
             raise OutputError(f"{self.state_path}: an interrupted run's work is there: --resume continues it; "
                               f"delete it and {self.files[0]} to start over")
         if resume and state is not None:
-            self._check_same(state["fingerprint"])
+            changed = changes(state["fingerprint"], fingerprint)
+            if changed:
+                raise OutputError(f"cannot --resume {path}: {', '.join(changed)} changed since the run began; "
+                                  f"run again without --resume after deleting {self.state_path}")
             self.chunks, self.rows, self.rejected = state["chunks"], state["rows"], state["rejected"]
             self.sizes = state["sizes"]
             for name, size in zip(self.files, self.sizes):
@@ -106,17 +109,6 @@ class ChunkWriter:
         with open(self.state_path) as f:
             return json.load(f)
 
-    def _check_same(self, before):
-        """--resume continues only the run that was: same input, model and options (the output must be the one an
-        uninterrupted run writes)."""
-        changed = [what for what in ("input", "model") if before.get(what) != self.fingerprint[what]]
-        options = before.get("options", {})
-        changed += [f"--{k.replace('_', '-')} ({options.get(k)!r} then, {v!r} now)"
-                    for k, v in self.fingerprint["options"].items() if options.get(k) != v]
-        if changed:
-            raise OutputError(f"cannot --resume {self.path}: {', '.join(changed)} changed since the run began; "
-                              f"run again without --resume after deleting {self.state_path}")
-
     @staticmethod
     def _do(path, action, *args):
         """action(*args), an OSError (disk full, permission) becoming an OutputError that names path."""
@@ -124,6 +116,15 @@ class ChunkWriter:
             return action(*args)
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def changes(before, now):
+    """What differs between the fingerprints of the run that began and this one: --resume continues only the run
+    that was (same input, model and options), or the output would not be the one an uninterrupted run writes."""
+    changed = [what for what in ("input", "model") if before.get(what) != now[what]]
+    options = before.get("options", {})
+    return changed + [f"--{k.replace('_', '-')} ({options.get(k)!r} then, {v!r} now)"
+                      for k, v in now["options"].items() if options.get(k) != v]
 
 
 def _write_zeros(path, size):

@@ -37,16 +37,14 @@ class RowStream:
         self.delimiter, self.compressed = file_format(path)
         if not os.path.isfile(self.path):
             raise DataError(f"{path}: file not found")
-        self.size = os.path.getsize(self.path)
-        self._raw, self.header = None, None
-        self._check_start()
+        self.size, self._raw, self.header = os.path.getsize(self.path), None, None
+        check_start(self.path, self.compressed)
         self.columns = self._columns()
 
     def __iter__(self):
         with open(self.path, "rb") as raw:
             self._raw = raw
-            binary = gzip.GzipFile(fileobj=raw) if self.compressed else raw
-            lines = self._lines(binary)
+            lines = self._lines(gzip.GzipFile(fileobj=raw) if self.compressed else raw)
             text_lines = (line.removesuffix("\n").removesuffix("\r") for line in lines)
             if self.delimiter == "lines":
                 parsed = txt_rows(text_lines, self.text_column)
@@ -56,7 +54,6 @@ class RowStream:
                 self.header, parsed = csv_rows(self.path, lines, self.delimiter)
             for number, line, record, problem in parsed:
                 yield Row(number, line, record, problem or self._problem(line, record))
-            self._raw = None
 
     def bytes_read(self):
         """How far into the file (as stored) the rows read so far reach; 0 before reading."""
@@ -90,23 +87,6 @@ class RowStream:
                 return problem
         return None
 
-    def _check_start(self):
-        """The file is refused whole when its beginning is not UTF-8 text (another encoding, a binary file)."""
-        opener = gzip.open if self.compressed else open
-        try:
-            with opener(self.path, "rb") as f:
-                head = f.read(UTF8_CHECK_BYTES)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{self.path}: cannot read it as {'gzip' if self.compressed else 'a file'} ({e})") from None
-        try:
-            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < UTF8_CHECK_BYTES)
-        except UnicodeDecodeError as e:
-            line = head.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{self.path}: line {line} (byte offset {e.start}): byte 0x{head[e.start]:02x} is not "
-                            "valid UTF-8; re-save the file as UTF-8") from None
-        if not text.removeprefix("\ufeff").strip():
-            raise DataError(f"{self.path}: file is empty")
-
     def _columns(self):
         """The columns, checked for the text (and pair) column; a file without data rows is refused."""
         wanted = [self.text_column, *([self.pair_column] if self.pair_column else [])]
@@ -127,6 +107,24 @@ class RowStream:
         if first is None:
             raise DataError(f"{self.path}: no data rows{' after the header' * bool(self.delimiter)}")
         return columns
+
+
+def check_start(path, compressed):
+    """The file is refused whole when its beginning is not UTF-8 text (another encoding, a binary file)."""
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(UTF8_CHECK_BYTES)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read it as {'gzip' if compressed else 'a file'} ({e})") from None
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < UTF8_CHECK_BYTES)
+    except UnicodeDecodeError as e:
+        line = head.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} (byte offset {e.start}): byte 0x{head[e.start]:02x} is not "
+                        "valid UTF-8; re-save the file as UTF-8") from None
+    if not text.removeprefix("\ufeff").strip():
+        raise DataError(f"{path}: file is empty")
 
 
 class TextRows:
