@@ -198,6 +198,7 @@ class Job:
         self.dropped = () if keep else (self.text_column, self.pair_column)
         self.format = output_format(args.output)
         self.given = [given for c in stream.columns for given in given_fields({c: None}, self.dropped)]
+        self.unwritten = set()  # JSONL fields that CSV output has no column for (not in the first record)
         self.labels = None
         if args.label_column:
             config = predictor.model.config
@@ -265,6 +266,7 @@ class Job:
         else:
             tail = [[p["label"], f"{p['probability']:.4f}"] for p in predictions]
         body = [[cell(f.get(name)) for name in self.given] + end for f, end in zip(fields, tail)]
+        self.unwritten.update(name for f in fields for name in f if name not in self.given)
         return (self.header() if index == 0 else "") + self.csv_text(body)
 
 def label_chunk(job, index, rows):
@@ -329,6 +331,8 @@ class FileSink:
         self.writer = ChunkWriter(self.path, fingerprint, args.resume,
                                   head_bytes=NPY_HEADER_BYTES if self.npy else 0, rejects=rejects_path(self.path))
         self.job, self.done = job, self.writer.rows + self.writer.rejected
+        if args.resume and not self.writer.chunks:
+            print(f"note: no interrupted run of {self.path} to resume: starting at the first row", file=sys.stderr)
 
     def write(self, chunk):
         self.writer.commit(chunk.output, chunk.rejects, chunk.rows, chunk.rejected)
@@ -424,6 +428,10 @@ def run(job, stream, plan, sink, progress_every):
     progress.update(done, stream.size, force=True)
     progress.done()
     report_speed(job)
+    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
+    if unwritten:
+        print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
+              "them; write .jsonl to keep every field", file=sys.stderr)
     return sink.finish()
 
 
@@ -501,8 +509,8 @@ def main(argv=None):
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except OutputError as e:
-        raise SystemExit(f"{e}; an existing output file is untouched, and the complete chunks are kept for "
-                         "--resume") from None
+        raise SystemExit(f"{e}; an existing output file is untouched and the complete chunks are kept: make room "
+                         "(or fix the permission) and run again with --resume") from None
     except BaseException:
         leave_ranks(wait=False)  # the other ranks may be waiting for this one: torchrun stops them
         raise

@@ -100,7 +100,11 @@ class ChunkWriter:
         state = {"fingerprint": self.fingerprint, "chunks": self.chunks, "rows": self.rows,
                  "rejected": self.rejected, "sizes": self.sizes}
         tmp = self.state_path + ".tmp"
-        self._do(self.state_path, _write_text, tmp, json.dumps(state))
+        try:
+            self._do(self.state_path, _write_text, tmp, json.dumps(state))
+        except OutputError:
+            os.remove(tmp)  # the state before this chunk stands: --resume redoes the chunk
+            raise
         self._do(self.state_path, os.replace, tmp, self.state_path)
 
     def _read_state(self):

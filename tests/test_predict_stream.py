@@ -314,3 +314,27 @@ def test_out_of_memory_halves_the_batches(tiny, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     assert np.array_equal(predict.out_of_memory_retry(predictor, score, seqs), expected) and calls == [8, 4]
     assert "batches of at most 4 texts" in capsys.readouterr().err
+
+
+def test_long_documents_and_int8_go_through_the_stream(tiny, tmp_path, capsys):
+    notes = write_notes(tmp_path / "notes.csv", 10)
+    texts = [g["text"] for g in csv.DictReader(open(notes))]
+    output = tmp_path / "windows.jsonl"
+    predict.main(["--model", tiny["model"], "--input", notes, "--output", str(output), "--long-docs", "windows_mean",
+                  "--max-length", "8", "--chunk-rows", "3"])
+    expected = predict.Predictor(tiny["model"], device="cpu", max_length=8, long_docs="windows_mean").predict(texts)
+    written = [json.loads(line) for line in open(output)]
+    assert [w["label"] for w in written] == [e["label"] for e in expected]
+    assert [w["probability"] for w in written] == pytest.approx([e["probability"] for e in expected], abs=1e-6)
+    capsys.readouterr()
+    predict.main(["--model", tiny["model"], "--input", notes, "--int8", "--chunk-rows", "4"])
+    err = capsys.readouterr().err
+    assert "scored 10 texts in" in err and "int8 against fp32 on the first 4 texts: the same label for" in err
+
+
+def test_jsonl_fields_missing_from_the_csv_header_are_reported(tiny, tmp_path, capsys):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"id": 1, "text": "w1 w2"}\n{"id": 2, "text": "w3", "ward": "b"}\n')
+    predict.main(["--model", tiny["model"], "--input", str(path), "--output", str(tmp_path / "out.csv")])
+    assert [r["id"] for r in csv.DictReader(open(tmp_path / "out.csv"))] == ["1", "2"]
+    assert "note: fields ['ward'] of some rows are not among the first row's" in capsys.readouterr().err
