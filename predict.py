@@ -52,7 +52,8 @@ from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, check_vocab, window_aggregation
 from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, predict_embeddings,
                         predict_logits)
-from side.output import NPY_HEADER_BYTES, ChunkWriter, OutputError, fingerprint_of_file, npy_header, rejects_path
+from side.output import (NPY_HEADER_BYTES, ChunkWriter, OutputError, ResumeRefused, fingerprint_of_file, npy_header,
+                         rejects_path)
 from side.progress import Progress
 from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
 from side.shards import torchrun_world
@@ -269,6 +270,7 @@ class Job:
         self.unwritten.update(name for f in fields for name in f if name not in self.given)
         return (self.header() if index == 0 else "") + self.csv_text(body)
 
+
 def label_chunk(job, index, rows):
     """One chunk of input rows -> its Chunk. Rows with a problem are set aside; the others are tokenized, sorted by
     length into batches (side/infer.py), scored and put back in input order."""
@@ -484,16 +486,17 @@ def open_sink(args, job, stream, rank, world):
             sink = (MetricsSink(job.predictor) if args.label_column else
                     FileSink(args, job, fingerprint(args, stream)) if args.output or args.embeddings else StdoutSink())
         except OutputError as e:
-            problem = str(e)
+            problem = e
     problem = from_first(problem, rank, world)
     if problem:
-        raise OutputError(problem)
+        raise problem
     return sink
 
 
 def main(argv=None):
     args = parse_arguments(argv)
     check_arguments(args)
+    finished = False
     try:
         stream = RowStream(args.input, args.text_column, args.text_pair_column) if args.input else TextRows(args.text)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.int8 else "cpu"))
@@ -506,15 +509,16 @@ def main(argv=None):
         sink = open_sink(args, job, stream, rank, world)
         plan = plan_chunks(args, stream, sink, rank, world)
         result = run(job, stream, plan, sink, args.progress_every)
+        finished = True
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    except ResumeRefused as e:
+        raise SystemExit(str(e)) from None
     except OutputError as e:
         raise SystemExit(f"{e}; an existing output file is untouched and the complete chunks are kept: make room "
                          "(or fix the permission) and run again with --resume") from None
-    except BaseException:
-        leave_ranks(wait=False)  # the other ranks may be waiting for this one: torchrun stops them
-        raise
-    leave_ranks()
+    finally:
+        leave_ranks(wait=finished)  # after a failure the other ranks may wait for this one: torchrun stops them
     if result is None:  # a rank of torchrun other than 0
         return None
     rejected, where = result

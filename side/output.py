@@ -20,6 +20,10 @@ class OutputError(Exception):
     """A file predict.py writes cannot be written (disk full, permission): the message names it."""
 
 
+class ResumeRefused(OutputError):
+    """An interrupted run's state is there but not continued, or --resume cannot continue it: the message says why."""
+
+
 def rejects_path(output):
     """Where the rows set aside go: beside the output, predictions.csv -> predictions.rejects.jsonl."""
     return os.path.splitext(output)[0] + ".rejects.jsonl"
@@ -51,12 +55,12 @@ class ChunkWriter:
         self.files = [path + ".partial", *([rejects + ".partial"] if rejects else [])]
         state = self._read_state()
         if state is not None and not resume:
-            raise OutputError(f"{self.state_path}: an interrupted run's work is there: --resume continues it; "
+            raise ResumeRefused(f"{self.state_path}: an interrupted run's work is there: --resume continues it; "
                               f"delete it and {self.files[0]} to start over")
         if resume and state is not None:
             changed = changes(state["fingerprint"], fingerprint)
             if changed:
-                raise OutputError(f"cannot --resume {path}: {', '.join(changed)} changed since the run began; "
+                raise ResumeRefused(f"cannot --resume {path}: {', '.join(changed)} changed since the run began; "
                                   f"run again without --resume after deleting {self.state_path}")
             self.chunks, self.rows, self.rejected = state["chunks"], state["rows"], state["rejected"]
             self.sizes = state["sizes"]

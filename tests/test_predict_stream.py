@@ -141,7 +141,8 @@ def test_existing_output_survives_a_full_disk(tiny, tmp_path, monkeypatch):
         predict.main(["--model", tiny["model"], "--input", notes, "--output", str(output), "--chunk-rows", "5"])
     assert output.read_text() == "the last good labels\n"
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match=r"an interrupted run's work is there: --resume continues it"):
+    with pytest.raises(SystemExit, match=r"an interrupted run's work is there: --resume continues it; delete it and "
+                                         r".*labels.csv.partial to start over$"):
         predict.main(["--model", tiny["model"], "--input", notes, "--output", str(output), "--chunk-rows", "5"])
     assert run_predict("--model", tiny["model"], "--input", notes, "--output", output, "--chunk-rows", 5,
                        "--resume") == 0
