@@ -2,6 +2,11 @@
 Label texts with a fine-tuned checkpoint (a train.py output folder, or any compatible HF folder), from a few texts
 to files of millions of notes: the file is read, tokenized, scored and written in chunks, so memory stays flat.
 
+The file, in order: Predictor (the model and its tokenizer; predict, stream); Job and label_chunk (one chunk of
+rows -> its output bytes, rejects, or logits to score); the sinks (a file through side/output.py's ChunkWriter,
+stdout, metrics); run (chunks over the ranks of torchrun or one --shard, side/shards.py); main and its checks.
+Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line, side/infer.py batches.
+
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.csv    # one row per note, id columns kept
     python predict.py --model out --input notes.csv.gz --output predictions.jsonl --resume   # after a kill
@@ -28,11 +33,6 @@ From Python:
         ...
 
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py).
-
-The file, in order: Predictor (the model and its tokenizer; predict, stream); Job and label_chunk (one chunk of
-rows -> its output bytes, rejects, or logits to score); the sinks (a file through side/output.py's ChunkWriter,
-stdout, metrics); run (chunks over the ranks of torchrun or one --shard, side/shards.py); main and its checks.
-Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line, side/infer.py batches.
 """
 import argparse
 import csv
