@@ -21,7 +21,7 @@ class Progress:
     pace and the ETA count from there."""
 
     def __init__(self, total_bytes, every=None, out=None, resumed=False):
-        self.out = out or sys.stderr
+        self.out = sys.stderr if out is None else out
         self.tty = self.out.isatty()
         self.every = every if every is not None else 0.5 if self.tty else 30.0
         self.total, self.start_rows, self.start_bytes = total_bytes, 0, None if resumed else 0

@@ -19,6 +19,7 @@ import torch
 
 import predict
 import side.output
+import side.progress
 import side.stream
 from metrics import compute_metrics
 from test_robustness import GOLDEN_BERT, ROOT, WORDS, free_port, tiny_checkpoint
@@ -339,3 +340,19 @@ def test_jsonl_fields_missing_from_the_csv_header_are_reported(tiny, tmp_path, c
     predict.main(["--model", tiny["model"], "--input", str(path), "--output", str(tmp_path / "out.csv")])
     assert [r["id"] for r in csv.DictReader(open(tmp_path / "out.csv"))] == ["1", "2"]
     assert "note: fields ['ward'] of some rows are not among the first row's" in capsys.readouterr().err
+
+
+def test_progress_is_one_line_in_place_on_a_terminal():
+    class Terminal(list):
+        isatty = staticmethod(lambda: True)
+        write = list.append
+        flush = staticmethod(lambda: None)
+
+    out = Terminal()
+    progress = side.progress.Progress(total_bytes=1000, every=0, out=out)
+    progress.update(100, 250)
+    progress.update(200, 500)
+    progress.done()
+    assert out[0].startswith("\r100 rows, ") and ", 25% of the file, ETA " in out[0]
+    assert out[1].startswith("\r200 rows, ") and out[-1] == "\n" and len(out) == 3
+    assert side.progress.duration(3725) == "1h02m05s" and side.progress.duration(65) == "1m05s"
