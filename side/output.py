@@ -56,12 +56,12 @@ class ChunkWriter:
         state = self._read_state()
         if state is not None and not resume:
             raise ResumeRefused(f"{self.state_path}: an interrupted run's work is there: --resume continues it; "
-                              f"delete it and {self.files[0]} to start over")
+                                f"delete it and {self.files[0]} to start over")
         if resume and state is not None:
             changed = changes(state["fingerprint"], fingerprint)
             if changed:
                 raise ResumeRefused(f"cannot --resume {path}: {', '.join(changed)} changed since the run began; "
-                                  f"run again without --resume after deleting {self.state_path}")
+                                    f"run again without --resume after deleting {self.state_path}")
             self.chunks, self.rows, self.rejected = state["chunks"], state["rows"], state["rejected"]
             self.sizes = state["sizes"]
             for name, size in zip(self.files, self.sizes):
