@@ -30,7 +30,10 @@ SHIPPED = os.path.join(ROOT, "example_data", "medical_abstracts", "train.csv")
 
 
 def make_notes(path, rows, seed=0):
-    """rows notes of two sentences each from the shipped abstracts, with ids; written as CSV (gzip for .gz)."""
+    """rows notes of two sentences each from the shipped abstracts, with ids; written as CSV (gzip for .gz), or
+    the file already there (the same seed writes the same notes)."""
+    if os.path.exists(path):
+        return path
     with open(SHIPPED, newline="", encoding="utf-8") as f:
         sentences = [s for r in csv.DictReader(f) for s in re.split(r"(?<=\.) ", r["text"]) if len(s) > 20]
     rng = random.Random(seed)
