@@ -225,7 +225,8 @@ def test_shards_and_torchrun_give_one_process_bytes(tiny, tmp_path):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.skip("torchrun did not finish in 120 s (no process group on this machine?)")
-    if not (tmp_path / "two.csv").exists() and "exitcode  : 3" not in done.stderr:
+    group_failed = any(sign in done.stderr for sign in ("init_process_group", "Gloo", "RendezvousError"))
+    if not (tmp_path / "two.csv").exists() and group_failed:
         pytest.skip(f"torchrun could not start a gloo group here: {done.stderr[-500:]}")
     assert "exitcode  : 3" in done.stderr  # rank 0 set a row aside; torchrun reports its status
     assert sha256(tmp_path / "two.csv") == sha256(tmp_path / "one.csv")
