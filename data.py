@@ -1,6 +1,8 @@
 """Everything between a user's file and a batch of tensors.
 
-read_table -> Table(texts, labels, multi_label, path, label_columns, pairs); Split: a job's encoded split
+read_table -> Table(texts, labels, multi_label, path, label_columns, pairs); file_format (.gz too); Split: a job's
+    encoded split
+csv_rows / jsonl_rows / txt_rows   a file's rows one at a time, bad ones marked (predict.py streams them)
 LabelEncoder   names <-> ids; saved as config.json's id2label, reloaded with from_id2label
 train_val_split   seeded (stratified) validation split, returns index arrays
 TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, text pairs,
@@ -12,6 +14,7 @@ Any problem with the user's data raises DataError naming the file, the row and t
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
 """
 import csv
+import gzip
 import io
 import itertools
 import json
@@ -83,10 +86,28 @@ class Table:
         return iter((self.texts, self.labels))
 
 
-def _read_utf8(path: Path) -> str:
+def file_format(path) -> tuple:
+    """(delimiter, compressed) of a data file by its name: DELIMITERS' value for its suffix, and whether it ends
+    in .gz (read through gzip: notes are usually stored compressed)."""
+    path = Path(path)
+    compressed = path.suffix.lower() == ".gz"
+    suffix = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
+    if suffix not in DELIMITERS:
+        kinds = sorted(DELIMITERS)
+        raise DataError(f"{path}: unsupported file type {suffix + '.gz' * compressed!r}; use one of {kinds}, "
+                        "or any of them with .gz")
+    return DELIMITERS[suffix], compressed
+
+
+def _read_utf8(path: Path, compressed=False) -> str:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     raw = path.read_bytes()
+    if compressed:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a complete gzip file ({e})") from None
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")  # tolerate a BOM (Excel writes one)
     except UnicodeDecodeError as e:
@@ -98,55 +119,93 @@ def _read_utf8(path: Path) -> str:
     return text
 
 
-def _csv_records(path, text, delimiter):
-    """Returns (columns, [(where, {column: value})])."""
+# Rows one at a time: (row, line, record, problem). row counts data rows from 1 (bad ones too), line is the file
+# line the row starts on, problem is None or what is wrong with the row ("row 3 (line 4): ...", record None).
+# read_table stops at the first problem; predict.py's stream (side/stream.py) sets the row aside and goes on.
+
+def csv_rows(path, lines, delimiter):
+    """(header, rows) of CSV/TSV lines (each with its line ending, as a file gives them)."""
     # strict: a stray quote raises instead of silently swallowing the rest of the file into one field
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    records, header, last_line = [], None, 0
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     try:
-        for fields in reader:
-            start, last_line = last_line + 1, reader.line_num
-            if not fields:  # blank line
-                continue
-            if header is None:
-                header = [f.strip() for f in fields]
-                if len(set(header)) != len(header):
-                    raise DataError(f"{path}: line {start}: duplicate column names in header {header}")
-                continue
-            where = f"row {len(records) + 1} (line {start})"
-            if len(fields) != len(header):
-                raise DataError(f"{path}: {where}: has {len(fields)} fields but the header has {len(header)}; "
-                                f"quote fields that contain {delimiter!r}, quotes or newlines")
-            records.append((where, dict(zip(header, fields))))
+        header = next((fields for fields in reader if fields), None)
     except csv.Error as e:
-        raise DataError(f"{path}: line {last_line + 1}: malformed record starting here ({e}); "
-                        "check its quotes") from None
-    return header or [], records
+        raise DataError(f"{path}: line {reader.line_num}: malformed header ({e}); check its quotes") from None
+    header = [f.strip() for f in header or []]
+    if len(set(header)) != len(header):
+        raise DataError(f"{path}: line {reader.line_num}: duplicate column names in header {header}")
+    return header, _csv_data(reader, header, delimiter)
 
 
-def _jsonl_records(path, text):
-    records, columns = [], {}
-    for line_no, line in enumerate(text.splitlines(), 1):
+def _csv_data(reader, header, delimiter):
+    row, last_line = 0, reader.line_num
+    while True:
+        start = last_line + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            row, last_line = row + 1, reader.line_num
+            yield row, start, None, f"line {start}: malformed record starting here ({e}); check its quotes"
+            continue
+        last_line = reader.line_num
+        if not fields:  # blank line
+            continue
+        row += 1
+        if len(fields) != len(header):
+            yield row, start, None, (f"row {row} (line {start}): has {len(fields)} fields but the header has "
+                                     f"{len(header)}; quote fields that contain {delimiter!r}, quotes or newlines")
+        else:
+            yield row, start, dict(zip(header, fields)), None
+
+
+def jsonl_rows(lines):
+    """Rows of JSONL lines: one JSON object per non-blank line."""
+    row = 0
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"row {len(records) + 1} (line {line_no})"
+        row += 1
         try:
             record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            problem = None if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: {where}: invalid JSON ({e.msg}, column {e.colno})") from None
+            problem = f"invalid JSON ({e.msg}, column {e.colno})"
         except KeyError as e:
-            raise DataError(f"{path}: {where}: key {e.args[0]!r} appears twice in one record; keep one") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: {where}: expected a JSON object, got {type(record).__name__}")
-        columns.update(dict.fromkeys(record))
-        records.append((where, record))
-    return list(columns), records
+            problem = f"key {e.args[0]!r} appears twice in one record; keep one"
+        yield row, line_no, None if problem else record, problem and f"row {row} (line {line_no}): {problem}"
 
 
-def _txt_records(text, text_column):
-    """A .txt file: one text per line (blank lines skipped), no labels."""
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    return [text_column], [(f"row {i} (line {n})", {text_column: line}) for i, (n, line) in enumerate(lines, 1)]
+def txt_rows(lines, text_column):
+    """Rows of a .txt file: one text per line (blank lines skipped), no labels."""
+    numbered = ((n, line) for n, line in enumerate(lines, 1) if line.strip())
+    return ((row, n, {text_column: line}, None) for row, (n, line) in enumerate(numbered, 1))
+
+
+def text_problem(record, column):
+    """None, or why the record has no text to label in column: missing, not a string (JSONL), or blank
+    (is_blank_text)."""
+    value = record.get(column)
+    if value is None:
+        return f"no text in column {column!r} (missing, or JSON null)"
+    if not isinstance(value, str):  # JSONL: a number, true/false, a list or an object
+        kind = JSON_TYPES.get(type(value), type(value).__name__)
+        return f"the text in column {column!r} is {kind} ({json.dumps(value)[:40]}), not a string: write it in quotes"
+    if is_blank_text(value):
+        return f"empty text in column {column!r} (nothing, or only spaces and invisible characters)"
+    return None
+
+
+def _records(path, rows):
+    """[(where, record)] of rows and the keys of all records (JSONL: no header); the first bad row is a DataError."""
+    records, keys = [], {}
+    for row, line, record, problem in rows:
+        if problem:
+            raise DataError(f"{path}: {problem}")
+        records.append((f"row {row} (line {line})", record))
+        keys.update(dict.fromkeys(record))
+    return records, list(keys)
 
 
 def _no_duplicate_keys(pairs):
@@ -159,7 +218,7 @@ def _no_duplicate_keys(pairs):
     return record
 
 
-def _require_columns(path, columns, wanted, delimiter):
+def require_columns(path, columns, wanted, delimiter):
     missing = [c for c in wanted if c not in columns]
     if not missing:
         return
@@ -229,26 +288,28 @@ def _flag(path, where, column, value):
 
 def read_table(path, text_column="text", label_column=None, multi_label=None, label_sep=";",
                pair_column=None) -> Table:
-    """Read a UTF-8 .csv, .tsv or .jsonl file, or a .txt file of one text per line (no labels).
+    """Read a UTF-8 .csv, .tsv or .jsonl file, or a .txt file of one text per line (no labels); each may be
+    gzip-compressed (.csv.gz, ...).
     label_column: a name, a list of 0/1 column names (multi-label), or None for `label` if present else `labels`
     else no labels (prediction input); [] ignores any label column.
     multi_label=None auto-detects: several label columns, or any value that is a (JSON) list or
     contains label_sep, means multi-label. Explicit JSON `[]` = no positive label; blank = error.
     pair_column: the column of each row's second text (sentence pairs), or None."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in DELIMITERS:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(DELIMITERS)}")
-    text, delimiter = _read_utf8(path), DELIMITERS[suffix]
+    delimiter, compressed = file_format(path)
+    text = _read_utf8(path, compressed)
     if delimiter == "lines":
-        columns, records = _txt_records(text, text_column)
+        records, columns = _records(path, txt_rows(text.splitlines(), text_column))
+    elif delimiter is None:
+        records, columns = _records(path, jsonl_rows(text.splitlines()))
     else:
-        columns, records = _jsonl_records(path, text) if delimiter is None else _csv_records(path, text, delimiter)
+        header, rows = csv_rows(path, io.StringIO(text, newline=""), delimiter)
+        records, columns = _records(path, rows)[0], header
     if label_column is None:
         label_column = next((c for c in ("label", "labels") if c in columns), None)
     several = isinstance(label_column, (list, tuple))
     label_columns = list(label_column) if several else [label_column] if label_column else []
-    _require_columns(path, columns, [text_column, *([pair_column] if pair_column else []), *label_columns], delimiter)
+    require_columns(path, columns, [text_column, *([pair_column] if pair_column else []), *label_columns], delimiter)
     if not records:
         raise DataError(f"{path}: no data rows after the header")
     texts = _texts(path, records, text_column)
@@ -259,14 +320,21 @@ def read_table(path, text_column="text", label_column=None, multi_label=None, la
     if several:
         if multi_label is False:
             raise DataError(f"{path}: several label columns {label_columns} need multi_label=True")
-        labels = [[c for c in label_columns if _flag(path, where, c, record.get(c))] for where, record in records]
+        labels = [row_labels(path, where, record, label_columns, True) for where, record in records]
         return Table(texts, labels, True, str(path), label_columns, pairs)
     values = [record.get(label_column) for _, record in records]
     if multi_label is None:
         multi_label = any(_looks_multi(v, label_sep) for v in values)
-    labels = [_parse_label(path, where, label_column, value, multi_label, label_sep)
-              for (where, _), value in zip(records, values)]
+    labels = [row_labels(path, where, record, label_column, multi_label, label_sep) for where, record in records]
     return Table(texts, labels, multi_label, str(path), pairs=pairs)
+
+
+def row_labels(path, where, record, columns, multi_label, sep=";"):
+    """One row's labels as read_table gives them: a list of 0/1 columns gives the names of those set; one column
+    its name (single-label) or names (multi-label). A blank or missing label is a DataError."""
+    if isinstance(columns, (list, tuple)):
+        return [c for c in columns if _flag(path, where, c, record.get(c))]
+    return _parse_label(path, where, columns, record.get(columns), multi_label, sep)
 
 
 def _texts(path, records, column):
@@ -274,17 +342,10 @@ def _texts(path, records, column):
     row."""
     texts = []
     for where, record in records:
-        value = record.get(column)
-        if value is None:
-            raise DataError(f"{path}: {where}: no text in column {column!r} (missing, or JSON null)")
-        if not isinstance(value, str):  # JSONL: a number, true/false, a list or an object
-            kind = JSON_TYPES.get(type(value), type(value).__name__)
-            raise DataError(f"{path}: {where}: the text in column {column!r} is {kind} ({json.dumps(value)[:40]}), "
-                            "not a string: write it in quotes")
-        if is_blank_text(value):
-            raise DataError(f"{path}: {where}: empty text in column {column!r} (nothing, or only spaces and invisible "
-                            "characters)")
-        texts.append(value)
+        problem = text_problem(record, column)
+        if problem:
+            raise DataError(f"{path}: {where}: {problem}")
+        texts.append(record[column])
     return texts
 
 
@@ -334,10 +395,10 @@ class LabelEncoder:
     num_labels = property(lambda self: len(self._names))
     multi_label = property(lambda self: self._multi_label)
 
-    def encode(self, raw_labels, path=None, unknown="error", hint='or pass unknown="ignore"') -> np.ndarray:
+    def encode(self, raw_labels, path=None, unknown="error", hint='or pass unknown="ignore"', rows=None) -> np.ndarray:
         """unknown="error" raises DataError on labels not seen in training, ending with hint (what the caller's
         user can do: train.py names its flag); "ignore" drops them (single-label rows get IGNORE_INDEX) and
-        warns with the count."""
+        warns with the count. rows: the file's row number of each label, for the message (default 1, 2, ...)."""
         if unknown not in ("error", "ignore"):
             raise ValueError(f'unknown must be "error" or "ignore", got {unknown!r}')
         n, unknown_rows = len(raw_labels), {}
@@ -349,7 +410,7 @@ class LabelEncoder:
             for name in value if self._multi_label else [value]:
                 idx = self._label2id.get(str(name))
                 if idx is None:
-                    unknown_rows.setdefault(name, []).append(row + 1)
+                    unknown_rows.setdefault(name, []).append(row + 1 if rows is None else rows[row])
                 elif self._multi_label:
                     targets[row, idx] = 1.0
                 else:

@@ -1,65 +1,70 @@
 """
-Predict labels with a fine-tuned checkpoint (a train.py output folder, or any compatible HF folder).
+Label texts with a fine-tuned checkpoint (a train.py output folder, or any compatible HF folder), from a few texts
+to files of millions of notes: the file is read, tokenized, scored and written in chunks, so memory stays flat.
+
+The file, in order: Predictor (the model and its tokenizer; predict, stream); Job and label_chunk (one chunk of
+rows -> its output bytes, rejects, or logits to score); the sinks (a file through side/output.py's ChunkWriter,
+stdout, metrics); run (chunks over the ranks of torchrun or one --shard, side/shards.py); main and its checks.
+Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line, side/infer.py batches.
 
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
-    python predict.py --model out --input notes.csv --output predictions.jsonl
+    python predict.py --model out --input notes.csv --output predictions.csv    # one row per note, id columns kept
+    python predict.py --model out --input notes.csv.gz --output predictions.jsonl --resume   # after a kill
     python predict.py --model out --input notes.csv --output predictions.csv --int8   # faster on a CPU
+    torchrun --nproc_per_node 4 predict.py --model out --input notes.csv --output predictions.csv
+    python predict.py --model out --input notes.csv --output part0.csv --shard 0/2   # + 1/2; `cat part0.csv part1.csv`
     python predict.py --model out --input pairs.csv --text-pair-column hypothesis   # sentence pairs
-    python predict.py --model any_checkpoint --input notes.csv --embeddings vectors.npy  # one vector per text
+    python predict.py --model any_checkpoint --input notes.csv --embeddings vectors.npy  # one vector per row
+    python predict.py --model out --input test.csv --label-column label               # metrics as JSON
+
+Output: each input row's columns except the text (and pair; --keep-text writes them too), then label and
+probability (multi-label: labels and probabilities, `;`-joined in CSV), in input order. An input column named like
+a prediction column is written as input_<name>. --text texts are written with their text. Nothing is written in
+place: PATH.partial grows chunk by chunk and becomes PATH at the end; PATH.resume.json lets --resume go on after
+the last complete chunk, byte for byte as an uninterrupted run. A row without text, a line that does not parse
+or is not UTF-8 goes to PATH's rejects file (predictions.rejects.jsonl: row, line, id columns, reason) and the
+run goes on; then the exit status is 3. Progress goes to stderr. Docs: docs/predict.md.
 
 From Python:
     from predict import Predictor
     Predictor("out").predict(["CT shows a spiculated nodule."])
     -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
+    for p in Predictor("out").stream(cursor):   # texts or rows (dicts) from any iterable, chunk by chunk
+        ...
 
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
 calibrated by train.py --calibrate temperature has its logits divided by the temperature in its config.json.
 """
 import argparse
-import copy
 import csv
 import io
+import itertools
 import json
 import os
 import sys
 import time
-import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, read_table
+from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, row_labels
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
+from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, predict_embeddings,
+                        predict_logits)
+from side.output import (NPY_HEADER_BYTES, ChunkWriter, OutputError, ResumeRefused, fingerprint_of_file, npy_header,
+                         rejects_path)
+from side.progress import Progress
+from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
+from side.shards import torchrun_world
+from side.stream import RowStream, TextRows
 from side.weights import check_vocab
-from side.infer import CPU_BATCH_TOKENS, predict_embeddings, predict_logits
 
-
-def int8_copy(model):
-    """A copy of the model whose encoder's linear layers compute in int8 (torch's dynamic quantization: weights
-    quantized once per output channel, activations per batch on the fly; CPU kernels only). The head stays
-    fp32: it is small, and label attention reads its classifier's weight directly."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    quantized = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        # torch deprecates torch.ao.quantization in favour of torchao, a separate package: it is still torch's own
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        quantized.encoder = quantize_dynamic(quantized.encoder, {torch.nn.Linear: per_channel_dynamic_qconfig})
-    return quantized
-
-
-def int8_agreement(int8_logits, fp32_logits, multi_label, thresholds):
-    """How closely the int8 model follows the fp32 one: the share of texts given the same label (single-label)
-    or the same set of labels (multi-label, at the checkpoint's thresholds), and the largest difference of any
-    probability."""
-    if multi_label:
-        p, q = sigmoid(int8_logits), sigmoid(fp32_logits)
-        same = ((p >= thresholds) == (q >= thresholds)).all(axis=1)
-    else:
-        p, q = softmax(int8_logits), softmax(fp32_logits)
-        same = p.argmax(axis=1) == q.argmax(axis=1)
-    return {"same_prediction": float(same.mean()), "max_probability_difference": float(np.abs(p - q).max())}
+CHUNK_ROWS = 4096  # rows read, scored and written at a time: memory is bounded by a chunk, resume resumes one
+PREDICTION_FIELDS = ("label", "probability", "probabilities", "labels")
+REJECT_FIELDS = ("row", "line", "reason")
+REJECTED_EXIT = 3  # the run finished, but some rows were set aside: a pipeline should notice
 
 
 class Predictor:
@@ -102,6 +107,8 @@ class Predictor:
             self.pair_column = json.load(f).get("text_pair_column")
 
     def encode(self, texts, pairs=None):
+        """Token ids of texts (checked_texts), with a warning when a model trained on pairs gets none."""
+        texts, pairs = checked_texts(texts, pairs)
         if pairs is None and self.pair_column:
             print(f"warning: {self.model_dir} was trained on sentence pairs (--text-pair-column {self.pair_column}); "
                   "these texts come without their second text: pass --text-pair-column (Predictor: pairs=)",
@@ -119,16 +126,30 @@ class Predictor:
         return predict_logits(model or self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp,
                               max_tokens=self.batch_tokens) / self.temperature
 
-    def embeddings(self, texts, pairs=None):
-        """One vector per text, as the classifier pools its token vectors (a checkpoint without a classifier, such
-        as a bare or masked-LM encoder, has no pooling of its own: mean pooling)."""
+    def embed(self, seqs):
+        """One vector per encoded text, as the classifier pools its token vectors (a checkpoint without a classifier,
+        such as a bare or masked-LM encoder, has no pooling of its own: mean pooling)."""
         pooling = "mean" if self.model.fresh_head else None
-        seqs = self.encode(texts, pairs)
         return predict_embeddings(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp, pooling=pooling,
                                   max_tokens=self.batch_tokens)
 
+    def embeddings(self, texts, pairs=None):
+        return self.embed(self.encode(texts, pairs))
+
     def predict(self, texts, pairs=None):
         return self.decode(self.logits(texts, pairs))
+
+    def stream(self, items, chunk_rows=CHUNK_ROWS, text_column="text", pair_column=None):
+        """Predictions for any iterable (a list, a file, a database cursor), in order, chunk_rows at a time: memory
+        stays that of a chunk. An item is a text, or a row (a dict) whose text is in text_column (and its pair in
+        pair_column); a row's other fields come along in its prediction, so an id column does."""
+        items = iter(items)
+        for chunk in iter(lambda: list(itertools.islice(items, chunk_rows)), []):
+            rows = [item if isinstance(item, dict) else None for item in chunk]
+            texts = [item.get(text_column) if row is not None else item for item, row in zip(chunk, rows)]
+            pairs = [row.get(pair_column) if row is not None else None for row in rows] if pair_column else None
+            for row, prediction in zip(rows, self.predict(texts, pairs)):
+                yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
 
     def decode(self, logits):
         """Labels and probabilities from logits."""
@@ -141,160 +162,471 @@ class Predictor:
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
 
 
-def read_labelled(predictor, path, text_column="text", label_column="label", pair_column=None):
-    """Texts, pairs and targets of a labelled file, to score the checkpoint on. Its labels must be ones the checkpoint
-    knows (id2label): LabelEncoder.encode raises a DataError naming any other label and its rows."""
-    config = predictor.model.config
-    columns = label_column.split(",") if "," in label_column else label_column
-    table = read_table(path, text_column, columns, config.multi_label, pair_column=pair_column)
-    if predictor.names is None:
-        raise ValueError(f"{predictor.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
-    targets = LabelEncoder.from_id2label(config.id2label, config.multi_label).encode(
-        table.labels, path, hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
-    return table.texts, table.pairs, targets
+def checked_texts(texts, pairs=None):
+    """(texts, pairs) as lists, or a TypeError / ValueError saying what is wrong: one string instead of a list
+    (each character would be a text), an item that is not text or is empty, fewer or more pairs than texts."""
+    if isinstance(texts, (str, bytes)) or isinstance(pairs, (str, bytes)):
+        raise TypeError("give a list of texts, not one string (each character would be labelled): predict([text])")
+    texts, pairs = list(texts), None if pairs is None else list(pairs)
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs: give each text its pair")
+    for name, values in (("text", texts), ("pair", pairs or [])):
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} {i} is {type(value).__name__}, not a string")
+            if is_blank_text(value):
+                raise ValueError(f"{name} {i} is empty (or only spaces and invisible characters): there is nothing "
+                                 "to label")
+    return texts, pairs
 
 
-def scored(predictor, texts, pairs=None):
-    """The logits of texts, saying how fast the model scored them (tokenizing apart); with int8, also how closely
-    and how fast the fp32 model scores the same texts."""
-    start = time.perf_counter()
-    seqs = predictor.encode(texts, pairs)
-    tokenized = time.perf_counter()
-    logits = predictor.score(seqs)
-    seconds = max(time.perf_counter() - tokenized, 1e-9)
-    int8 = predictor.fp32 is not None
-    print(f"scored {len(texts)} texts in {seconds:.2f} s: {len(texts) / seconds:.1f} texts/s{' (int8)' * int8} "
-          f"on {predictor.device} (tokenizing took {tokenized - start:.2f} s)", file=sys.stderr)
-    if int8:
+def given_fields(record, dropped, reserved=PREDICTION_FIELDS):
+    """A row's fields that go beside its prediction: all but those dropped (the text unless kept); one named like
+    a field we write is renamed input_<name>."""
+    return {f"input_{k}" if k in reserved else k: v for k, v in record.items() if k not in dropped}
+
+
+def cell(value):
+    """A JSON value as a CSV cell: text as it is, None empty, anything else as JSON (numbers, lists)."""
+    return value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- one chunk
+
+@dataclass
+class Chunk:
+    """What one chunk of input rows became: its output (bytes, in input order), its rejects (JSONL bytes), the
+    rows labelled and set aside, and with --label-column the logits and targets to score."""
+    index: int
+    output: bytes = b""
+    rejects: bytes = b""
+    rows: int = 0
+    rejected: int = 0
+    logits: np.ndarray | None = None
+    targets: np.ndarray | None = None
+
+
+class Job:
+    """What turns chunks of rows into Chunks: the predictor, the columns, the output's format (from its name: CSV,
+    TSV, JSONL; stdout: JSONL), and the time spent tokenizing and scoring."""
+
+    def __init__(self, args, predictor, stream):
+        self.predictor, self.args = predictor, args
+        self.text_column, self.pair_column = args.text_column, args.text_pair_column
+        keep = args.keep_text or bool(args.text)
+        self.dropped = () if keep else (self.text_column, self.pair_column)
+        self.format = output_format(args.output)
+        self.given = [given for c in stream.columns for given in given_fields({c: None}, self.dropped)]
+        self.unwritten = set()  # JSONL fields that CSV output has no column for (not in the first record)
+        self.labels = None
+        if args.label_column:
+            config = predictor.model.config
+            columns = args.label_column.split(",") if "," in args.label_column else args.label_column
+            self.labels = (columns, LabelEncoder.from_id2label(config.id2label, config.multi_label))
+        self.tokenizing = self.scoring = 0.0
+        self.scored = 0
+        self.row_shape = None  # of a vector (--embeddings), once one is made
+        self.int8_check = None  # (texts, agreement, fp32 seconds) on the first chunk, with --int8
+
+    def header(self):
+        """The CSV/TSV header (chunk 0 writes it), or nothing."""
+        if self.format in ("jsonl", "npy"):
+            return ""
+        multi = self.predictor.model.config.multi_label
+        return self.csv_text([[*self.given, *(("labels", "probabilities") if multi else ("label", "probability"))]])
+
+    def csv_text(self, rows):
+        buffer = io.StringIO()
+        csv.writer(buffer, delimiter="\t" if self.format == "tsv" else ",").writerows(rows)
+        return buffer.getvalue()
+
+    def targets(self, rows):
+        """--label-column: the targets of rows; a missing label or one the checkpoint does not know is a
+        DataError naming the rows."""
+        columns, encoder = self.labels
+        path = self.args.input
+        raw = [row_labels(path, f"row {r.number} (line {r.line})", r.record, columns, encoder.multi_label)
+               for r in rows]
+        return encoder.encode(raw, path, rows=[r.number for r in rows],
+                              hint="or leave those rows out: a checkpoint scores only the labels it was trained on")
+
+    def values(self, rows):
+        """Logits (or vectors, --embeddings) of rows, tokenizing and scoring timed."""
+        texts = [r.record[self.text_column] for r in rows]
+        pairs = [r.record[self.pair_column] for r in rows] if self.pair_column else None
         start = time.perf_counter()
-        reference = predictor.score(seqs, predictor.fp32)
-        fp32_seconds = max(time.perf_counter() - start, 1e-9)
-        multi = predictor.model.config.multi_label
-        agreement = int8_agreement(logits, reference, multi, predictor.thresholds)
-        print(f"int8 against fp32 on these {len(texts)} texts: the same {'set of labels' if multi else 'label'} for "
-              f"{agreement['same_prediction']:.2%}, probabilities at most {agreement['max_probability_difference']:.4f}"
-              f" apart; fp32 took {fp32_seconds:.2f} s ({len(texts) / fp32_seconds:.1f} texts/s): int8 is "
-              f"{fp32_seconds / seconds:.2f}x as fast", file=sys.stderr)
-    return logits
+        seqs = self.predictor.encode(texts, pairs)
+        tokenized = time.perf_counter()
+        values = out_of_memory_retry(self.predictor, self.predictor.embed if self.args.embeddings else
+                                     self.predictor.score, seqs)
+        self.tokenizing += tokenized - start
+        self.scoring += time.perf_counter() - tokenized
+        self.scored += len(rows)
+        self.row_shape = self.row_shape or (values.shape[1:] if len(values) else None)
+        if self.predictor.fp32 is not None and self.int8_check is None and seqs:
+            self.int8_check = self.compare_int8(seqs, values)
+        return values
 
+    def compare_int8(self, seqs, values):
+        start = time.perf_counter()
+        reference = self.predictor.score(seqs, self.predictor.fp32)
+        seconds = time.perf_counter() - start
+        config = self.predictor.model.config
+        return len(seqs), int8_agreement(values, reference, config.multi_label, self.predictor.thresholds), seconds
 
-def input_rows(texts, pairs):
-    """{"text": ...} per input, with "text_pair" for sentence pairs: what a prediction is written beside."""
-    if pairs is None:
-        return [{"text": text} for text in texts]
-    return [{"text": text, "text_pair": pair} for text, pair in zip(texts, pairs)]
-
-
-def write_predictions(path, texts, predictions, multi_label, pairs=None):
-    """CSV (label columns flattened; multi-label as `;`-joined names) or JSONL (everything). pairs: a text_pair
-    field or column after text."""
-    inputs = input_rows(texts, pairs)
-    if path.endswith((".jsonl", ".json")):
-        with open(path, "w", encoding="utf-8") as f:
-            for given, p in zip(inputs, predictions):
-                f.write(json.dumps({**given, **p}, ensure_ascii=False) + "\n")
-        return
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t" if path.endswith(".tsv") else ",")
-        given = ["text"] if pairs is None else ["text", "text_pair"]
-        if multi_label:
-            writer.writerow([*given, "labels", "probabilities"])
-            for row, p in zip(inputs, predictions):
-                writer.writerow([*row.values(), ";".join(x["label"] for x in p["labels"]),
-                                 ";".join(f"{x['probability']:.4f}" for x in p["labels"])])
+    def render(self, rows, predictions, index):
+        """The output text of a chunk's labelled rows (the header with chunk 0)."""
+        fields = [{**given_fields(r.record, self.dropped), **p} for r, p in zip(rows, predictions)]
+        if self.format == "jsonl":
+            return "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields)
+        if self.predictor.model.config.multi_label:
+            tail = [[";".join(x["label"] for x in p["labels"]),
+                     ";".join(f"{x['probability']:.4f}" for x in p["labels"])] for p in predictions]
         else:
-            writer.writerow([*given, "label", "probability"])
-            for row, p in zip(inputs, predictions):
-                writer.writerow([*row.values(), p["label"], f"{p['probability']:.4f}"])
+            tail = [[p["label"], f"{p['probability']:.4f}"] for p in predictions]
+        body = [[cell(f.get(name)) for name in self.given] + end for f, end in zip(fields, tail)]
+        self.unwritten.update(name for f in fields for name in f if name not in self.given)
+        return (self.header() if index == 0 else "") + self.csv_text(body)
+
+
+def label_chunk(job, index, rows):
+    """One chunk of input rows -> its Chunk. Rows with a problem are set aside; the others are tokenized, sorted by
+    length into batches (side/infer.py), scored and put back in input order."""
+    good = [r for r in rows if not r.problem]
+    bad = [r for r in rows if r.problem]
+    chunk = Chunk(index, rows=len(good), rejected=len(bad),
+                  rejects=reject_lines(bad, (job.text_column, job.pair_column)).encode())
+    if job.labels:
+        chunk.targets = job.targets(good)
+    values = job.values(good)
+    if job.args.embeddings:  # a row set aside keeps its place as NaNs: vector i is still input row i + 1
+        vectors = np.full((len(rows), *values.shape[1:]), np.nan, np.float32)
+        vectors[[i for i, r in enumerate(rows) if not r.problem]] = values
+        chunk.output = vectors.tobytes()
+    elif job.labels:
+        chunk.logits = values
+    else:
+        chunk.output = job.render(good, job.predictor.decode(values), index).encode()
+    return chunk
+
+
+def reject_lines(rows, texts):
+    """JSONL lines of the rows set aside: row, line, their fields but the texts, and the reason."""
+    return "".join(json.dumps({"row": r.number, "line": r.line, **given_fields(r.record or {}, texts, REJECT_FIELDS),
+                               "reason": r.problem}, ensure_ascii=False) + "\n" for r in rows)
+
+
+def out_of_memory_retry(predictor, score, seqs):
+    """score(seqs); out of GPU memory, again with batches half as large, down to one text: as large as memory
+    allows, whatever --batch-size asked."""
+    while True:
+        try:
+            return score(seqs)
+        except torch.OutOfMemoryError:
+            if predictor.batch_size == 1:
+                raise SystemExit("out of memory with one text per batch: lower --max-length or use a larger "
+                                 "device") from None
+            predictor.batch_size = max(predictor.batch_size // 2, 1)
+            predictor.batch_tokens = predictor.batch_tokens and max(predictor.batch_tokens // 2, 1)
+            torch.cuda.empty_cache()
+            print(f"note: out of memory; batches of at most {predictor.batch_size} texts from here on",
+                  file=sys.stderr)
+
+
+def output_format(path):
+    if not path:
+        return "jsonl"
+    return {".csv": "csv", ".tsv": "tsv", ".npy": "npy"}.get(os.path.splitext(path)[1].lower(), "jsonl")
+
+
+# ----------------------------------------------------------------------------- where chunks go
+
+class FileSink:
+    """--output / --embeddings: chunks through a ChunkWriter (never in place, resumable); the rows set aside to the
+    rejects file beside it."""
+
+    def __init__(self, args, job, fingerprint):
+        self.path = args.output or args.embeddings
+        self.npy = bool(args.embeddings)
+        self.writer = ChunkWriter(self.path, fingerprint, args.resume,
+                                  head_bytes=NPY_HEADER_BYTES if self.npy else 0, rejects=rejects_path(self.path))
+        self.job, self.done = job, self.writer.rows + self.writer.rejected
+        if args.resume and not self.writer.chunks:
+            print(f"note: no interrupted run of {self.path} to resume: starting at the first row", file=sys.stderr)
+
+    def write(self, chunk):
+        self.writer.commit(chunk.output, chunk.rejects, chunk.rows, chunk.rejected)
+
+    def finish(self):
+        writer = self.writer
+        shape = self.job.row_shape or (self.job.predictor.model.config.hidden_size,)
+        writer.finish(npy_header((writer.rows + writer.rejected, *shape)) if self.npy else b"")
+        what = "vectors" if self.npy else "predictions"
+        print(f"wrote {writer.rows + writer.rejected * self.npy} {what} to {self.path}", file=sys.stderr)
+        return writer.rejected, writer.rejects
+
+
+class StdoutSink:
+    """No --output: predictions as JSONL on stdout, the rows set aside on stderr."""
+
+    def __init__(self):
+        self.rejected = self.done = 0
+
+    def write(self, chunk):
+        sys.stdout.write(chunk.output.decode())
+        sys.stdout.flush()
+        sys.stderr.write("".join(f"set aside: {line}\n" for line in chunk.rejects.decode().splitlines()))
+        self.rejected += chunk.rejected
+
+    def finish(self):
+        return self.rejected, "stderr"
+
+
+class MetricsSink:
+    """--label-column: the logits and targets of every chunk (a few numbers a row), scored at the end."""
+
+    def __init__(self, predictor):
+        self.predictor, self.logits, self.targets, self.rejected, self.done = predictor, [], [], 0, 0
+
+    def write(self, chunk):
+        self.logits.append(chunk.logits)
+        self.targets.append(chunk.targets)
+        self.rejected += chunk.rejected
+
+    def finish(self):
+        config = self.predictor.model.config
+        self.metrics = compute_metrics(np.concatenate(self.logits), np.concatenate(self.targets),
+                                       config.multi_label, self.predictor.thresholds)
+        print(json.dumps(self.metrics))
+        return self.rejected, "stderr"
+
+
+# ----------------------------------------------------------------------------- the run
+
+def chunks_of(stream, plan):
+    """(index, rows) of the chunks from plan.first to plan.stop; earlier chunks are read (to count rows) and
+    skipped: a resumed run, or a shard, starts there."""
+    rows = iter(stream)
+    for index in itertools.count():
+        chunk = list(itertools.islice(rows, plan.chunk_rows))
+        if not chunk or (plan.stop is not None and index >= plan.stop):
+            return
+        if index >= plan.first:
+            yield index, chunk
+
+
+def labelled(job, stream, plan):
+    """The Chunks to write, in order. Under torchrun each rank labels its chunk of every step and rank 0 gets
+    them all (gather_step); the others yield nothing. All ranks read the whole file, so all see the same steps."""
+    mine, pending = None, False
+    for index, rows in chunks_of(stream, plan):
+        if plan.world == 1:
+            yield label_chunk(job, index, rows)
+            continue
+        if plan.mine(index):
+            mine = label_chunk(job, index, rows)
+        pending = True
+        if plan.step_ends(index):
+            yield from (c for c in gather_step(mine, plan.rank, plan.world) if c is not None)
+            mine, pending = None, False
+    if pending:  # the file ended within a step
+        yield from (c for c in gather_step(mine, plan.rank, plan.world) if c is not None)
+
+
+def run(job, stream, plan, sink, progress_every):
+    """Label the chunks and write them, with the progress line; then the speed report and the rows set aside."""
+    if sink is None:  # a rank of torchrun other than 0: its chunks go to rank 0
+        for _ in labelled(job, stream, plan):
+            pass
+        return None
+    done = sink.done
+    progress = Progress(stream.size, progress_every, resumed=done > 0)
+    for chunk in labelled(job, stream, plan):
+        sink.write(chunk)
+        done += chunk.rows + chunk.rejected
+        progress.update(done, stream.bytes_read())
+    progress.update(done, stream.size, force=True)
+    progress.done()
+    report_speed(job)
+    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
+    if unwritten:
+        print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
+              "them; write .jsonl to keep every field", file=sys.stderr)
+    return sink.finish()
+
+
+def report_speed(job):
+    seconds, n = max(job.scoring, 1e-9), job.scored
+    int8 = job.predictor.fp32 is not None
+    print(f"scored {n} texts in {seconds:.2f} s: {n / seconds:.1f} texts/s{' (int8)' * int8} on "
+          f"{job.predictor.device} (tokenizing took {job.tokenizing:.2f} s)", file=sys.stderr)
+    if job.int8_check:
+        count, agreement, fp32_seconds = job.int8_check
+        multi = job.predictor.model.config.multi_label
+        which = "these" if count == n else "the first"
+        int8_seconds = seconds * count / max(n, 1)
+        print(f"int8 against fp32 on {which} {count} texts: the same {'set of labels' if multi else 'label'} for "
+              f"{agreement['same_prediction']:.2%}, probabilities at most {agreement['max_probability_difference']:.4f}"
+              f" apart; fp32 took {fp32_seconds:.2f} s ({count / fp32_seconds:.1f} texts/s): int8 is "
+              f"{fp32_seconds / int8_seconds:.2f}x as fast", file=sys.stderr)
+
+
+def fingerprint(args, stream):
+    """What a resumed run must share with the run it continues: the input file, the model, every option that
+    changes the output's bytes."""
+    model = {name: fingerprint_of_file(os.path.join(args.model, name)) for name in sorted(os.listdir(args.model))
+             if name.endswith((".json", ".safetensors", ".bin", ".txt"))}
+    options = {k: getattr(args, k) for k in ("text_column", "text_pair_column", "keep_text", "batch_size",
+                                             "batch_tokens", "max_length", "amp", "long_docs", "window_stride",
+                                             "int8", "chunk_rows", "shard", "device")}
+    return {"input": fingerprint_of_file(args.input) if args.input else args.text, "model": model,
+            "options": options}
+
+
+def plan_chunks(args, stream, sink, rank, world):
+    """The chunks this process labels: all; its turns under torchrun; its shard's run; resumed after the last
+    complete one."""
+    plan = Plan(args.chunk_rows, rank=rank, world=world)
+    if args.shard:
+        k, n = parse_shard(args.shard)
+        plan.first, plan.stop = shard_chunks(sum(1 for _ in stream), args.chunk_rows, k, n)
+    writer = getattr(sink, "writer", None)
+    plan.first += from_first(writer.chunks if writer else 0, rank, world)
+    return plan
+
+
+def open_sink(args, job, stream, rank, world):
+    """Rank 0's sink (the others write nothing); an OutputError (a run to --resume, a changed input) on rank 0
+    stops every rank."""
+    sink, problem = None, None
+    if rank == 0:
+        try:
+            sink = (MetricsSink(job.predictor) if args.label_column else
+                    FileSink(args, job, fingerprint(args, stream)) if args.output or args.embeddings else StdoutSink())
+        except OutputError as e:
+            problem = e
+    problem = from_first(problem, rank, world)
+    if problem:
+        raise problem
+    return sink
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="out", help="checkpoint folder written by train.py")
-    parser.add_argument("--text", action="append", help="a text to label (repeatable)")
-    parser.add_argument("--input", help="CSV, TSV or JSONL file with a text column, or TXT (one text per line)")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--text-pair-column", help="the --input file's column of each row's second text, for a model "
-                        "trained on sentence pairs (train.py --text-pair-column)")
-    parser.add_argument("--embeddings", help="write one vector per text (.npy, float32, in input order) instead of "
-                        "predictions: what the classifier pools, or the mean of the token vectors for a checkpoint "
-                        "without one")
-    parser.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per batch at most")
-    parser.add_argument("--batch-tokens", type=int, help="padded tokens per batch at most; default: "
-                        f"{CPU_BATCH_TOKENS} on a CPU (long texts go in smaller batches), no cap on a GPU; 0 = no cap")
-    parser.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
-    parser.add_argument("--device", help="cuda, cpu, ...; default: cuda when available")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    parser.add_argument("--long-docs", choices=LONG_DOCS, help="default: the strategy the model was trained with")
-    parser.add_argument("--window-stride", type=int, help="windows_*: default: as trained")
-    parser.add_argument("--label-column", help="score the --input file against this label column: print its "
-                        "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
-    parser.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
-                        "quantization); prints how closely the fp32 model agrees on the same texts, and its speed")
-    args = parser.parse_args(argv)
-    if bool(args.text) == bool(args.input):
-        parser.error("give texts with --text or a file with --input (one of them)")
-    if args.label_column and not args.input:
-        parser.error("--label-column scores a labelled --input file")
-    if args.text_pair_column and not args.input:
-        parser.error("--text-pair-column reads the pairs from an --input file")
-    if args.embeddings and (args.output or args.label_column):
-        parser.error("--embeddings writes vectors instead of predictions: not with --output or --label-column")
+    args = parse_arguments(argv)
     check_arguments(args)
+    finished = False
     try:
-        if not args.label_column:  # read before the model loads: a bad file fails at once
-            texts, pairs = args.text, None
-            if args.input:
-                # [] = ignore any label column
-                table = read_table(args.input, args.text_column, [], pair_column=args.text_pair_column)
-                texts, pairs = table.texts, table.pairs
-        predictor = Predictor(args.model, args.device, args.max_length, args.batch_size, args.amp,
-                              args.long_docs, args.window_stride, args.int8, args.batch_tokens)
-        if args.label_column:
-            texts, pairs, targets = read_labelled(predictor, args.input, args.text_column, args.label_column,
-                                                  args.text_pair_column)
-        if args.embeddings:
-            return write_embeddings(args.embeddings, predictor.embeddings(texts, pairs))
+        stream = RowStream(args.input, args.text_column, args.text_pair_column) if args.input else TextRows(args.text)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.int8 else "cpu"))
+        rank, world, device = join_ranks(device)
+        predictor = load_predictor(args, device)
+        job = Job(args, predictor, stream)
+        if job.labels:  # every label is checked before the first is scored
+            for _, rows in chunks_of(stream, Plan(args.chunk_rows)):
+                job.targets([r for r in rows if not r.problem])
+        sink = open_sink(args, job, stream, rank, world)
+        plan = plan_chunks(args, stream, sink, rank, world)
+        result = run(job, stream, plan, sink, args.progress_every)
+        finished = True
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    except ResumeRefused as e:
+        raise SystemExit(str(e)) from None
+    except OutputError as e:
+        raise SystemExit(f"{e}; an existing output file is untouched and the complete chunks are kept: make room "
+                         "(or fix the permission) and run again with --resume") from None
+    finally:
+        leave_ranks(wait=finished)  # after a failure the other ranks may wait for this one: torchrun stops them
+    if result is None:  # a rank of torchrun other than 0
+        return None
+    rejected, where = result
+    if rejected:
+        print(f"{rejected} row(s) set aside (no text, or a line that does not parse): see {where}", file=sys.stderr)
+        raise SystemExit(REJECTED_EXIT)
+    return getattr(sink, "metrics", None)
+
+
+def load_predictor(args, device):
+    """The Predictor, or a one-line reason why the checkpoint cannot serve (no weights, another model's tokenizer,
+    no classifier for labels)."""
+    try:
+        predictor = Predictor(args.model, device, args.max_length, args.batch_size, args.amp, args.long_docs,
+                              args.window_stride, args.int8, args.batch_tokens)
     except OptionError as e:  # --max-length or --window-stride: the checkpoint is fine
         raise SystemExit(str(e)) from None
-    except (FileNotFoundError, ValueError) as e:  # no weights, a tokenizer of another model, ...
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
-    logits = scored(predictor, texts, pairs)
-    if args.label_column:
-        metrics = compute_metrics(logits, targets, predictor.model.config.multi_label, predictor.thresholds)
-        print(json.dumps(metrics))
-        return metrics
-    predictions = predictor.decode(logits)
-    if args.output:
-        write_predictions(args.output, texts, predictions, predictor.model.config.multi_label, pairs)
-        print(f"wrote {len(predictions)} predictions to {args.output}", file=sys.stderr)
-    else:
-        for row, p in zip(input_rows(texts, pairs), predictions):
-            print(json.dumps({**row, **p}, ensure_ascii=False))
+    if predictor.names is None and not args.embeddings:
+        raise SystemExit(f"cannot use the checkpoint {args.model} to label texts: it has no classifier (config.json "
+                         "has no id2label; a masked-LM or bare encoder); fine-tune it with train.py, or use "
+                         "--embeddings")
+    return predictor
 
 
-def write_embeddings(path, vectors):
-    np.save(path, vectors)
-    print(f"wrote {len(vectors)} vectors of shape {vectors.shape[1:]} to {path}", file=sys.stderr)
-    return vectors
+def parse_arguments(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="out", help="checkpoint folder written by train.py")
+    p.add_argument("--text", action="append", help="a text to label (repeatable)")
+    p.add_argument("--input", help="CSV, TSV or JSONL file with a text column, or TXT (one text per line); any of "
+                   "them gzip-compressed (.csv.gz, ...)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", help="the --input file's column of each row's second text, for a model "
+                   "trained on sentence pairs (train.py --text-pair-column)")
+    p.add_argument("--keep-text", action="store_true", help="also write each row's text (and pair) beside its "
+                   "prediction; by default only the other columns are (an id column joins the labels back)")
+    p.add_argument("--embeddings", help="write one vector per row (.npy, float32, in input order; a row set aside "
+                   "is NaNs) instead of predictions: what the classifier pools, or the mean of the token vectors for "
+                   "a checkpoint without one")
+    p.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
+    p.add_argument("--resume", action="store_true", help="go on with an interrupted run of the same input, model "
+                   "and options after its last complete chunk (the output is the one an uninterrupted run writes)")
+    p.add_argument("--shard", help="K/N: label shard K (from 0) of N into --output, for processes that do not talk "
+                   "(SLURM arrays); `cat` the N outputs in order (and their rejects files) for the whole file")
+    p.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows read, scored and written at a time")
+    p.add_argument("--progress-every", type=float, help="seconds between progress lines; default 0.5 on a "
+                   "terminal (one line, in place), 30 into a log file")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per batch at most (halved if a GPU runs out "
+                   "of memory)")
+    p.add_argument("--batch-tokens", type=int, help="padded tokens per batch at most; default: "
+                   f"{CPU_BATCH_TOKENS} on a CPU (long texts go in smaller batches), no cap on a GPU; 0 = no cap")
+    p.add_argument("--max-length", type=int, help="default: the max_length the model was trained with")
+    p.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--long-docs", choices=LONG_DOCS, help="default: the strategy the model was trained with")
+    p.add_argument("--window-stride", type=int, help="windows_*: default: as trained")
+    p.add_argument("--label-column", help="score the --input file against this label column: print its "
+                   "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
+    p.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
+                   "quantization); prints how closely the fp32 model agrees on the first chunk, and its speed")
+    args = p.parse_args(argv)
+    if bool(args.text) == bool(args.input):
+        p.error("give texts with --text or a file with --input (one of them)")
+    if args.label_column and not args.input:
+        p.error("--label-column scores a labelled --input file")
+    if args.text_pair_column and not args.input:
+        p.error("--text-pair-column reads the pairs from an --input file")
+    if args.embeddings and (args.output or args.label_column):
+        p.error("--embeddings writes vectors instead of predictions: not with --output or --label-column")
+    return args
 
 
 def check_arguments(args):
     """What can be wrong before the model loads: numbers out of range, an empty --text, a --model folder that
-    is not there, an --output that cannot be written or would replace the --input file."""
+    is not there, a --device this torch cannot use, an --output that cannot be written or would replace the
+    --input file, options that do not go together."""
     allowed = {"batch_size": (args.batch_size >= 1, ">= 1"),
                "batch_tokens": (args.batch_tokens is None or args.batch_tokens >= 0, ">= 0 (0 = no cap)"),
                "max_length": (args.max_length is None or args.max_length >= 0, ">= 0 (0 = as trained)"),
-               "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)")}
+               "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)"),
+               "chunk_rows": (args.chunk_rows >= 1, ">= 1"),
+               "progress_every": (args.progress_every is None or args.progress_every >= 0, ">= 0")}
     bad = [f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}" for name, (ok, what) in allowed.items()
            if not ok]
     bad += [f"--text number {i} is empty (or only spaces and invisible characters): there is nothing to label"
             for i, text in enumerate(args.text or [], 1) if is_blank_text(text)]
     if not os.path.isdir(args.model):
         bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
+    bad += [problem for problem in [device_problem(args.device)] if problem]
     if args.int8 and args.device and args.device.split(":")[0] != "cpu":
         bad.append(f"--int8 runs on the CPU only: leave out --device {args.device}, or pass --device cpu")
     if args.output:
@@ -303,8 +635,26 @@ def check_arguments(args):
         bad += output_problems(args.embeddings, args.input, "--embeddings")
         if not args.embeddings.endswith(".npy"):
             bad.append(f"--embeddings {args.embeddings}: name a .npy file (numpy.load reads it)")
+    bad += combination_problems(args)
     if bad:
         raise SystemExit("; ".join(bad))
+
+
+def combination_problems(args):
+    """Options that need another, or exclude one."""
+    writes = args.output or args.embeddings
+    bad = [] if writes or not args.resume else ["--resume continues a file: give --output or --embeddings"]
+    if args.shard:
+        try:
+            parse_shard(args.shard)
+        except ValueError as e:
+            bad.append(str(e))
+        if not (args.input and writes) or args.label_column or torchrun_world() > 1:
+            bad.append("--shard K/N labels part of an --input file into its own --output (or --embeddings); not "
+                       "with --label-column, nor under torchrun (which splits the file itself)")
+    if args.label_column and torchrun_world() > 1:
+        bad.append("--label-column scores in one process: run it without torchrun")
+    return bad
 
 
 def output_problems(output, input_path, flag="--output"):

@@ -1,12 +1,14 @@
-"""Length-sorted inference batching, shared by train.py (evaluation) and predict.py (labelling).
+"""Inference batching that train.py (evaluation) and predict.py share: logits and embeddings of encoded texts in
+length-sorted batches, put back in input order; the int8 copy of a model for the CPU and how closely it follows
+the fp32 one; and the check of a --device name before anything loads."""
+import copy
+import warnings
 
-predict_logits / predict_embeddings -> run_batches: batches of similar lengths (little padding), at most
-CPU_BATCH_TOKENS padded tokens each on a CPU, each batch's output written back to the rows it came from.
-"""
 import numpy as np
 import torch
 
 from data import batch_indices, make_batch, to_device
+from metrics import sigmoid, softmax
 from model import autocast
 from side.packing import use_packing
 
@@ -58,3 +60,51 @@ def run_batches(output, model, seqs, pad_id, batch_size, amp, packed, shape, max
         out[order] = torch.cat(parts).cpu().numpy()
     model.train(was_training)
     return out
+
+
+def int8_copy(model):
+    """A copy of the model whose encoder's linear layers compute in int8 (torch's dynamic quantization: weights
+    quantized once per output channel, activations per batch on the fly; CPU kernels only). The head stays
+    fp32: it is small, and label attention reads its classifier's weight directly."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    quantized = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        # torch deprecates torch.ao.quantization in favour of torchao, a separate package: it is still torch's own
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        quantized.encoder = quantize_dynamic(quantized.encoder, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    return quantized
+
+
+def int8_agreement(int8_logits, fp32_logits, multi_label, thresholds):
+    """How closely the int8 model follows the fp32 one: the share of texts given the same label (single-label)
+    or the same set of labels (multi-label, at the checkpoint's thresholds), and the largest difference of any
+    probability."""
+    if multi_label:
+        p, q = sigmoid(int8_logits), sigmoid(fp32_logits)
+        same = ((p >= thresholds) == (q >= thresholds)).all(axis=1)
+    else:
+        p, q = softmax(int8_logits), softmax(fp32_logits)
+        same = p.argmax(axis=1) == q.argmax(axis=1)
+    return {"same_prediction": float(same.mean()), "max_probability_difference": float(np.abs(p - q).max())}
+
+
+def device_problem(name):
+    """Why --device `name` cannot run here, or None: checked before a model loads, so that a typo or a CPU-only
+    torch is one line, not a traceback after minutes of loading."""
+    if not name:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name} is not a device torch knows: use cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name}: only cpu and cuda (cuda:N) are supported"
+    if not torch.cuda.is_available():
+        return (f"--device {name}: torch {torch.__version__} sees no GPU here (a CPU-only build, or no driver); "
+                "use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are {torch.cuda.device_count()} GPU(s), numbered from 0"
+    return None

@@ -39,10 +39,19 @@ def test_pairs_train_predict_and_reach_the_model_as_segment_b(tmp_path, capsys):
     metrics = predict.main(["--model", str(out), "--input", data, "--text-column", "premise",
                             "--text-pair-column", "hypothesis", "--label-column", "label"])
     assert 0 <= metrics["accuracy"] <= 1
+    # the input's other columns come along (its label column renamed: label is the prediction); the texts only
+    # with --keep-text
     predict.main(["--model", str(out), "--input", data, "--text-column", "premise", "--text-pair-column",
                   "hypothesis", "--output", str(tmp_path / "predictions.csv")])
     rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
-    assert list(rows[0]) == ["text", "text_pair", "label", "probability"] and rows[0]["text_pair"]
+    given = list(csv.DictReader(open(data)))
+    assert list(rows[0]) == ["input_label", "label", "probability"]
+    assert [r["input_label"] for r in rows] == [g["label"] for g in given]
+    predict.main(["--model", str(out), "--input", data, "--text-column", "premise", "--text-pair-column",
+                  "hypothesis", "--output", str(tmp_path / "predictions.csv"), "--keep-text"])
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert list(rows[0]) == ["premise", "hypothesis", "input_label", "label", "probability"]
+    assert [(r["premise"], r["hypothesis"]) for r in rows] == [(g["premise"], g["hypothesis"]) for g in given]
 
     predictor = predict.Predictor(str(out), device="cpu")
     ids = torch.tensor([[2, 6, 7, 3, 8, 3]])  # [CLS] w1 w2 [SEP] w3 [SEP] in the test vocab
