@@ -171,12 +171,12 @@ def checked_texts(texts, pairs=None):
     if pairs is not None and len(pairs) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs: give each text its pair")
     for name, values in (("text", texts), ("pair", pairs or [])):
-        for i, value in enumerate(values):
+        for i, value in enumerate(values, 1):
             if not isinstance(value, str):
-                raise TypeError(f"{name} {i} is {type(value).__name__}, not a string")
-            if is_blank_text(value):
-                raise ValueError(f"{name} {i} is empty (or only spaces and invisible characters): there is nothing "
-                                 "to label")
+                raise TypeError(f"{name} {i} (of {len(values)}) is {type(value).__name__}, not a string")
+            if is_blank_text(value):  # a DataError (a ValueError), as the same text in a training file
+                raise DataError(f"{name} {i} (of {len(values)}): empty, or only spaces and invisible characters; "
+                                "there is nothing to read")
     return texts, pairs
 
 

@@ -72,7 +72,8 @@ def test_rows_keep_their_columns_and_order_and_bad_rows_are_set_aside(tiny, tmp_
     rejects = [json.loads(line) for line in open(tmp_path / "labels.rejects.jsonl")]
     assert [(r["row"], r["line"], r.get("note_id")) for r in rejects] == [(5, 6, "n0004"), (18, 19, "n0017"),
                                                                           (31, 32, None)]
-    assert rejects[0]["reason"] == "empty or missing text in column 'text'" and "malformed" in rejects[2]["reason"]
+    assert rejects[0]["reason"] == ("empty text in column 'text' (nothing, or only spaces and invisible "
+                                    "characters)") and "malformed" in rejects[2]["reason"]
     err = capsys.readouterr().err
     assert "3 row(s) set aside" in err and "labels.rejects.jsonl" in err
     # --keep-text writes the text too; a run without bad rows removes an old rejects file and exits 0
@@ -274,11 +275,11 @@ def test_python_api_streams_and_refuses_what_it_cannot_label(tiny):
         [e["probability"] for e in expected], abs=1e-6)
     with pytest.raises(TypeError, match=r"not one string"):
         predictor.predict("one text")
-    with pytest.raises(TypeError, match=r"text 1 is NoneType, not a string"):
+    with pytest.raises(TypeError, match=r"text 2 \(of 2\) is NoneType, not a string"):
         predictor.predict(["w1", None])
     with pytest.raises(ValueError, match=r"2 texts but 1 pairs"):
         predictor.predict(["w1", "w2"], ["w3"])
-    with pytest.raises(TypeError, match=r"text 0 is NoneType"):
+    with pytest.raises(TypeError, match=r"text 1 \(of 1\) is NoneType"):
         list(predictor.stream([{"id": 1}]))
 
 
