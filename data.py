@@ -8,7 +8,6 @@ train_val_split   seeded (stratified) validation split, returns index arrays
 TextEncoder / load_tokenizer   checkpoint tokenizer -> token ids (truncated, windows of long documents, text pairs,
     or every token in consecutive pieces for pretraining)
 batch_indices -> make_batch: pad_batch (B x T) or pack_batch (varlen layout), + doc_index for windows
-Masking -> make_mlm_batch   BERT's masking recipe and masked-LM batches (train.py --task mlm)
 
 Any problem with the user's data raises DataError naming the file, the row and the problem.
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
@@ -65,7 +64,7 @@ class Split:
     masking draws anew each epoch)."""
     seqs: list
     targets: np.ndarray | list | None
-    masking: "Masking | None" = None
+    masking: object = None  # side/mlm.py's Masking
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -721,63 +720,6 @@ def make_batch(seqs, labels, pad_id, windows=False, packed=False) -> dict:
     if windows:
         batch["doc_index"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
         batch["num_docs"] = len(counts)  # known here: the model need not ask the device
-    return batch
-
-
-# ----------------------------------------------------------------------------- masked language modelling
-
-@dataclass
-class Masking:
-    """BERT's masking recipe, as the reference's DataCollatorForLanguageModeling applies it: each token that is not
-    a special token is chosen with probability `rate` and is to be predicted; a chosen token is replaced by the mask
-    token 80% of the time, by a random token of the vocabulary 10%, and left as it is 10%.
-    A sequence's draws come from its own generator, seeded by (seed, *key): train.py keys a training sequence by
-    (epoch + 1, row), so each epoch masks it anew and a resumed run (or another number of processes) masks it as
-    before; and an evaluation sequence by (0, row), so every evaluation masks the same tokens."""
-    rate: float
-    mask_id: int
-    vocab_size: int  # the tokenizer's, special tokens included: where random replacements come from
-    special_ids: np.ndarray  # never masked
-    seed: int = 0
-
-    @classmethod
-    def for_encoder(cls, encoder, rate, seed):
-        """The recipe with a TextEncoder's tokenizer: its mask token and its special tokens (the added tokens marked
-        special, as the reference's all_special_ids, and whatever the template wraps a text in)."""
-        tokenizer = encoder.tokenizer
-        mask_id = tokenizer.token_to_id(encoder.mask_token)
-        if mask_id is None:
-            raise ValueError(f"the tokenizer has no mask token {encoder.mask_token!r}: masked-LM training needs one")
-        added = [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special]
-        special = np.unique([*added, *encoder.prefix, *encoder.suffix, encoder.pad_id]).astype(np.int64)
-        return cls(rate, mask_id, tokenizer.get_vocab_size(with_added_tokens=True), special, seed)
-
-    def __call__(self, ids, key):
-        """(inputs, labels) for one sequence of token ids: the masked ids, and the id to predict at each chosen
-        position (IGNORE_INDEX elsewhere), both int64 arrays."""
-        rng = np.random.default_rng([self.seed, *key])
-        ids = np.asarray(ids, np.int64)
-        chosen = (rng.random(len(ids)) < self.rate) & ~np.isin(ids, self.special_ids)
-        how = rng.random(len(ids))  # < 0.8: the mask token; 0.8 to 0.9: a random token; above: kept
-        inputs = np.where(chosen & (how < 0.8), self.mask_id, ids)
-        random = chosen & (how >= 0.8) & (how < 0.9)
-        inputs[random] = rng.integers(self.vocab_size, size=int(random.sum()))
-        return inputs, np.where(chosen, ids, IGNORE_INDEX)
-
-
-def make_mlm_batch(inputs, labels, pad_id, packed=False) -> dict:
-    """make_batch for masked-LM: inputs are masked sequences, labels per token (Masking). labels are laid out like
-    input_ids (IGNORE_INDEX on padding), and masked_index gives the flat positions of the tokens to predict, found
-    here on the CPU so that the model need not ask the device."""
-    batch = make_batch(inputs, None, pad_id, packed=packed)
-    shape = batch["input_ids"].shape
-    packed = "cu_seqlens" in batch  # packed None: make_batch chose
-    starts = batch["cu_seqlens"][:-1].numpy() if packed else np.arange(len(inputs)) * shape[-1]
-    flat = np.full(batch["input_ids"].numel(), IGNORE_INDEX, np.int64)
-    for start, row in zip(starts, labels):
-        flat[start:start + len(row)] = row
-    batch["labels"] = torch.from_numpy(flat).view(shape)
-    batch["masked_index"] = torch.from_numpy(np.flatnonzero(flat != IGNORE_INDEX))
     return batch
 
 

@@ -83,28 +83,13 @@ class Predictor:
         self.model_dir = model_dir
         config = self.model.config
         self.names = None if config.id2label is None else [config.id2label[i] for i in range(config.num_labels)]
-        # long documents as in training (config.json); a checkpoint not from train.py: head at its maximum
-        trained = config.long_document or {}
-        strategy = long_docs or trained.get("strategy", "head")
-        if window_aggregation(strategy) == "attention" and not hasattr(self.model, "window_attention"):
-            raise ValueError(f"{model_dir} was trained with {trained.get('strategy', 'head')!r}, without window "
-                             "attention weights; use windows_max or windows_mean")
-        self.model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
-        positions = config.max_position_embeddings
-        if max_length and max_length > positions and strategy != "native":
-            print(f"note: max_length {max_length} is more than the model's {positions} positions: texts are cut at "
-                  f"{positions} tokens", file=sys.stderr)
-        length = min(max_length or trained.get("max_length") or positions, positions)
-        length = positions if strategy == "native" else length
-        self.encoder = TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
+        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)
         check_vocab(self.encoder.tokenizer, config.vocab_size, model_dir)
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
         # train.py --calibrate temperature: every logit is divided by it (one, or one per label); 1 without
         self.temperature = np.asarray(config.hf.get("calibration_temperature", 1.0), np.float32)
         self.batch_size, self.batch_tokens, self.amp = batch_size, batch_tokens, amp
-        options = os.path.join(model_dir, "train_config.json")  # train.py's: the pair column it trained with
-        with open(options) if os.path.isfile(options) else io.StringIO("{}") as f:
-            self.pair_column = json.load(f).get("text_pair_column")
+        self.pair_column = trained_option(model_dir, "text_pair_column")
 
     def encode(self, texts, pairs=None):
         """Token ids of texts (checked_texts), with a warning when a model trained on pairs gets none."""
@@ -160,6 +145,33 @@ class Predictor:
         probs = softmax(logits)
         return [{"label": self.names[int(p.argmax())], "probability": float(p.max()),
                  "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
+
+
+def text_encoder(model, model_dir, max_length=None, long_docs=None, window_stride=None):
+    """The checkpoint's tokenizer, cutting and windowing long documents as in training (config.json's long_document;
+    a checkpoint not from train.py: head at its maximum) unless the options say otherwise. Sets the model's window
+    aggregation to match."""
+    config = model.config
+    trained = config.long_document or {}
+    strategy = long_docs or trained.get("strategy", "head")
+    if window_aggregation(strategy) == "attention" and not hasattr(model, "window_attention"):
+        raise ValueError(f"{model_dir} was trained with {trained.get('strategy', 'head')!r}, without window "
+                         "attention weights; use windows_max or windows_mean")
+    model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
+    positions = config.max_position_embeddings
+    if max_length and max_length > positions and strategy != "native":
+        print(f"note: max_length {max_length} is more than the model's {positions} positions: texts are cut at "
+              f"{positions} tokens", file=sys.stderr)
+    length = min(max_length or trained.get("max_length") or positions, positions)
+    length = positions if strategy == "native" else length
+    return TextEncoder(model_dir, length, strategy, window_stride or trained.get("stride", 0))
+
+
+def trained_option(model_dir, name):
+    """An option of the train.py run that wrote the folder (train_config.json), or None."""
+    path = os.path.join(model_dir, "train_config.json")
+    with open(path) if os.path.isfile(path) else io.StringIO("{}") as f:
+        return json.load(f).get(name)
 
 
 def checked_texts(texts, pairs=None):
@@ -223,8 +235,7 @@ class Job:
             config = predictor.model.config
             columns = args.label_column.split(",") if "," in args.label_column else args.label_column
             self.labels = (columns, LabelEncoder.from_id2label(config.id2label, config.multi_label))
-        self.tokenizing = self.scoring = 0.0
-        self.scored = 0
+        self.tokenizing, self.scoring, self.scored = 0.0, 0.0, 0
         self.row_shape = None  # of a vector (--embeddings), once one is made
         self.int8_check = None  # (texts, agreement, fp32 seconds) on the first chunk, with --int8
 

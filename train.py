@@ -37,7 +37,7 @@ from model import EncoderClassifier, amp_dtype, autocast
 from side import calibrate, checkpoints, distill, failures, options
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
-from side.hf import MULTI_LABEL, SINGLE_LABEL
+from side.hf import MULTI_LABEL, SINGLE_LABEL, dropout_overrides
 from side.weights import check_vocab
 from side.logs import TrainLog, plot_curves
 from side.mlm import MaskedLanguageModelling
@@ -260,7 +260,7 @@ def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device)
     """A folder without weights, weights that do not fit its config.json or a tokenizer from another model end the
     job with the reason."""
     head = {"multi_label_loss": cfg.loss, **({} if cfg.pooling == "auto" else {"classifier_pooling": cfg.pooling})}
-    dropout = options.dropout_overrides(hf.get("model_type"), cfg.hidden_dropout, cfg.attention_dropout,
+    dropout = dropout_overrides(hf.get("model_type"), cfg.hidden_dropout, cfg.attention_dropout,
                                         cfg.classifier_dropout)
     try:
         model = EncoderClassifier.from_pretrained(

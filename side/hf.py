@@ -3,6 +3,7 @@
 LabelsConfig -> BertConfig / ModernBertConfig   our config per architecture (CONFIGS by model_type)
 config_from_hf / config_to_hf   config.json dict <-> our config (both ModernBERT layouts, labels, our own keys)
 student_layers / keep_layers   a checkpoint loaded with fewer of its encoder layers (--num-layers)
+dropout_overrides   train.py's dropout options -> the architecture's config.json fields
 Weight names, loading and saving folders: side/weights.py. Nothing here imports model.py.
 """
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -199,3 +200,13 @@ def keep_layers(config, hf_state, keep):
     if isinstance(config, ModernBertConfig):
         changes["layer_types"] = [config.layer_types[i] for i in kept]
     return replace(config, **changes), state
+
+
+def dropout_overrides(model_type, hidden=None, attention=None, classifier=None):
+    """Our dropout options -> the architecture's config.json fields (None keeps the checkpoint's)."""
+    bert = model_type == "bert"
+    names = {"hidden": ["hidden_dropout_prob"] if bert else ["embedding_dropout", "mlp_dropout"],
+             "attention": ["attention_probs_dropout_prob"] if bert else ["attention_dropout"],
+             "classifier": ["classifier_dropout"]}
+    given = {"hidden": hidden, "attention": attention, "classifier": classifier}
+    return {key: given[ours] for ours, keys in names.items() for key in keys if given[ours] is not None}

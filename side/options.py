@@ -325,13 +325,3 @@ def selection_metric(metric, multi_label):
 
 def greater_is_better(flag, metric):
     return flag if flag is not None else not metric.endswith("loss")
-
-
-def dropout_overrides(model_type, hidden=None, attention=None, classifier=None):
-    """Our dropout options -> the architecture's config.json fields (None keeps the checkpoint's)."""
-    bert = model_type == "bert"
-    names = {"hidden": ["hidden_dropout_prob"] if bert else ["embedding_dropout", "mlp_dropout"],
-             "attention": ["attention_probs_dropout_prob"] if bert else ["attention_dropout"],
-             "classifier": ["classifier_dropout"]}
-    given = {"hidden": hidden, "attention": attention, "classifier": classifier}
-    return {field: given[ours] for ours, fields in names.items() for field in fields if given[ours] is not None}

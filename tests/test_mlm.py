@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import train
-from data import IGNORE_INDEX, Masking, TextEncoder, make_mlm_batch
+from data import IGNORE_INDEX, TextEncoder
 from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
 from model import EncoderClassifier, MaskedLM
 from side.weights import hf_names
 from test_model import minilm_dir, reference
 from test_robustness import SPECIAL, WORDS, log_rows, write_texts
 from side import options
+from side.mlm import Masking, make_mlm_batch
 
 FAST = ["--max-length", "32", "--batch-size", "4", "--log-every", "1", "--lr", "2e-3"]
 
