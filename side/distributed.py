@@ -6,6 +6,7 @@ rank_steps / sync_gradients   each rank's share of an optimizer step's batches; 
 global_mean / gather_logits   losses and evaluation logits over all ranks
 """
 import contextlib
+import gc
 import math
 import os
 
@@ -118,8 +119,13 @@ def gather_logits(model, seqs, pad_id, batch_size, amp, packed):
 
 
 def leave_group():
+    """Close the process group, and free what still holds it. DDP's reducer and FSDP's state keep the group alive
+    in reference cycles: left to the interpreter's exit, gloo's threads are torn down too late and abort the
+    process ("terminate called without an active exception"), at random. Called again once the model is gone,
+    it collects them while the interpreter is whole."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def all_rng_gather(state):
