@@ -491,11 +491,10 @@ def onnx_files(model_dir, folder):
     return fp32, int8
 
 
-def ort_vs_ours(files, model_dir, rounds, threads, compile_model=False):
-    """Per file and precision: our model (Predictor: fp32, or int8 by torch's dynamic quantization; with
-    compile_model also fp32 compiled, predict.py --compile) against an ONNX Runtime session of the same folder, on
-    predict.py's batches (length-sorted, at most 64 texts and CPU_BATCH_TOKENS padded tokens), each batch built once
-    for all; A B, B A, ... per batch visit. Returns rows for report_ort."""
+def ort_vs_ours(files, model_dir, rounds, threads):
+    """Per file and precision: our model (Predictor: fp32, or int8 by torch's dynamic quantization) against an ONNX
+    Runtime session of the same folder, on predict.py's batches (length-sorted, at most 64 texts and CPU_BATCH_TOKENS
+    padded tokens), each batch built once for both; A B, B A, ... per batch visit. Returns rows for report_ort."""
     import onnxruntime as ort
     from predict import Predictor
     from side.infer import CPU_BATCH_TOKENS
@@ -508,8 +507,6 @@ def ort_vs_ours(files, model_dir, rounds, threads, compile_model=False):
                     for path in onnx_files(model_dir, folder)]
         for int8, session in zip((False, True), sessions):
             ours = {"ours": Predictor(model_dir, device="cpu", int8=int8)}
-            if compile_model and not int8:
-                ours["ours compiled"] = Predictor(model_dir, device="cpu", compile=True)
             for path in files:
                 rows.append(ort_file(path, ours, session, rounds, "int8" if int8 else "fp32", CPU_BATCH_TOKENS))
     return rows
@@ -527,19 +524,17 @@ def ort_file(path, ours, session, rounds, precision, max_tokens):
     feeds = [{name: tensor.numpy() for name, tensor in make_batch(group, None, pad_id).items()}
              for group in groups]  # padded, as exported
     with torch.no_grad():
-        runners = [OrtRunner(name, lambda batch, p=p: p.scorer(**batch)[0], batches) for name, p in ours.items()]
+        runners = [OrtRunner(name, lambda batch, p=p: p.model(**batch)[0], batches) for name, p in ours.items()]
         runners.append(OrtRunner("onnxruntime", lambda feed: session.run(None, feed)[0], feeds))
-        start = time.perf_counter()
-        for runner in runners:  # warm-up: every batch once (a compiled model compiles here)
+        for runner in runners:  # warm-up: every batch once
             for i in range(len(groups)):
                 runner.timed_step(i)
-        warmup = time.perf_counter() - start
         seconds, _ = time_rounds(runners, len(groups), rounds)
         reference = [session.run(None, f)[0] for f in feeds]
         gaps = {r.name: max(float(np.abs(r.run(b).numpy() - ref).max()) for b, ref in zip(r.batches, reference))
                 for r in runners[:-1]}
     times = {r.name: s for r, s in zip(runners, seconds)}
-    return os.path.basename(path), len(texts), precision, times, gaps, warmup
+    return os.path.basename(path), len(texts), precision, times, gaps
 
 
 def report_ort(rows, rounds, threads):
@@ -548,7 +543,7 @@ def report_ort(rows, rounds, threads):
           "against ORT's")
     print(f"{'file':22s} {'texts':>6s} {'precision':>9s} {'implementation':>15s} {'texts/s':>8s} {'x ORT':>6s} "
           f"{'range':>11s} {'max |diff|':>10s}")
-    for name, n, precision, times, gaps, _ in rows:
+    for name, n, precision, times, gaps in rows:
         theirs = times["onnxruntime"]
         for impl, seconds in times.items():
             ratios = [b / a for a, b in zip(seconds, theirs)]
@@ -557,9 +552,6 @@ def report_ort(rows, rounds, threads):
             gap = f"{gaps[impl]:10.2e}" if impl in gaps else ""
             print(f"{name:22s} {n:6d} {precision:>9s} {impl:>15s} {n * rounds / sum(seconds):8.1f} {versus:>6s} "
                   f"{spread:>11s} {gap:>10s}")
-    for name, _, precision, _, _, warmup in rows:
-        print(f"{name} {precision}: the untimed warm-up (every batch once, each implementation; compiling, with "
-              f"--compile) took {warmup:.1f} s")
 
 
 def main(argv=None):
@@ -597,7 +589,7 @@ def main(argv=None):
             raise SystemExit("--ort needs onnxruntime and onnx: pip install onnxruntime onnx (a benchmark only)")
         with tempfile.TemporaryDirectory() as folder:
             model_dir = args.predict_model or classifier_folder(folder)
-            rows = ort_vs_ours(args.ort, model_dir, args.rounds or 3, torch.get_num_threads(), args.compile)
+            rows = ort_vs_ours(args.ort, model_dir, args.rounds or 3, torch.get_num_threads())
             report_ort(rows, args.rounds or 3, torch.get_num_threads())
         return
     if args.predict:

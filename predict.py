@@ -51,7 +51,7 @@ import torch
 from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, row_labels
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
-from side.infer import (CPU_BATCH_TOKENS, compiled, device_problem, int8_agreement, int8_copy, predict_embeddings,
+from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, predict_embeddings,
                         predict_logits)
 from side.output import (NPY_HEADER_BYTES, ChunkWriter, OutputError, ResumeRefused, fingerprint_of_file, npy_header,
                          rejects_path)
@@ -71,17 +71,15 @@ class Predictor:
     """A checkpoint's model, tokenizer, label names and thresholds, ready to label texts (a fine-tuned checkpoint)
     or to embed them (any checkpoint). pairs: each text's second text, for a model trained on sentence pairs.
     int8: the encoder's linear layers run in int8 on the CPU (int8_copy); the fp32 model is kept as `fp32`
-    to compare with (predict.py reports their agreement). compile: score() runs the forward compiled for inference
-    (side/infer.py's compiled: a minute or more at the start, faster after it on short texts)."""
+    to compare with (predict.py reports their agreement)."""
 
     def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
-                 long_docs=None, window_stride=None, int8=False, batch_tokens=None, compile=False):
+                 long_docs=None, window_stride=None, int8=False, batch_tokens=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu"))
         if int8 and self.device.type != "cpu":
             raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
         self.fp32, self.model = (self.model, int8_copy(self.model)) if int8 else (None, self.model)
-        self.scorer = compiled(self.model) if compile else self.model  # what score() runs
         self.model_dir = model_dir
         config = self.model.config
         self.names = None if config.id2label is None else [config.id2label[i] for i in range(config.num_labels)]
@@ -110,7 +108,7 @@ class Predictor:
         checkpoint's calibration temperature when it has one."""
         if self.names is None:
             raise ValueError(f"{self.model_dir}: config.json has no id2label; was this checkpoint fine-tuned?")
-        return predict_logits(model or self.scorer, seqs, self.encoder.pad_id, self.batch_size, self.amp,
+        return predict_logits(model or self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp,
                               max_tokens=self.batch_tokens) / self.temperature
 
     def embed(self, seqs):
@@ -564,7 +562,7 @@ def load_predictor(args, device):
     no classifier for labels)."""
     try:
         predictor = Predictor(args.model, device, args.max_length, args.batch_size, args.amp, args.long_docs,
-                              args.window_stride, args.int8, args.batch_tokens, args.compile)
+                              args.window_stride, args.int8, args.batch_tokens)
     except OptionError as e:  # --max-length or --window-stride: the checkpoint is fine
         raise SystemExit(str(e)) from None
     except (FileNotFoundError, ValueError) as e:
@@ -611,8 +609,6 @@ def parse_arguments(argv):
                    "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
     p.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
                    "quantization); prints how closely the fp32 model agrees on the first chunk, and its speed")
-    p.add_argument("--compile", action="store_true", help="compile the model for inference (torch.compile, weights "
-                   "frozen in): a minute or more at the start, then faster on short texts; for large files")
     args = p.parse_args(argv)
     if bool(args.text) == bool(args.input):
         p.error("give texts with --text or a file with --input (one of them)")

@@ -1,7 +1,6 @@
 """Inference batching that train.py (evaluation) and predict.py share: logits and embeddings of encoded texts in
 length-sorted batches, put back in input order; the int8 copy of a model for the CPU and how closely it follows
-the fp32 one; the forward compiled for inference (--compile); and the check of a --device name before anything
-loads."""
+the fp32 one; and the check of a --device name before anything loads."""
 import copy
 import warnings
 
@@ -61,14 +60,6 @@ def run_batches(output, model, seqs, pad_id, batch_size, amp, packed, shape, max
         out[order] = torch.cat(parts).cpu().numpy()
     model.train(was_training)
     return out
-
-
-def compiled(model):
-    """The model's forward compiled for inference (torch.compile with inductor): dynamic shapes, so batches of new
-    sizes and lengths reuse the graphs, and the weights frozen into them (inductor's freezing: on a CPU the linear
-    layers' weights are pre-packed, their bias and GELU fused into the matmul, the residual add and LayerNorm made
-    one pass). Compiling takes a minute or more on a small CPU: it pays on large files (docs/benchmarks.md)."""
-    return torch.compile(model, dynamic=True, options={"freezing": True})
 
 
 def int8_copy(model):

@@ -115,3 +115,26 @@ def test_flops_modernbert_local_layers_see_only_their_window():
         window_keys = ((pos[:, None] - pos[None, :]).abs() <= c.local_attention // 2).sum().item() / n
         expected = base + 12 * c.hidden_size * ((22 - local) * n + local * window_keys)
         assert flops_per_token(model, n) == pytest.approx(expected, rel=1e-12), n
+
+
+def test_ort_comparison_runs_the_same_batches_and_agrees_in_fp32(tmp_path):
+    """bench.py --ort: our model and ONNX Runtime on the same batches of a file, fp32 and int8; in fp32 their
+    logits agree (the export is the reference's model of the same folder)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    pytest.importorskip("transformers")
+    import train
+    from test_robustness import tiny_checkpoint, write_texts
+    out = tmp_path / "out"
+    train.main(["--model", tiny_checkpoint(tmp_path / "model"), "--train-file", write_texts(tmp_path / "t.csv", 24, 0),
+                "--val-file", write_texts(tmp_path / "v.csv", 6, 1), "--test-file", "", "--out-dir", str(out),
+                "--max-length", "32", "--batch-size", "4", "--max-steps", "2", "--device", "cpu",
+                "--pooling", "cls"])  # cls: the folder transformers reads as we do
+    texts = write_texts(tmp_path / "texts.csv", 70, 3)
+    rows = bench.ort_vs_ours([texts], str(out), rounds=1, threads=1)
+    assert [(r[1], r[2]) for r in rows] == [(70, "fp32"), (70, "int8")]
+    for name, n, precision, times, gaps in rows:
+        assert set(times) == {"ours", "onnxruntime"} and len(times["ours"]) == len(times["onnxruntime"]) >= 2
+        assert all(t > 0 for t in times["ours"] + times["onnxruntime"])
+    assert rows[0][4]["ours"] <= 1e-4  # fp32: the same logits
+    bench.report_ort(rows, 1, 1)
