@@ -19,12 +19,12 @@ import tomllib
 import typing
 
 import numpy as np
-import torch
 
 from data import LONG_DOCS
 from metrics import compute_metrics
 from model import POOLINGS
 from side.checkpoints import TOKENIZER_FILES, remove_debris
+from side.infer import device_problem
 
 # ----------------------------------------------------------------------------- reading options
 
@@ -156,7 +156,7 @@ def check_options(cfg, objective_rules=None):
         "keep_checkpoints": (cfg.keep_checkpoints >= 0, ">= 0"),
         "log_every": (cfg.log_every >= 1, ">= 1"),
         "max_bad_steps": (cfg.max_bad_steps >= 0, ">= 0 (0 = never stop)"),
-        "device": (usable_device(cfg.device), "cpu, cuda or cuda:N (cuda where a GPU is visible)"),
+        "device": (device_problem(cfg.device) is None, "cpu, cuda or cuda:N (cuda where a GPU is visible)"),
         "amp": (cfg.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
         "seed": (cfg.seed >= 0, ">= 0"),
         **(objective_rules or {}),
@@ -176,16 +176,6 @@ def as_number(text):
         return float(text)
     except ValueError:
         return math.nan
-
-
-def usable_device(name):
-    if not name:
-        return True
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return False
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
 
 
 def check_metric(metric, loss, labels):
