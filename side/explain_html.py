@@ -1,0 +1,142 @@
+"""predict.py --explain-html: one self-contained HTML page of texts, their predicted labels and each label's evidence.
+
+write_page(path, items, title, note) writes the page as PATH.partial and renames it to PATH; page_item(prediction,
+text, id) makes an item of a prediction with evidence. An item: {"id", "text", "labels": [{"label", "probability",
+"evidence": [{"start", "end", "text", "score"}, ...]}, ...]}, offsets in characters of the text.
+
+The page: per text a legend of its labels (a colour each, its probability) and the text, cut at every evidence boundary;
+each cut covered by evidence is a <mark data-start data-end data-l="label numbers"> coloured in bands, one per label
+covering it, its title (shown on hover) the labels and scores. So spans of two labels may overlap or nest, and each
+(label, start, end) is the run of marks between start and end that carry the label. No script, no network: a
+Content-Security-Policy forbids everything but the page's own styles, and every text, id, label and title is escaped,
+so a note holding <script> or <img onerror> is shown as those characters and nothing runs.
+"""
+import html
+import os
+
+from side.output import OutputError
+
+PALETTE = ("#ffd54f", "#81d4fa", "#a5d6a7", "#f48fb1", "#ce93d8", "#ffab91", "#80cbc4", "#e6ee9c", "#b0bec5",
+           "#bcaaa4")  # light enough for black text on any of them, distinct when printed
+CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 60em; margin: 1em auto; padding: 0 1em; color: #111; }
+.note { color: #555; }
+.item { border-top: 1px solid #ccc; padding: .4em 0 .8em; break-inside: avoid;
+        content-visibility: auto; contain-intrinsic-size: auto 8em; }
+.item h2 { font-size: .85em; color: #666; margin: .2em 0; font-weight: normal; }
+.legend { list-style: none; padding: 0; margin: .2em 0 .4em; }
+.legend li { display: inline-block; margin: 0 .4em .2em 0; padding: 0 .4em; border-radius: 3px; font-size: .9em; }
+.legend .none { background: #eee; color: #666; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; }
+mark { color: inherit; padding: 0; }
+* { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+"""
+
+
+def escape(value):
+    """Text or an attribute value with &, <, >, and quotes escaped; a carriage return as a reference, which the parser
+    keeps (a raw one is folded with its newline, and every later character would stand one place off its offset)."""
+    return html.escape(str(value), quote=True).replace("\r", "&#13;")
+
+
+def page_item(prediction, text, id=None):
+    """An item of the page from one of predict.py's predictions with evidence: single-label {"label", "probability",
+    "evidence", ...} or multi-label {"labels": [{"label", "probability", "evidence"}, ...]}."""
+    labels = prediction["labels"] if "labels" in prediction else [prediction]
+    return {"id": None if id is None else str(id), "text": text,
+            "labels": [{"label": str(x["label"]), "probability": float(x["probability"]),
+                        "evidence": list(x.get("evidence") or [])} for x in labels]}
+
+
+def checked_spans(item, number):
+    """(start, end, label number, score) of each non-empty evidence span of the item; a ValueError naming the item and
+    the label when a span's offsets fall outside the text or do not name the words the span quotes."""
+    text, spans = item["text"], []
+    for k, label in enumerate(item["labels"]):
+        for e in label.get("evidence") or []:
+            start, end = int(e["start"]), int(e["end"])
+            if not 0 <= start <= end <= len(text) or ("text" in e and text[start:end] != e["text"]):
+                raise ValueError(f"text {number} (id {item.get('id')}), label {label['label']}: evidence "
+                                 f"{start}:{end} {e.get('text')!r} is not the text's characters {start}:{end}")
+            if start < end:
+                spans.append((start, end, k, float(e.get("score", 0.0))))
+    return spans
+
+
+def segments(text, spans):
+    """The text cut at every span boundary: (start, end, [(label number, score) of each span covering it])."""
+    cuts = sorted({0, len(text), *(s for s, _, _, _ in spans), *(e for _, e, _, _ in spans)})
+    for a, b in zip(cuts, cuts[1:]):
+        yield a, b, [(k, score) for s, e, k, score in spans if s <= a and b <= e]
+
+
+def bands(colours):
+    """A background of one horizontal band per colour, so each label covering a cut keeps its colour visible."""
+    if len(colours) == 1:
+        return f"background:{colours[0]}"
+    step = 100 / len(colours)
+    stops = ", ".join(f"{c} {i * step:.1f}% {(i + 1) * step:.1f}%" for i, c in enumerate(colours))
+    return f"background:linear-gradient({stops})"
+
+
+def render_text(item, spans, colour):
+    """The text's HTML: plain escaped text outside the evidence, a <mark> per cut inside it."""
+    names = [x["label"] for x in item["labels"]]
+    parts = []
+    for a, b, covering in segments(item["text"], spans):
+        words = escape(item["text"][a:b])
+        if not covering:
+            parts.append(words)
+            continue
+        numbers = sorted({k for k, _ in covering})
+        hover = "\n".join(f"{names[k]} {score:.3f}" for k, score in covering)
+        parts.append(f'<mark data-start="{a}" data-end="{b}" data-l="{" ".join(map(str, numbers))}" '
+                     f'style="{bands([colour(names[k]) for k in numbers])}" title="{escape(hover)}">{words}</mark>')
+    return "".join(parts)
+
+
+def render_item(item, number, colour):
+    """One text: its id (or its number), the legend of its labels and the text with its evidence marked."""
+    spans = checked_spans(item, number)
+    heading = escape(item["id"]) if item.get("id") is not None else f"#{number}"
+    legend = "".join(f'<li data-i="{k}" data-label="{escape(x["label"])}" style="background:{colour(x["label"])}">'
+                     f'{escape(x["label"])} {float(x["probability"]):.2f}</li>' for k, x in enumerate(item["labels"]))
+    legend = legend or '<li class="none">no label</li>'
+    data_id = f' data-id="{escape(item["id"])}"' if item.get("id") is not None else ""
+    return (f'<article class="item" data-n="{number}"{data_id}>\n<h2>{heading}</h2>\n<ul class="legend">{legend}</ul>\n'
+            f'<div class="text">{render_text(item, spans, colour)}</div>\n</article>\n')
+
+
+def head(title, note):
+    """The page up to its first text: the policy first (before anything it governs), the style, the title, the note."""
+    note = f'<p class="note">{escape(note)}</p>\n' if note else ""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<title>{escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n'
+            f'<h1>{escape(title)}</h1>\n{note}')
+
+
+def write_page(path, items, title="Evidence", note=None):
+    """Write the page of items to path: PATH.partial, renamed to PATH once whole; on any failure the partial is removed
+    and PATH left as it was. An OSError (no such folder, disk full) becomes an OutputError naming path."""
+    palette = {}
+
+    def colour(label):  # the palette in order of first appearance on the page: one label, one colour throughout
+        return palette.setdefault(label, PALETTE[len(palette) % len(PALETTE)])
+
+    partial = path + ".partial"
+    try:
+        with open(partial, "w", encoding="utf-8", errors="replace") as page:
+            page.write(head(title, note))
+            for number, item in enumerate(items, 1):
+                page.write(render_item(item, number, colour))
+            page.write("</body>\n</html>\n")
+        os.replace(partial, path)
+    except BaseException as e:
+        if os.path.exists(partial):
+            os.remove(partial)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
