@@ -80,6 +80,24 @@ def bands(colours):
     return f"background:linear-gradient({stops})"
 
 
+class Colours:
+    """One colour per label name throughout the page, given in order of first appearance, cycling the palette; a label
+    new to the page skips the colours of the text's other labels, so that a text's labels differ where they can."""
+
+    def __init__(self):
+        self.of, self.turn = {}, 0
+
+    def for_text(self, names):
+        taken = {self.of[name] for name in names if name in self.of}
+        for name in names:
+            if name not in self.of:
+                cycle = [PALETTE[(self.turn + i) % len(PALETTE)] for i in range(len(PALETTE))]
+                self.of[name] = next((c for c in cycle if c not in taken), cycle[0])
+                self.turn = PALETTE.index(self.of[name]) + 1
+                taken.add(self.of[name])
+        return self.of
+
+
 def render_text(item, spans, colour):
     """The text's HTML: plain escaped text outside the evidence, a <mark> per cut inside it."""
     names = [x["label"] for x in item["labels"]]
@@ -92,15 +110,16 @@ def render_text(item, spans, colour):
         numbers = sorted({k for k, _ in covering})
         hover = "\n".join(f"{names[k]} {score:.3f}" for k, score in covering)
         parts.append(f'<mark data-start="{a}" data-end="{b}" data-l="{" ".join(map(str, numbers))}" '
-                     f'style="{bands([colour(names[k]) for k in numbers])}" title="{escape(hover)}">{words}</mark>')
+                     f'style="{bands([colour[names[k]] for k in numbers])}" title="{escape(hover)}">{words}</mark>')
     return "".join(parts)
 
 
-def render_item(item, number, colour):
+def render_item(item, number, colours):
     """One text: its id (or its number), the legend of its labels and the text with its evidence marked."""
     spans = checked_spans(item, number)
+    colour = colours.for_text([x["label"] for x in item["labels"]])
     heading = escape(item["id"]) if item.get("id") is not None else f"#{number}"
-    legend = "".join(f'<li data-i="{k}" data-label="{escape(x["label"])}" style="background:{colour(x["label"])}">'
+    legend = "".join(f'<li data-i="{k}" data-label="{escape(x["label"])}" style="background:{colour[x["label"]]}">'
                      f'{escape(x["label"])} {float(x["probability"]):.2f}</li>' for k, x in enumerate(item["labels"]))
     legend = legend or '<li class="none">no label</li>'
     data_id = f' data-id="{escape(item["id"])}"' if item.get("id") is not None else ""
@@ -121,17 +140,13 @@ def head(title, note):
 def write_page(path, items, title="Evidence", note=None):
     """Write the page of items to path: PATH.partial, renamed to PATH once whole; on any failure the partial is removed
     and PATH left as it was. An OSError (no such folder, disk full) becomes an OutputError naming path."""
-    palette = {}
-
-    def colour(label):  # the palette in order of first appearance on the page: one label, one colour throughout
-        return palette.setdefault(label, PALETTE[len(palette) % len(PALETTE)])
-
+    colours = Colours()
     partial = path + ".partial"
     try:
         with open(partial, "w", encoding="utf-8", errors="replace") as page:
             page.write(head(title, note))
             for number, item in enumerate(items, 1):
-                page.write(render_item(item, number, colour))
+                page.write(render_item(item, number, colours))
             page.write("</body>\n</html>\n")
         os.replace(partial, path)
     except BaseException as e:

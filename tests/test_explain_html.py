@@ -166,14 +166,19 @@ def test_the_page_reaches_nothing_outside(tmp_path):
     assert not page.tags.keys() & {"link", "script", "img", "iframe", "object", "embed", "base"}
 
 
-def test_a_label_keeps_its_colour_across_texts(tmp_path):
-    labels = [f"L{i}" for i in range(len(PALETTE) + 2)]
-    items = [{"id": None, "text": "a b", "labels": [{"label": name, "probability": 0.5, "evidence": []}]}
-             for name in labels + ["L1"]]
+def test_a_label_keeps_its_colour_and_a_text_s_labels_differ(tmp_path):
+    def item(*names):
+        return {"id": None, "text": "a b", "labels": [{"label": x, "probability": 0.5, "evidence": []} for x in names]}
+
+    n = len(PALETTE)
+    items = [item(f"L{i}") for i in range(n)] + [item("L0", "new"), item("L1"), item("L3", "L3b", "L4")]
     page = Page(written(tmp_path, items)[1])
-    colours = [item["legend"][0]["style"] for item in page.items]
-    assert colours[:len(PALETTE)] == [f"background:{c}" for c in PALETTE]
-    assert colours[len(PALETTE)] == colours[0] and colours[-1] == colours[1]
+    colour = {x["data-label"]: x["style"] for shown in page.items for x in shown["legend"]}
+    seen = [[x["style"] for x in shown["legend"]] for shown in page.items]
+    assert [x[0] for x in seen[:n]] == [f"background:{c}" for c in PALETTE]   # the palette in order
+    assert all(colour[x["data-label"]] == x["style"] for shown in page.items for x in shown["legend"])
+    assert colour["new"] == f"background:{PALETTE[1]}"          # the cycle's next, PALETTE[0], is L0's in its text
+    assert colour["L3b"] not in (colour["L3"], colour["L4"]) and len(set(seen[-1])) == 3
 
 
 def test_the_page_is_written_whole_or_not_at_all(tmp_path):
