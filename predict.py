@@ -319,7 +319,7 @@ def prediction_cells(p, explain):
         cells = [";".join(x["label"] for x in p["labels"]), ";".join(f"{x['probability']:.4f}" for x in p["labels"])]
     else:
         cells = [p["label"], f"{p['probability']:.4f}"]
-    return cells + [evidence_cell(p)] * bool(explain)
+    return cells + ([evidence_cell(p)] if explain else [])
 
 
 def explained(job, rows, predictions):
