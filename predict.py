@@ -15,6 +15,7 @@ Side rooms: side/stream.py reads the rows, side/progress.py prints the progress 
     python predict.py --model out --input notes.csv --output part0.csv --shard 0/2   # + 1/2; `cat part0.csv part1.csv`
     python predict.py --model out --input pairs.csv --text-pair-column hypothesis   # sentence pairs
     python predict.py --model any_checkpoint --input notes.csv --embeddings vectors.npy  # one vector per row
+    python predict.py --model out --input notes.csv --output predictions.jsonl --explain  # + each label's evidence
     python predict.py --model out --input test.csv --label-column label               # metrics as JSON
 
 Output: each input row's columns except the text (and pair; --keep-text writes them too), then label and
@@ -246,7 +247,8 @@ class Job:
             columns = args.label_column.split(",") if "," in args.label_column else args.label_column
             self.labels = (columns, LabelEncoder.from_id2label(config.id2label, config.multi_label))
         self.tokenizing, self.scoring, self.scored, self.explaining = 0.0, 0.0, 0, 0.0
-        self.page = HtmlItems(args.explain_html, f"Evidence of {args.model}") if args.explain_html else None
+        title = f"Evidence of {args.model} on {args.input or 'the --text texts'}"
+        self.page = HtmlItems(args.explain_html, title) if args.explain_html else None
         self.row_shape = None  # of a vector (--embeddings), once one is made
         self.int8_check = None  # (texts, agreement, fp32 seconds) on the first chunk, with --int8
 

@@ -127,7 +127,7 @@ def test_spans_index_the_original_text_with_accents_and_odd_case(tmp_path, token
 
 def test_words_merge_into_spans_only_across_whitespace():
     text = "aa bb, cc\ndd"
-    doc = explain.Doc(text, [0] * 5, [], [0, 1, 2, 3, 4], [(0, 2), (3, 5), (5, 6), (7, 9), (10, 12)], [[0, 1, 2, 3, 4]])
+    doc = explain.Doc(text, [0] * 5, [0, 1, 2, 3, 4], [(0, 2), (3, 5), (5, 6), (7, 9), (10, 12)], [[0, 1, 2, 3, 4]])
     scores = np.array([1.0, 2.0, 0.5, 3.0, 0.0], np.float32)
     spans = explain.spans(doc, scores, top=4)
     assert [(s["text"], s["score"]) for s in spans] == [("aa bb, cc", 6.5)]  # the 0-scored word is no evidence
@@ -356,7 +356,6 @@ def test_the_page_gets_the_first_items(multi_model, tmp_path, monkeypatch):
     page.write_page = lambda path, items, title, note: written.update(path=path, items=items, title=title, note=note)
     monkeypatch.setitem(sys.modules, "side.explain_html", page)
     monkeypatch.setattr(explain, "HTML_ITEMS", 5)
-    monkeypatch.setattr(explain.HtmlItems.__init__, "__defaults__", (5,))
     notes = write_notes(tmp_path / "notes.csv", 7)
     html = tmp_path / "page.html"
     assert run_predict("--model", multi_model, "--input", notes, "--output", tmp_path / "p.jsonl",
