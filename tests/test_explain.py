@@ -157,6 +157,17 @@ def test_windows_give_offsets_past_the_first_window_and_count_a_shared_word_once
         assert found.shape == (30,) and np.isfinite(found).all()  # every word, each once
 
 
+def test_label_attention_over_windows_and_a_bpe_modernbert(tmp_path):
+    long_docs = {"strategy": "windows_max", "max_length": 12, "stride": 5}
+    predictor = Predictor(checkpoint(tmp_path, "bpe", "modernbert", "label_attention", True, long_docs), device="cpu")
+    text = " ".join(ODD * 4)
+    assert len(explain.documents(predictor.encoder, [text])[0].pieces) > 10
+    for method in explain.METHODS:
+        predictions = predictor.explain([text, ODD[0]], top=5, method=method)
+        assert_offsets([text, ODD[0]], predictions, top=5)
+        assert all(spans for _, spans in all_spans(predictions)) or method != "attention"
+
+
 def test_head_tail_truncation_explains_only_what_the_model_reads(tmp_path):
     long_docs = {"strategy": "head_tail", "max_length": 10}  # 8 text tokens: the first 2 and the last 6
     predictor = Predictor(checkpoint(tmp_path, long_docs=long_docs), device="cpu")
