@@ -31,6 +31,7 @@ From Python:
     Predictor("out").predict(["CT shows a spiculated nodule."])
     -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
     for p in Predictor("out").stream(cursor):   # texts or rows (dicts) from any iterable, chunk by chunk
+    Predictor("out").explain(["CT shows ..."])   # each predicted label with its "evidence" spans: docs/explain.md
         ...
 
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
@@ -151,6 +152,7 @@ class Predictor:
 
 
 def decoded(logits, names, thresholds, multi_label):
+    """Predictor.decode: the label (and every probability), or the labels at or over their thresholds."""
     if multi_label:
         return [{"labels": [{"label": names[j], "probability": float(p[j])} for j in np.flatnonzero(p >= thresholds)]}
                 for p in sigmoid(logits)]
