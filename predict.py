@@ -15,6 +15,7 @@ Side rooms: side/stream.py reads the rows, side/progress.py prints the progress 
     python predict.py --model out --input notes.csv --output part0.csv --shard 0/2   # + 1/2; `cat part0.csv part1.csv`
     python predict.py --model out --input pairs.csv --text-pair-column hypothesis   # sentence pairs
     python predict.py --model any_checkpoint --input notes.csv --embeddings vectors.npy  # one vector per row
+    python predict.py --model out --input notes.csv --output predictions.jsonl --explain  # + each label's evidence
     python predict.py --model out --input test.csv --label-column label               # metrics as JSON
 
 Output: each input row's columns except the text (and pair; --keep-text writes them too), then label and
@@ -30,6 +31,7 @@ From Python:
     Predictor("out").predict(["CT shows a spiculated nodule."])
     -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
     for p in Predictor("out").stream(cursor):   # texts or rows (dicts) from any iterable, chunk by chunk
+    Predictor("out").explain(["CT shows ..."])   # each predicted label with its "evidence" spans: docs/explain.md
         ...
 
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
@@ -51,6 +53,7 @@ import torch
 from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, row_labels
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
+from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem, option_problems
 from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, predict_embeddings,
                         predict_logits)
 from side.output import (NPY_HEADER_BYTES, ChunkWriter, OutputError, ResumeRefused, fingerprint_of_file, npy_header,
@@ -62,7 +65,7 @@ from side.stream import RowStream, TextRows
 from side.weights import check_vocab
 
 CHUNK_ROWS = 4096  # rows read, scored and written at a time: memory is bounded by a chunk, resume resumes one
-PREDICTION_FIELDS = ("label", "probability", "probabilities", "labels")
+PREDICTION_FIELDS = ("label", "probability", "probabilities", "labels", "evidence")
 REJECT_FIELDS = ("row", "line", "reason")
 REJECTED_EXIT = 3  # the run finished, but some rows were set aside: a pipeline should notice
 
@@ -79,11 +82,11 @@ class Predictor:
         if int8 and self.device.type != "cpu":
             raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
+        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)  # before the copy
         self.fp32, self.model = (self.model, int8_copy(self.model)) if int8 else (None, self.model)
         self.model_dir = model_dir
         config = self.model.config
         self.names = None if config.id2label is None else [config.id2label[i] for i in range(config.num_labels)]
-        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)
         check_vocab(self.encoder.tokenizer, config.vocab_size, model_dir)
         self.thresholds = np.asarray(config.thresholds if config.thresholds is not None else 0.5, np.float32)
         # train.py --calibrate temperature: every logit is divided by it (one, or one per label); 1 without
@@ -136,15 +139,25 @@ class Predictor:
             for row, prediction in zip(rows, self.predict(texts, pairs)):
                 yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
 
+    def explain(self, texts, top=3, method=None, predictions=None):
+        """predict() with each predicted label's "evidence": its top spans of the text (side/explain.py, by the fp32
+        model with int8). predictions: those of these texts, when made already."""
+        texts = checked_texts(texts)[0]
+        return add_evidence(self.fp32 or self.model, self.encoder, texts, predictions or self.predict(texts),
+                            self.names, top, method, self.batch_size, self.amp)
+
     def decode(self, logits):
         """Labels and probabilities from logits."""
-        if self.model.config.multi_label:
-            probs = sigmoid(logits)
-            return [{"labels": [{"label": self.names[j], "probability": float(p[j])}
-                                for j in np.flatnonzero(p >= self.thresholds)]} for p in probs]
-        probs = softmax(logits)
-        return [{"label": self.names[int(p.argmax())], "probability": float(p.max()),
-                 "probabilities": {n: float(x) for n, x in zip(self.names, p)}} for p in probs]
+        return decoded(logits, self.names, self.thresholds, self.model.config.multi_label)
+
+
+def decoded(logits, names, thresholds, multi_label):
+    """Predictor.decode: the label (and every probability), or the labels at or over their thresholds."""
+    if multi_label:
+        return [{"labels": [{"label": names[j], "probability": float(p[j])} for j in np.flatnonzero(p >= thresholds)]}
+                for p in sigmoid(logits)]
+    return [{"label": names[int(p.argmax())], "probability": float(p.max()),
+             "probabilities": {n: float(x) for n, x in zip(names, p)}} for p in softmax(logits)]
 
 
 def text_encoder(model, model_dir, max_length=None, long_docs=None, window_stride=None):
@@ -235,7 +248,9 @@ class Job:
             config = predictor.model.config
             columns = args.label_column.split(",") if "," in args.label_column else args.label_column
             self.labels = (columns, LabelEncoder.from_id2label(config.id2label, config.multi_label))
-        self.tokenizing, self.scoring, self.scored = 0.0, 0.0, 0
+        self.tokenizing, self.scoring, self.scored, self.explaining = 0.0, 0.0, 0, 0.0
+        title = f"Evidence of {args.model} on {args.input or 'the --text texts'}"
+        self.page = HtmlItems(args.explain_html, title) if args.explain_html else None
         self.row_shape = None  # of a vector (--embeddings), once one is made
         self.int8_check = None  # (texts, agreement, fp32 seconds) on the first chunk, with --int8
 
@@ -244,7 +259,7 @@ class Job:
         if self.format in ("jsonl", "npy"):
             return ""
         multi = self.predictor.model.config.multi_label
-        return self.csv_text([[*self.given, *(("labels", "probabilities") if multi else ("label", "probability"))]])
+        return self.csv_text([[*self.given, *prediction_columns(multi, self.args.explain)]])
 
     def csv_text(self, rows):
         buffer = io.StringIO()
@@ -290,14 +305,36 @@ class Job:
         fields = [{**given_fields(r.record, self.dropped), **p} for r, p in zip(rows, predictions)]
         if self.format == "jsonl":
             return "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields)
-        if self.predictor.model.config.multi_label:
-            tail = [[";".join(x["label"] for x in p["labels"]),
-                     ";".join(f"{x['probability']:.4f}" for x in p["labels"])] for p in predictions]
-        else:
-            tail = [[p["label"], f"{p['probability']:.4f}"] for p in predictions]
-        body = [[cell(f.get(name)) for name in self.given] + end for f, end in zip(fields, tail)]
+        body = [[cell(f.get(name)) for name in self.given] + prediction_cells(p, self.args.explain)
+                for f, p in zip(fields, predictions)]
         self.unwritten.update(name for f in fields for name in f if name not in self.given)
         return (self.header() if index == 0 else "") + self.csv_text(body)
+
+
+def prediction_columns(multi_label, explain):
+    """The CSV columns of a prediction: its label(s) and probability(ies), and with --explain their evidence."""
+    columns = ("labels", "probabilities") if multi_label else ("label", "probability")
+    return columns + ("evidence",) * bool(explain)
+
+
+def prediction_cells(p, explain):
+    """A prediction's CSV cells: multi-label's labels and probabilities `;`-joined; evidence_cell with --explain."""
+    if "labels" in p:
+        cells = [";".join(x["label"] for x in p["labels"]), ";".join(f"{x['probability']:.4f}" for x in p["labels"])]
+    else:
+        cells = [p["label"], f"{p['probability']:.4f}"]
+    return cells + ([evidence_cell(p)] if explain else [])
+
+
+def explained(job, rows, predictions):
+    """--explain: the predictions of rows with their evidence; the first ones kept for --explain-html's page."""
+    texts = [r.record[job.text_column] for r in rows]
+    start = time.perf_counter()
+    predictions = job.predictor.explain(texts, job.args.explain_top, job.args.explain_method, predictions)
+    job.explaining += time.perf_counter() - start
+    if job.page:
+        job.page.add([r.record for r in rows], texts, predictions)
+    return predictions
 
 
 def label_chunk(job, index, rows):
@@ -317,7 +354,9 @@ def label_chunk(job, index, rows):
     elif job.labels:
         chunk.logits = values
     else:
-        chunk.output = job.render(good, job.predictor.decode(values), index).encode()
+        predictions = job.predictor.decode(values)
+        predictions = explained(job, good, predictions) if job.args.explain and good else predictions
+        chunk.output = job.render(good, predictions, index).encode()
     return chunk
 
 
@@ -459,6 +498,8 @@ def run(job, stream, plan, sink, progress_every):
     progress.update(done, stream.size, force=True)
     progress.done()
     report_speed(job)
+    if job.page:
+        print(f"wrote the evidence of {len(job.page.items)} texts to {job.page.write()}", file=sys.stderr)
     unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
     if unwritten:
         print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
@@ -471,6 +512,8 @@ def report_speed(job):
     int8 = job.predictor.fp32 is not None
     print(f"scored {n} texts in {seconds:.2f} s: {n / seconds:.1f} texts/s{' (int8)' * int8} on "
           f"{job.predictor.device} (tokenizing took {job.tokenizing:.2f} s)", file=sys.stderr)
+    if job.args.explain:
+        print(f"evidence took {job.explaining:.2f} s ({n / max(job.explaining, 1e-9):.1f} texts/s)", file=sys.stderr)
     if job.int8_check:
         count, agreement, fp32_seconds = job.int8_check
         multi = job.predictor.model.config.multi_label
@@ -490,6 +533,8 @@ def fingerprint(args, stream):
     options = {k: getattr(args, k) for k in ("text_column", "text_pair_column", "keep_text", "batch_size",
                                              "batch_tokens", "max_length", "amp", "long_docs", "window_stride",
                                              "int8", "chunk_rows", "shard", "device")}
+    if args.explain:  # only then: a run from before --explain existed still resumes
+        options.update({k: getattr(args, k) for k in ("explain", "explain_top", "explain_method")})
     return {"input": fingerprint_of_file(args.input) if args.input else args.text, "model": model,
             "options": options}
 
@@ -567,6 +612,9 @@ def load_predictor(args, device):
         raise SystemExit(str(e)) from None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {args.model}: {e}") from None
+    problem = args.explain and args.explain_method and method_problem(predictor.model, args.explain_method)
+    if problem:
+        raise SystemExit(f"--explain-method: {problem}")
     if predictor.names is None and not args.embeddings:
         raise SystemExit(f"cannot use the checkpoint {args.model} to label texts: it has no classifier (config.json "
                          "has no id2label; a masked-LM or bare encoder); fine-tune it with train.py, or use "
@@ -609,7 +657,18 @@ def parse_arguments(argv):
                    "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
     p.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
                    "quantization); prints how closely the fp32 model agrees on the first chunk, and its speed")
+    p.add_argument("--explain", action="store_true", help="give each predicted label its evidence: its best spans "
+                   "of the text (start and end character offsets, text, score); docs/explain.md")
+    p.add_argument("--explain-top", type=int, help="--explain: spans per label (default 3)")
+    p.add_argument("--explain-method", choices=METHODS, help="--explain: how words are scored; default: attention "
+                   "for a label_attention head, else gradient (input x gradient)")
+    p.add_argument("--explain-html", help="also write a page of the first 5000 texts with their evidence marked "
+                   "(HTML; implies --explain)")
     args = p.parse_args(argv)
+    args.explain = args.explain or bool(args.explain_html)
+    if not args.explain and (args.explain_top is not None or args.explain_method):
+        p.error("--explain-top and --explain-method go with --explain")
+    args.explain_top = 3 if args.explain_top is None else args.explain_top
     if bool(args.text) == bool(args.input):
         p.error("give texts with --text or a file with --input (one of them)")
     if args.label_column and not args.input:
@@ -629,7 +688,7 @@ def check_arguments(args):
                "batch_tokens": (args.batch_tokens is None or args.batch_tokens >= 0, ">= 0 (0 = no cap)"),
                "max_length": (args.max_length is None or args.max_length >= 0, ">= 0 (0 = as trained)"),
                "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)"),
-               "chunk_rows": (args.chunk_rows >= 1, ">= 1"),
+               "chunk_rows": (args.chunk_rows >= 1, ">= 1"), "explain_top": (args.explain_top >= 1, ">= 1"),
                "progress_every": (args.progress_every is None or args.progress_every >= 0, ">= 0")}
     bad = [f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}" for name, (ok, what) in allowed.items()
            if not ok]
@@ -665,7 +724,8 @@ def combination_problems(args):
                        "with --label-column, nor under torchrun (which splits the file itself)")
     if args.label_column and torchrun_world() > 1:
         bad.append("--label-column scores in one process: run it without torchrun")
-    return bad
+    return bad + option_problems(args.explain, args.explain_html, args.embeddings or args.label_column,
+                                 args.text_pair_column, args.resume or args.shard or torchrun_world() > 1)
 
 
 def output_problems(output, input_path, flag="--output"):
