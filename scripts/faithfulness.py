@@ -162,7 +162,12 @@ def main(argv=None):
     bad = [problem for problem in map(lambda m: method_problem(model, m), methods) if problem]
     if bad:
         raise SystemExit("; ".join(bad))
-    rows = [row for method in methods for row in measure(predictor, texts, method, args.draws, args.seed, args.steps)]
+    rows = []
+    for method in methods:  # a line per method on stderr: a long measurement shows where it is
+        print(f"{method}: scoring and deleting words of {len(texts)} texts...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        rows += measure(predictor, texts, method, args.draws, args.seed, args.steps)
+        print(f"{method}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     table = markdown(rows, f"Faithfulness of the evidence of {args.model} on {len(texts)} texts of {args.file}")
     print(table)
     print(json.dumps(rows))
