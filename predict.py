@@ -31,8 +31,8 @@ From Python:
     Predictor("out").predict(["CT shows a spiculated nodule."])
     -> [{"label": "neoplasms", "probability": 0.93, "probabilities": {...}}]
     for p in Predictor("out").stream(cursor):   # texts or rows (dicts) from any iterable, chunk by chunk
-    Predictor("out").explain(["CT shows ..."])   # each predicted label with its "evidence" spans: docs/explain.md
         ...
+    Predictor("out").explain(["CT shows ..."])   # each predicted label with its "evidence" spans: docs/explain.md
 
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
 calibrated by train.py --calibrate temperature has its logits divided by the temperature in its config.json.
