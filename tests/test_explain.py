@@ -22,6 +22,7 @@ from model import EncoderClassifier
 from predict import Predictor
 from side import explain
 from side.hf import BertConfig, ModernBertConfig
+from test_predict_stream import run_predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -281,14 +282,6 @@ def test_the_default_method_finds_the_keyword_and_beats_random_tokens(keyword_mo
 
 
 # ----------------------------------------------------------------------------- predict.py --explain
-
-def run_predict(*args):
-    try:
-        predict.main([str(a) for a in args])
-    except SystemExit as stop:
-        return stop.code
-    return 0
-
 
 def write_notes(path, n):
     rng = random.Random(0)
