@@ -433,8 +433,14 @@ def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqle
     if pooling == "max":
         return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
     # label_attention: each label's softmax over the text's tokens weighs their vectors
-    scores = label_attention(hidden).float().masked_fill(~mask[..., None], -math.inf)  # [B, T, L]
-    return torch.einsum("btl,bth->blh", scores.softmax(dim=1).to(hidden.dtype), hidden)
+    weights = label_weights(label_attention(hidden), mask)
+    return torch.einsum("btl,bth->blh", weights.to(hidden.dtype), hidden)
+
+
+def label_weights(scores, mask):
+    """Each label's softmax over a text's real tokens: scores [B, T, L] (label_attention's) and mask [B, T] bool
+    -> float32 weights [B, T, L] (float: a stable softmax under autocast). side/explain.py shows them as evidence."""
+    return scores.float().masked_fill(~mask[..., None], -math.inf).softmax(dim=1)
 
 
 def weigh_windows(window_attention, pooled, doc_index, num_docs):

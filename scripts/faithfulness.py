@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import read_table  # noqa: E402
 from metrics import sigmoid, softmax  # noqa: E402
 from predict import Predictor  # noqa: E402
-from side.explain import IG_STEPS, METHODS, documents, method_problem, model_input, scores, seen  # noqa: E402
+from side.explain import (IG_STEPS, METHODS, documents, label_objects, method_problem,  # noqa: E402
+                          model_input, scores, seen)
 
 SHARES = (0.05, 0.1, 0.2)
 
@@ -80,7 +81,7 @@ def measure(predictor, texts, method, draws=3, seed=0, steps=IG_STEPS):
     if problem:
         raise SystemExit(problem)
     index = {name: i for i, name in enumerate(predictor.names)}
-    predicted = [p["labels"] if "labels" in p else [p] for p in predictor.predict(texts)]
+    predicted = [label_objects(p) for p in predictor.predict(texts)]
     targets = [[index[x["label"]] for x in labels] for labels in predicted]
     explained = [i for i, labels in enumerate(targets) if labels]
     docs = documents(encoder, [texts[i] for i in explained])

@@ -24,6 +24,8 @@ import torch
 
 from data import make_batch, split_windows, to_device, truncate
 from metrics import sigmoid, softmax
+from model import label_weights
+from side.explain_html import page_item, write_page
 from side.infer import predict_logits
 
 METHODS = ("attention", "gradient", "integrated_gradients", "occlusion")
@@ -200,8 +202,7 @@ def attention(model, batch, docs, wanted):
         model(**batch)
     finally:
         handle.remove()
-    mask = batch["attention_mask"].bool()[..., None]
-    weights = kept[0].float().masked_fill(~mask, -math.inf).softmax(dim=1).cpu().numpy()  # [rows, T, labels]
+    weights = label_weights(kept[0], batch["attention_mask"].bool()).cpu().numpy()  # [rows, T, labels]
     return [{label: weights[rows, :, label] for label in labels} for rows, labels in zip(row_ranges(docs), wanted)]
 
 
@@ -303,7 +304,7 @@ def add_evidence(model, encoder, texts, predictions, names, top=3, method=None, 
     """Predictor.predict's predictions of texts, each predicted label with its "evidence" (single-label: the
     prediction's own; multi-label: each object of its "labels")."""
     index = {name: i for i, name in enumerate(names)}
-    chosen = [p["labels"] if "labels" in p else [p] for p in predictions]
+    chosen = [label_objects(p) for p in predictions]
     found = evidence(model, encoder, texts, [[index[x["label"]] for x in c] for c in chosen], top, method,
                      batch_size, amp)
     for labels, spans_of in zip(chosen, found):
@@ -312,11 +313,15 @@ def add_evidence(model, encoder, texts, predictions, names, top=3, method=None, 
     return predictions
 
 
+def label_objects(prediction):
+    """A prediction's predicted labels as objects: multi-label's "labels", or the single-label prediction itself."""
+    return prediction["labels"] if "labels" in prediction else [prediction]
+
+
 def evidence_cell(prediction):
     """A prediction's evidence in one CSV cell: JSON {label: [[start, end, score], ...]}, scores to 4 decimals."""
-    labels = prediction["labels"] if "labels" in prediction else [prediction]
     return json.dumps({x["label"]: [[s["start"], s["end"], round(s["score"], 4)] for s in x["evidence"]]
-                       for x in labels}, ensure_ascii=False)
+                       for x in label_objects(prediction)}, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------- the page
@@ -332,13 +337,9 @@ class HtmlItems:
         for record, text, p in zip(records, texts, predictions):
             self.total += 1
             if len(self.items) < self.limit:
-                labels = p["labels"] if "labels" in p else [p]
-                self.items.append({"id": record_id(record), "text": text, "labels": [
-                    {"label": x["label"], "probability": x["probability"], "evidence": x["evidence"]}
-                    for x in labels]})
+                self.items.append(page_item(p, text, record_id(record)))
 
     def write(self):
-        from side.explain_html import write_page  # the page's own room; imported when a page is asked for
         note = None if self.total <= self.limit else f"showing the first {self.limit} of {self.total} texts"
         write_page(self.path, self.items, self.title, note)
         return self.path

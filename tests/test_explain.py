@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -356,9 +355,8 @@ def test_text_option_shards_and_resume_give_the_same_bytes(multi_model, tmp_path
 
 def test_the_page_gets_the_first_items(multi_model, tmp_path, monkeypatch):
     written = {}
-    page = types.ModuleType("side.explain_html")
-    page.write_page = lambda path, items, title, note: written.update(path=path, items=items, title=title, note=note)
-    monkeypatch.setitem(sys.modules, "side.explain_html", page)
+    monkeypatch.setattr(explain, "write_page",
+                        lambda path, items, title, note: written.update(path=path, items=items, title=title, note=note))
     monkeypatch.setattr(explain, "HTML_ITEMS", 5)
     notes = write_notes(tmp_path / "notes.csv", 7)
     html = tmp_path / "page.html"
