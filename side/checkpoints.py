@@ -25,8 +25,8 @@ from side.failures import writing
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
-                     "test_file", "config", "grad_checkpointing", "pack",
-                     "overwrite"}  # they leave the training trajectory as it was
+                     "test_file", "config", "grad_checkpointing", "pack", "overwrite",
+                     "calibrate"}  # they leave the training trajectory as it was (calibrate acts after training)
 
 
 def save_checkpoint(model, folder, model_dir, options):

@@ -136,3 +136,20 @@ def test_multi_label_report_by_frequency_and_calibration_in_every_evaluation(tin
 def test_mlm_refuses_calibration(tmp_path):
     with pytest.raises(SystemExit, match="--calibrate 'temperature' must be off with --task mlm"):
         train.main(["--task", "mlm", "--calibrate", "temperature", "--out-dir", str(tmp_path / "o")])
+
+
+def test_a_finished_run_is_calibrated_later_by_resume_as_if_trained_with_it(tiny, tmp_path):
+    calibrated, later = tmp_path / "calibrated", tmp_path / "later"
+    tiny_job(tiny, "multi", calibrated, "--calibrate", "temperature")
+    tiny_job(tiny, "multi", later)
+    assert "calibration_temperature" not in json.load(open(later / "config.json"))
+    steps = len(open(later / "metrics.jsonl").readlines())
+    tiny_job(tiny, "multi", later, "--calibrate", "temperature", "--resume")
+    assert len(open(later / "metrics.jsonl").readlines()) == steps  # nothing trained again
+    configs = [json.load(open(folder / "config.json")) for folder in (calibrated, later)]
+    assert configs[0]["calibration_temperature"] == configs[1]["calibration_temperature"]
+    assert configs[0]["thresholds"] == configs[1]["thresholds"]
+    saved = [json.load(open(folder / "test_metrics.json")) for folder in (calibrated, later)]
+    assert saved[0] == saved[1] and saved[1]["ece"] != saved[1]["ece_uncalibrated"]
+    with pytest.raises(SystemExit, match="other options"):  # what shapes training still may not change
+        tiny_job(tiny, "multi", later, "--calibrate", "temperature", "--resume", "--lr", "1e-3")
