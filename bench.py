@@ -41,8 +41,8 @@ import torch
 
 import model as M
 from data import batch_indices, make_batch, pad_batch, read_table, to_device
-from model import EncoderClassifier, flops_per_token
-from side.hf import config_from_hf
+from model import EncoderClassifier
+from side.hf import ModernBertConfig, config_from_hf
 from side.packing import use_packing
 
 NUM_LABELS = 24
@@ -120,6 +120,22 @@ def allocated(device):
 def peak_above(device, before):
     """The most allocated since allocated() was called, above what was there then; nan off CUDA."""
     return torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else float("nan")
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs (forward + backward) per real token of a classifier: 6 per weight plus attention scores. The
+    reference's, every token through every layer, for both implementations (ours computes the last layer for
+    [CLS] alone under cls pooling: model.first_token)."""
+    c = model.config
+    lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
+    matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and n not in lookups)
+    # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
+    # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
+    keys = c.num_hidden_layers * seq_len
+    if isinstance(c, ModernBertConfig):
+        local, w = sum(layer.local for layer in model.encoder.layers), c.local_attention // 2
+        keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
+    return 6 * matrix_params + 12 * c.hidden_size * keys
 
 
 def useful_flops(model, lengths, train):

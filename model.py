@@ -9,6 +9,7 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
 pool_tokens (cls, mean, max, label_attention); per_document: a long document's windows (doc_index) -> one row
+first_token / at_first   cls pooling of padded texts: the last layer computes only each text's [CLS] row
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -153,7 +154,8 @@ class SelfAttention(nn.Module):
         self.heads, self.dropout, self.window = heads, dropout, window
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
 
-    def forward(self, x, layout, rope=None):
+    def forward(self, x, layout, rope=None, first=None):
+        """first (padded only): [B] one query per text, at that position (see first_token), instead of all."""
         *lead, hidden = x.shape
         if len(lead) == 1:  # packed: one long "batch" of N tokens
             x = x[None]
@@ -162,9 +164,25 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, T, 3, self.heads, hidden // self.heads).unbind(2))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
+        if first is not None:  # one query per text; the key mask [B, 1, 1, T] has one row already, a window's not
+            q, local = at_first(q, first, 2), layout.local_mask
+            layout = AttentionLayout(layout.mask, None if local is None else at_first(local, first, 2))
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, layout, self.window, dropout)
-        return y.transpose(1, 2).reshape(*lead, hidden)
+        return y.transpose(1, 2).reshape(*lead[:-1], y.shape[2], hidden)
+
+
+def first_token(attention_mask):
+    """[B]: each text's first real token, its [CLS] (0 when right padded). cls pooling reads only its row of the
+    last layer, so that layer computes its queries, attention output and feed-forward for that token alone."""
+    return attention_mask.long().argmax(dim=1)
+
+
+def at_first(t, first, dim):
+    """t [B or 1, ...] at position first[b] along dim, for each text b; dim kept, of size 1."""
+    t = t.expand(len(first), *t.shape[1:])
+    shape = [*t.shape[:dim], 1, *t.shape[dim + 1:]]
+    return t.gather(dim, first.view(-1, *[1] * (t.dim() - 1)).expand(shape))
 
 
 def rope_cos_sin(position_ids, head_dim, theta):
@@ -206,8 +224,9 @@ class BertLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_act]
         self.drop = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, x, layout, rope=None):
-        x = self.attn_norm(x + self.drop(self.attn_out(self.attn(x, layout))))
+    def forward(self, x, layout, rope=None, first=None):
+        attended = self.attn_out(self.attn(x, layout, first=first))
+        x = self.attn_norm((x if first is None else at_first(x, first, 1)) + self.drop(attended))
         return self.mlp_norm(x + self.drop(self.down(self.act(self.up(x)))))
 
 
@@ -223,13 +242,13 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None, first=None):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
         x = self.drop(self.embed_norm(x))
-        for layer in self.layers:
-            x = run_layer(layer, self.grad_checkpointing, x, layout)
+        for layer in self.layers:  # first: the last layer's queries (first_token), else every token's
+            x = run_layer(layer, self.grad_checkpointing, x, layout, None, first if layer is self.layers[-1] else None)
         return x
 
 
@@ -281,8 +300,9 @@ class ModernBertLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_activation]
         self.mlp_drop = nn.Dropout(c.mlp_dropout)
 
-    def forward(self, x, layout, rope):
-        x = x + self.attn_drop(self.attn_out(self.attn(self.attn_norm(x), layout, rope)))
+    def forward(self, x, layout, rope, first=None):
+        attended = self.attn_out(self.attn(self.attn_norm(x), layout, rope, first))
+        x = (x if first is None else at_first(x, first, 1)) + self.attn_drop(attended)
         h, gate = self.wi(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.wo(self.mlp_drop(self.act(h) * gate))
 
@@ -298,14 +318,15 @@ class ModernBertEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None, first=None):
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
         rope_global = rope_cos_sin(position_ids, head_dim, c.global_rope_theta)
         rope_local = rope_cos_sin(position_ids, head_dim, c.local_rope_theta)
         x = self.drop(self.embed_norm(self.word(input_ids)))
         for layer in self.layers:
-            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global)
+            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global,
+                          first if layer is self.layers[-1] else None)
         return self.final_norm(x)
 
 
@@ -425,8 +446,7 @@ def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqle
         attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     mask = attention_mask.bool()
     if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
-        first = mask.long().argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(mask)]
     if pooling == "mean":
         m = mask.to(hidden.dtype)[..., None]
         return (hidden * m).sum(dim=1) / m.sum(dim=1)
@@ -499,8 +519,9 @@ class EncoderModel(nn.Module):
     FRESH_NOTE = ""
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               cu_seqlens=None, max_seqlen=None):
-        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
+               cu_seqlens=None, max_seqlen=None, first_only=False):
+        """Last hidden states: [B, T, H] padded, or [N, H] packed. first_only (padded): [B, 1, H], each text's
+        first real token's (first_token)."""
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
@@ -517,7 +538,8 @@ class EncoderModel(nn.Module):
         if longest is not None and longest > c.max_position_embeddings:
             raise ValueError(f"sequence of {longest} tokens is longer than the model's "
                              f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
-        return self.encoder(input_ids, layout, position_ids, token_type_ids)
+        first = first_token(attention_mask) if first_only else None
+        return self.encoder(input_ids, layout, position_ids, token_type_ids, first)
 
     def modernbert_init_std(self, module):
         """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
@@ -593,21 +615,18 @@ class EncoderClassifier(EncoderModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None, num_docs=None):
-        """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded).
-        Packed: input_ids [N] with cu_seqlens [B+1] (position_ids restart at 0 per sequence).
-        doc_index [B] int64, sorted: the sequences are windows and this is each one's document; the logits
-        (and labels) are then one row per document, aggregated by per_document. num_docs: how many documents
-        (make_batch gives it; else len(labels), else doc_index[-1] + 1, which waits for the device).
-        Returns (logits [B or documents, num_labels], loss or None)."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
-        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen)
+        """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded). Packed: input_ids [N] with
+        cu_seqlens [B+1] (position_ids restart at 0 per sequence). doc_index [B] int64, sorted: the sequences are
+        windows and this is each one's document; the logits (and labels) are then one row per document, aggregated
+        by per_document. num_docs: how many documents (make_batch gives it; else len(labels), else
+        doc_index[-1] + 1, which waits for the device). Returns (logits [B or documents, num_labels], loss or None)."""
+        pooled = self.pool(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         if doc_index is None:
             logits = self.head(pooled)
+        elif self.aggregation is None:
+            raise ValueError("doc_index needs a windows_* strategy in config.long_document")
         else:
-            if self.aggregation is None:
-                raise ValueError("doc_index needs a windows_* strategy in config.long_document")
-            if num_docs is None and labels is not None:
-                num_docs = len(labels)
+            num_docs = len(labels) if num_docs is None and labels is not None else num_docs
             window_attention = getattr(self, "window_attention", None)
             logits = per_document(pooled, doc_index, num_docs, self.aggregation, window_attention, self.head)
         return logits, (None if labels is None else self.loss(logits, labels))
@@ -618,15 +637,18 @@ class EncoderClassifier(EncoderModel):
         ([B, L, H] with label_attention); pooling replaces the model's (a bare encoder: "mean"). A long document's
         windows make one vector, as the head reads them: their attention-weighted sum (windows_attention), else
         their mean (windows_mean) or max (windows_max)."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
-        pooled = self.pool(hidden, attention_mask, cu_seqlens, max_seqlen, pooling)
+        pooled = self.pool(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen, pooling)
         if doc_index is None:
             return pooled
         return per_document(pooled, doc_index, num_docs, self.aggregation, getattr(self, "window_attention", None))
 
-    def pool(self, hidden, attention_mask=None, cu_seqlens=None, max_seqlen=None, pooling=None):
-        """Token vectors -> [B, H] per text, or [B, L, H] per label (label_attention). pooling: None = the model's."""
-        return pool_tokens(hidden, pooling or self.pooling, attention_mask, cu_seqlens, max_seqlen,
+    def pool(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen, pooling=None):
+        """encode, then pool_tokens: [B, H] per text, or [B, L, H] per label. pooling: None = the model's."""
+        pooling = pooling or self.pooling
+        if pooling == "cls" and cu_seqlens is None:
+            return self.encode(input_ids, attention_mask, token_type_ids, position_ids, first_only=True)[:, 0]
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        return pool_tokens(hidden, pooling, attention_mask, cu_seqlens, max_seqlen,
                            getattr(self, "label_attention", None))
 
     def loss(self, logits, labels):
@@ -648,20 +670,6 @@ class EncoderClassifier(EncoderModel):
         num_layers: keep only that many of the encoder's layers (keep_layers); None = all."""
         config = read_config(model_dir, num_labels, id2label, problem_type, overrides)
         return cls.load(model_dir, config, dtype, device, verbose, num_layers)
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs (forward + backward) per real token of a classifier: 6 per weight plus attention scores."""
-    c = model.config
-    lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
-    matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and n not in lookups)
-    # QK^T and AV, forward + backward, over the keys each query sees on average (a local layer: those
-    # in its window; the (n - w - 1)(n - w) pairs further apart than w are not computed)
-    keys = c.num_hidden_layers * seq_len
-    if isinstance(c, ModernBertConfig):
-        local, w = sum(layer.local for layer in model.encoder.layers), c.local_attention // 2
-        keys -= local * max(0, seq_len - w - 1) * (seq_len - w) / seq_len
-    return 6 * matrix_params + 12 * c.hidden_size * keys
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bench
-from model import EncoderClassifier, flops_per_token
+from model import EncoderClassifier
 from side.hf import config_from_hf
 
 
@@ -100,7 +100,7 @@ def test_flops_count_bert_base_by_hand():
     h, layers, inner, labels = 768, 12, 3072, bench.NUM_LABELS
     per_layer = 4 * h * h + 2 * h * inner  # q, k, v, output; two MLP matrices
     matrices = layers * per_layer + h * h + h * labels  # + pooler + classifier
-    assert flops_per_token(model, 300) == 6 * matrices + 12 * layers * h * 300
+    assert bench.flops_per_token(model, 300) == 6 * matrices + 12 * layers * h * 300
 
 
 def test_flops_modernbert_local_layers_see_only_their_window():
@@ -109,12 +109,12 @@ def test_flops_modernbert_local_layers_see_only_their_window():
     c = model.config
     local = sum(t == "sliding_attention" for t in c.layer_types)
     assert local == 14  # 22 layers, every third global
-    base = flops_per_token(model, 1) - 12 * c.hidden_size * 22  # the weights' share: one key per layer
+    base = bench.flops_per_token(model, 1) - 12 * c.hidden_size * 22  # the weights' share: one key per layer
     for n in (50, 65, 66, 100, 200, 300, 4096):
         pos = torch.arange(n)
         window_keys = ((pos[:, None] - pos[None, :]).abs() <= c.local_attention // 2).sum().item() / n
         expected = base + 12 * c.hidden_size * ((22 - local) * n + local * window_keys)
-        assert flops_per_token(model, n) == pytest.approx(expected, rel=1e-12), n
+        assert bench.flops_per_token(model, n) == pytest.approx(expected, rel=1e-12), n
 
 
 def test_ort_comparison_runs_the_same_batches_and_agrees_in_fp32(tmp_path):

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import train
 from data import TextEncoder, make_batch, split_windows
-from model import EncoderClassifier
+from model import EncoderClassifier, pool_tokens
 from side.hf import BertConfig, ModernBertConfig
 from predict import Predictor
 
@@ -107,7 +107,8 @@ def test_real_tokenizer_special_tokens_and_tail_match_transformers():
 def by_hand(model, windows):
     """One document's logits from its windows run one at a time (no padding, no batching)."""
     with torch.no_grad():
-        pooled = torch.cat([model.pool(model.encode(torch.tensor([w])), None, None) for w in windows])
+        pooled = torch.cat([pool_tokens(model.encode(torch.tensor([w])), model.pooling,
+                                        label_attention=getattr(model, "label_attention", None)) for w in windows])
         if model.aggregation == "attention":
             weights = torch.softmax(model.window_attention(pooled).squeeze(-1), dim=0)
             return model.head((weights[:, None] * pooled).sum(dim=0, keepdim=True))[0]
