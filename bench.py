@@ -475,15 +475,27 @@ def report_predict(results, model_dir, device):
 # --- python bench.py --ort FILE: predict.py's model against ONNX Runtime on the same batches
 
 class OrtRunner:
-    """One side of --ort: a callable on prebuilt batches, timed one batch at a time like Runner.timed_step."""
+    """One side of --ort: a callable on prebuilt batches, timed a whole pass over them at a time."""
 
     def __init__(self, name, run, batches):
         self.name, self.run, self.batches = name, run, batches
 
-    def timed_step(self, i):
+    def timed_pass(self):
         t = time.perf_counter()
-        self.run(self.batches[i])
-        return time.perf_counter() - t, float("nan")
+        for batch in self.batches:
+            self.run(batch)
+        return time.perf_counter() - t
+
+
+def time_passes(runners, rounds):
+    """seconds[runner][round]: each round is one pass over the batches per runner, in A B B A order. Not one batch
+    at a time as time_rounds does: ONNX Runtime's threads spin on after each run (its default), taking a core from
+    whichever side runs next, which a service that runs one engine never sees."""
+    seconds = [[] for _ in runners]
+    for r in range(rounds):
+        for j in range(len(runners)) if r % 2 == 0 else reversed(range(len(runners))):
+            seconds[j].append(runners[j].timed_pass())
+    return seconds
 
 
 def onnx_files(model_dir, folder):
@@ -510,7 +522,7 @@ def onnx_files(model_dir, folder):
 def ort_vs_ours(files, model_dir, rounds, threads):
     """Per file and precision: our model (Predictor: fp32, or int8 by torch's dynamic quantization) against an ONNX
     Runtime session of the same folder, on predict.py's batches (length-sorted, at most 64 texts and CPU_BATCH_TOKENS
-    padded tokens), each batch built once for both; A B, B A, ... per batch visit. Returns rows for report_ort."""
+    padded tokens), each batch built once for both; whole passes in A B B A order. Returns rows for report_ort."""
     import onnxruntime as ort
     from predict import Predictor
     from side.infer import CPU_BATCH_TOKENS
@@ -543,9 +555,8 @@ def ort_file(path, ours, session, rounds, precision, max_tokens):
         runners = [OrtRunner(name, lambda batch, p=p: p.model(**batch)[0], batches) for name, p in ours.items()]
         runners.append(OrtRunner("onnxruntime", lambda feed: session.run(None, feed)[0], feeds))
         for runner in runners:  # warm-up: every batch once
-            for i in range(len(groups)):
-                runner.timed_step(i)
-        seconds, _ = time_rounds(runners, len(groups), rounds)
+            runner.timed_pass()
+        seconds = time_passes(runners, rounds)
         reference = [session.run(None, f)[0] for f in feeds]
         gaps = {r.name: max(float(np.abs(r.run(b).numpy() - ref).max()) for b, ref in zip(r.batches, reference))
                 for r in runners[:-1]}
@@ -554,9 +565,9 @@ def ort_file(path, ours, session, rounds, precision, max_tokens):
 
 
 def report_ort(rows, rounds, threads):
-    print(f"\nours against ONNX Runtime, {threads} threads, {rounds} rounds, A B / B A per batch visit; texts/s from "
-          "the total model time; x ORT: ORT's total time over ours (range: per batch visit); max |diff|: logits "
-          "against ORT's")
+    print(f"\nours against ONNX Runtime, {threads} threads, {rounds} rounds (a round: one pass over the file's batches "
+          "each), in A B B A order; texts/s from the total model time; x ORT: ORT's total time over ours (range: per "
+          "round); max |diff|: logits against ORT's")
     print(f"{'file':22s} {'texts':>6s} {'precision':>9s} {'implementation':>15s} {'texts/s':>8s} {'x ORT':>6s} "
           f"{'range':>11s} {'max |diff|':>10s}")
     for name, n, precision, times, gaps in rows:

@@ -18,7 +18,7 @@ from side.packing import use_packing
 CPU_BATCH_TOKENS = 2048
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not no_grad: no version counters or view tracking, a few % on short texts
 def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None, max_tokens=None):
     """Logits [N, num_labels] as float32 numpy, in the order of seqs. Batches are length-sorted
     (little padding); each batch's logits are written back to the rows they came from.
@@ -29,7 +29,7 @@ def predict_logits(model, seqs, pad_id, batch_size=64, amp="auto", packed=None, 
                        (model.config.num_labels,), max_tokens)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_embeddings(model, seqs, pad_id, batch_size=64, amp="auto", packed=None, pooling=None, max_tokens=None):
     """The vector each text's head reads (EncoderClassifier.embed; pooling None = the model's), float32 numpy
     [N, hidden] ([N, labels, hidden] with label_attention), in the order of seqs."""
