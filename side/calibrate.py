@@ -3,7 +3,8 @@ temperature T fit on validation data, so that a probability of 0.9 is right abou
 an over-confident model, T < 1 sharpens an under-confident one; the ranking of classes (and so accuracy and
 ROC-AUC) does not change, while multi-label decisions at a threshold do: train.py tunes thresholds after T.
 
-fit_temperature   one T (single-label), or one per label (multi-label) with a shared one for rare labels
+fit_temperature   one T (single-label), or one per label (multi-label) with a shared one for rare labels and for
+    labels whose validation decisions are separated perfectly
 temperature_of / set_temperature   where a model keeps its T: config.json's calibration_temperature
 save_calibration   T and the thresholds tuned after it, written into a saved folder's config.json
 
@@ -27,7 +28,9 @@ _GOLDEN = (np.sqrt(5) - 1) / 2
 
 def fit_temperature(logits, targets, multi_label, min_positives=MIN_POSITIVES):
     """The temperature minimising the validation negative log-likelihood: a float (single-label), or a list
-    of one per label (multi-label)."""
+    of one per label (multi-label). A label whose fit ends at the edge of BOUNDS takes the shared one: its
+    validation texts are separated perfectly, so sharpening lowers their NLL without end (there is no optimum),
+    and a test error at T = 0.05 would be 20 times as confident."""
     if not multi_label:
         logits, targets = np.asarray(logits, np.float64), np.asarray(targets).astype(np.int64)
         return float(minimise(lambda beta: softmax_nll(logits, targets, beta), 1)[0])
@@ -37,7 +40,8 @@ def fit_temperature(logits, targets, multi_label, min_positives=MIN_POSITIVES):
     own = (positives >= min_positives) & (len(targets) - positives >= min_positives)
     temperature = np.full(logits.shape[1], shared)
     if own.any():
-        temperature[own] = minimise(lambda beta: sigmoid_nll(logits[:, own], targets[:, own], beta), int(own.sum()))
+        fit = minimise(lambda beta: sigmoid_nll(logits[:, own], targets[:, own], beta), int(own.sum()))
+        temperature[own] = np.where((fit > BOUNDS[0] * 1.001) & (fit < BOUNDS[1] * 0.999), fit, shared)
     return [float(t) for t in temperature]
 
 

@@ -67,7 +67,7 @@ def fit_and_save(model, objective, logits, targets, out_dir):
     spread = np.asarray(temperature)
     return (f"calibration: a temperature per label, {spread.min():.4f} to {spread.max():.4f} (median "
             f"{np.median(spread):.4f}); labels with fewer than {calibrate.MIN_POSITIVES} validation texts with or "
-            "without them share one")
+            "without them, or separated perfectly there, share one")
 
 
 def score(model, objective, logits, targets, calibrated):

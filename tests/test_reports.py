@@ -57,6 +57,10 @@ def test_the_fit_is_the_minimum_and_rare_labels_share_one():
     for label, t in enumerate(temperature[:3]):  # each label's own: no temperature nearby does better
         column = lambda t: nll(logits[:, label] / t, targets[:, label], True)
         assert all(column(t) <= column(t * f) for f in (0.99, 1.01, 0.9, 1.1))
+    separated = logits.copy()
+    separated[:, 0] = np.where(targets[:, 0] > 0, 5.0, -5.0)  # label 0 separated perfectly: no finite optimum
+    fit = calibrate.fit_temperature(separated, targets, multi_label=True)
+    assert fit[0] == fit[3] > calibrate.BOUNDS[0] and fit[1] == temperature[1]  # the shared one, as rare label 3
     single, classes = overconfident(2, 500, 5, multi_label=False)
     t = calibrate.fit_temperature(single, classes, multi_label=False)
     assert all(nll(single / t, classes, False) <= nll(single / (t * f), classes, False) for f in (0.99, 1.01))
