@@ -173,13 +173,15 @@ class SelfAttention(nn.Module):
 
 
 def first_token(attention_mask):
-    """[B]: each text's first real token, its [CLS] (0 when right padded). cls pooling reads only its row of the
-    last layer, so that layer computes its queries, attention output and feed-forward for that token alone."""
+    """[B]: each text's first real token, its [CLS] (0 if right padded): with cls pooling the last layer computes
+    its queries, attention output and feed-forward for that token alone, the only row the head reads."""
     return attention_mask.long().argmax(dim=1)
 
 
 def at_first(t, first, dim):
-    """t [B or 1, ...] at position first[b] along dim, for each text b; dim kept, of size 1."""
+    """t [B or 1, ...] at position first[b] along dim, for each text b; dim kept, of size 1. first None: t."""
+    if first is None:
+        return t
     t = t.expand(len(first), *t.shape[1:])
     shape = [*t.shape[:dim], 1, *t.shape[dim + 1:]]
     return t.gather(dim, first.view(-1, *[1] * (t.dim() - 1)).expand(shape))
@@ -226,7 +228,7 @@ class BertLayer(nn.Module):
 
     def forward(self, x, layout, rope=None, first=None):
         attended = self.attn_out(self.attn(x, layout, first=first))
-        x = self.attn_norm((x if first is None else at_first(x, first, 1)) + self.drop(attended))
+        x = self.attn_norm(at_first(x, first, 1) + self.drop(attended))
         return self.mlp_norm(x + self.drop(self.down(self.act(self.up(x)))))
 
 
@@ -302,7 +304,7 @@ class ModernBertLayer(nn.Module):
 
     def forward(self, x, layout, rope, first=None):
         attended = self.attn_out(self.attn(self.attn_norm(x), layout, rope, first))
-        x = (x if first is None else at_first(x, first, 1)) + self.attn_drop(attended)
+        x = at_first(x, first, 1) + self.attn_drop(attended)
         h, gate = self.wi(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.wo(self.mlp_drop(self.act(h) * gate))
 
@@ -520,8 +522,7 @@ class EncoderModel(nn.Module):
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                cu_seqlens=None, max_seqlen=None, first_only=False):
-        """Last hidden states: [B, T, H] padded, or [N, H] packed. first_only (padded): [B, 1, H], each text's
-        first real token's (first_token)."""
+        """Last hidden states: [B, T, H] padded, or [N, H] packed; first_only (padded): [B, 1, H] (first_token)."""
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
@@ -617,9 +618,8 @@ class EncoderClassifier(EncoderModel):
                 position_ids=None, cu_seqlens=None, max_seqlen=None, doc_index=None, num_docs=None):
         """Padded: input_ids [B, T] (+ attention_mask [B, T], right or left padded). Packed: input_ids [N] with
         cu_seqlens [B+1] (position_ids restart at 0 per sequence). doc_index [B] int64, sorted: the sequences are
-        windows and this is each one's document; the logits (and labels) are then one row per document, aggregated
-        by per_document. num_docs: how many documents (make_batch gives it; else len(labels), else
-        doc_index[-1] + 1, which waits for the device). Returns (logits [B or documents, num_labels], loss or None)."""
+        windows and this is each one's document; the logits (and labels) are then one row per document (per_document).
+        num_docs: from make_batch, else len(labels), else doc_index[-1] + 1 (waits). Returns (logits, loss or None)."""
         pooled = self.pool(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         if doc_index is None:
             logits = self.head(pooled)
