@@ -551,7 +551,7 @@ def ort_file(path, ours, session, rounds, precision, max_tokens):
     batches = [make_batch(group, None, pad_id, False, None) for group in groups]  # as predict.py's
     feeds = [{name: tensor.numpy() for name, tensor in make_batch(group, None, pad_id).items()}
              for group in groups]  # padded, as exported
-    with torch.no_grad():
+    with torch.inference_mode():  # as predict.py's batches run (side/infer.py)
         runners = [OrtRunner(name, lambda batch, p=p: p.model(**batch)[0], batches) for name, p in ours.items()]
         runners.append(OrtRunner("onnxruntime", lambda feed: session.run(None, feed)[0], feeds))
         for runner in runners:  # warm-up: every batch once

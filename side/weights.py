@@ -21,7 +21,8 @@ from side.hf import BertConfig, config_from_hf, config_to_hf, keep_layers, stude
 
 
 def hf_names(c, model_keys):
-    """Our state-dict key -> the reference's key(s); several keys are concatenated along dim 0."""
+    """Our state-dict key -> (the reference's key, part): part None, the whole tensor; (i, n), its i-th of n
+    chunks along dim 0 (ModernBERT fuses query, key and value in one Wqkv; we keep three)."""
     if isinstance(c, BertConfig):
         table = {
             "encoder.word.weight": "bert.embeddings.word_embeddings.weight",
@@ -39,7 +40,7 @@ def hf_names(c, model_keys):
         for i in range(c.num_hidden_layers):
             ours, hf = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
             table.update({
-                ours + "attn.qkv.*": [hf + f"attention.self.{p}.*" for p in ("query", "key", "value")],
+                **{ours + f"attn.{p}.*": hf + f"attention.self.{p}.*" for p in ("query", "key", "value")},
                 ours + "attn_out.*": hf + "attention.output.dense.*",
                 ours + "attn_norm.*": hf + "attention.output.LayerNorm.*",
                 ours + "up.*": hf + "intermediate.dense.*",
@@ -58,18 +59,20 @@ def hf_names(c, model_keys):
         }
         for i in range(c.num_hidden_layers):
             ours, hf = f"encoder.layers.{i}.", f"model.layers.{i}."
-            for a, b in [("attn_norm", "attn_norm"), ("attn.qkv", "attn.Wqkv"), ("attn_out", "attn.Wo"),
+            for a, b in [("attn_norm", "attn_norm"), ("attn_out", "attn.Wo"),
                          ("mlp_norm", "mlp_norm"), ("wi", "mlp.Wi"), ("wo", "mlp.Wo")]:
                 table[ours + a + ".*"] = hf + b + ".*"
+            for i, p in enumerate(("query", "key", "value")):
+                table[ours + f"attn.{p}.*"] = (hf + "attn.Wqkv.*", (i, 3))
     table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
     table["label_attention.*"] = "label_attention.*"  # classifier_pooling label_attention only; likewise
     names = {}  # a pattern without "*" names one tensor
     for pattern, hf in table.items():
-        hf = hf if isinstance(hf, list) else [hf]
+        hf, part = hf if isinstance(hf, tuple) else (hf, None)
         for suffix in ("weight", "bias"):
             key = pattern.replace("*", suffix)
             if key in model_keys:
-                names[key] = [h.replace("*", suffix) for h in hf]
+                names[key] = (hf.replace("*", suffix), part)
     return names
 
 
@@ -80,20 +83,22 @@ def load_hf_weights(model, hf_state):
     names = hf_names(model.config, ours)
     state = normalise_keys(hf_state, model.config)
     missing, fresh, wrong_shape = [], [], []
-    for key, sources in names.items():
-        if not all(s in state for s in sources):
+    for key, (source, part) in names.items():
+        if source not in state:
             if not key.startswith("window_attention."):  # a new one keeps its zeros: the windows' mean
-                (fresh if key.startswith(model.NEW_WHEN_MISSING) else missing).append(sources[0])
+                (fresh if key.startswith(model.NEW_WHEN_MISSING) else missing).append(source)
             continue
-        tensor = torch.cat([state[s] for s in sources]) if len(sources) > 1 else state[sources[0]]
+        tensor = state[source] if part is None else state[source].chunk(part[1])[part[0]]
         if tensor.shape != ours[key].shape:
             if key.startswith(("head.classifier.", "label_attention.")):  # another number of labels: a new head
-                fresh.append(sources[0])
+                fresh.append(source)
                 continue
-            wrong_shape.append(f"{sources[0]}: checkpoint {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
+            shape = tuple(state[source].shape)
+            wrong_shape.append(f"{source}: checkpoint {shape}, model {tuple(ours[key].shape)}"
+                               + (f" (part {part[0] + 1} of {part[1]})" if part else ""))
             continue
         ours[key].copy_(tensor)
-    used = {s for sources in names.values() for s in sources}
+    used = {source for source, _ in names.values()}
     unexpected = sorted(k for k in state if k not in used and not ignorable(k, model.LEFT_BEHIND))
     problems = []
     if wrong_shape:
@@ -126,13 +131,12 @@ def ignorable(key, left_behind):
 
 
 def hf_tensors(config, ours):
-    """Our weights (state dict ours) under the reference's names (qkv split back into query/key/value for BERT)."""
-    out = {}
-    for key, sources in hf_names(config, ours).items():
-        parts = ours[key].chunk(len(sources)) if len(sources) > 1 else [ours[key]]
-        for name, part in zip(sources, parts):
-            out[name] = part.contiguous()
-    return out
+    """Our tensors (a state dict, or its gradients) under the reference's names: ModernBERT's query, key and value
+    concatenated back into its Wqkv, in hf_names' order of the parts."""
+    parts = {}
+    for key, (name, _) in hf_names(config, ours).items():
+        parts.setdefault(name, []).append(ours[key])
+    return {name: torch.cat(p) if len(p) > 1 else p[0].contiguous() for name, p in parts.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import train
 from data import IGNORE_INDEX, TextEncoder
 from make_golden import GOLDEN, masked_labels, padded_batch, save_reference, tiny_reference_mlm
 from model import EncoderClassifier, MaskedLM
-from side.weights import hf_names
+from side.weights import hf_tensors
 from test_model import minilm_dir, reference
 from test_robustness import SPECIAL, WORDS, log_rows, write_texts
 from side import options
@@ -54,11 +54,7 @@ def test_mlm_logits_loss_gradients_match_reference(tmp_path, arch, seed, hidden,
     out.loss.backward()
     loss.backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}  # the tied decoder weight is the embeddings'
-    names = hf_names(ours.config, ours.state_dict())
-    our_grads = {}
-    for key, p in ours.named_parameters():
-        if p.requires_grad:
-            our_grads.update(zip(names[key], p.grad.chunk(len(names[key])) if len(names[key]) > 1 else [p.grad]))
+    our_grads = hf_tensors(ours.config, {key: p.grad for key, p in ours.named_parameters() if p.requires_grad})
     assert set(our_grads) == set(ref_grads)
     for name, g in our_grads.items():
         scale = max(ref_grads[name].abs().max().item(), 1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import EncoderClassifier
-from side.weights import hf_names, load_state_dict
+from side.weights import hf_tensors, load_state_dict
 from make_golden import GOLDEN, padded_batch, save_reference, tiny_reference_model
 
 MULTI = "multi_label_classification"
@@ -34,13 +34,8 @@ def random_labels(problem_type, batch, num_labels, seed):
 
 
 def grads_by_reference_name(model):
-    """Our gradients under the reference's parameter names (fused qkv split back)."""
-    names = hf_names(model.config, model.state_dict())
-    out = {}
-    for key, p in model.named_parameters():
-        parts = p.grad.chunk(len(names[key])) if len(names[key]) > 1 else [p.grad]
-        out.update(zip(names[key], parts))
-    return out
+    """Our gradients under the reference's parameter names (ModernBERT's query, key and value fused back)."""
+    return hf_tensors(model.config, {name: p.grad for name, p in model.named_parameters()})
 
 
 CASES = [  # arch, seed, pooling, problem type, hidden, heads (odd sizes; ModernBERT needs even head_dim for RoPE)
