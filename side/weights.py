@@ -62,8 +62,8 @@ def hf_names(c, model_keys):
             for a, b in [("attn_norm", "attn_norm"), ("attn_out", "attn.Wo"),
                          ("mlp_norm", "mlp_norm"), ("wi", "mlp.Wi"), ("wo", "mlp.Wo")]:
                 table[ours + a + ".*"] = hf + b + ".*"
-            for i, p in enumerate(("query", "key", "value")):
-                table[ours + f"attn.{p}.*"] = (hf + "attn.Wqkv.*", (i, 3))
+            for part, p in enumerate(("query", "key", "value")):
+                table[ours + f"attn.{p}.*"] = (hf + "attn.Wqkv.*", (part, 3))
     table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
     table["label_attention.*"] = "label_attention.*"  # classifier_pooling label_attention only; likewise
     names = {}  # a pattern without "*" names one tensor
