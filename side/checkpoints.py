@@ -188,6 +188,11 @@ def load_training_state(out_dir, options, id2label, data):
 def restore_training_state(state, learner, sharded, rank):
     """Put weights, optimizer moments, schedule, grad scale and this rank's random generators back."""
     model, optimizer = learner.model, learner.optimizer
+    saved, now = set(state["model"]), set(model.state_dict())
+    if saved != now:  # written by another model.py, e.g. the fused attn.qkv before query, key and value
+        raise SystemExit(f"--resume: the saved state holds other weights than this model.py's (saved: "
+                         f"{sorted(saved - now)[:3]}, now: {sorted(now - saved)[:3]}); resume with the code that "
+                         "wrote it, or start a new run (--overwrite)")
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],

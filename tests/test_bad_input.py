@@ -117,6 +117,21 @@ def test_04_resume_refuses_changed_data(tiny, tmp_path):
     assert set(state["data"]) == {"train_file", "val_file"}  # the test file may change on resume, as its option may
 
 
+def test_04b_resume_refuses_weights_of_another_model_py(tiny, tmp_path):
+    out = tmp_path / "out"
+    train.main(job(tiny, out, "--eval-every", "1"))
+    path = out / "last" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    for key in [k for k in state["model"] if ".attn.query." in k]:  # the fused layout of earlier versions
+        parts = [state["model"].pop(key.replace(".query.", f".{p}.")) for p in ("query", "key", "value")]
+        state["model"][key.replace(".query.", ".qkv.")] = torch.cat(parts)
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=r"--resume: the saved state holds other weights than this model.py's "
+                                         r"\(saved: \['encoder.layers.0.attn.qkv.bias'.*"
+                                         r"now: \['encoder.layers.0.attn.key.bias'"):
+        train.main(job(tiny, out, "--eval-every", "1", "--resume"))
+
+
 def test_05_zero_epochs(tiny, tmp_path, no_model_load):
     with pytest.raises(SystemExit, match=r"^--epochs 0 must be >= 1$"):
         train.main(job(tiny, tmp_path / "out", "--epochs", "0"))
