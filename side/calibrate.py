@@ -14,9 +14,10 @@ text-generation setting.
 """
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from side import files
 
 KEY = "calibration_temperature"
 # multi-label: a label gets a temperature of its own when the validation data has at least this many texts with
@@ -86,15 +87,11 @@ def set_temperature(config, temperature):
 
 def save_calibration(folder, temperature, thresholds):
     """Write the temperature and the thresholds tuned after it into folder/config.json, replacing it whole
-    (a temp file renamed over it: a kill leaves the old file or the new one)."""
+    (side/files.py: a kill leaves the old file or the new one)."""
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         config = json.load(f)
     config[KEY] = temperature
     if thresholds is not None:
         config["thresholds"] = thresholds
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.chmod(tmp, os.stat(path).st_mode & 0o777)
-    os.replace(tmp, path)
+    files.write_json(path, config, "the calibrated config", sort_keys=True)

@@ -205,13 +205,13 @@ def collisions(outputs, reads):
         elif os.path.isdir(path):
             problems.append(f"{what} {path} is a folder; name a file")
         else:
-            problems += [f"{what} {path} {'is' if same(path, other) else 'lies inside'} the {role} {other}"
+            problems += [f"{what} {path} is the {role} {other}: the run would replace it" if same(path, other) else
+                         f"{what} {path} lies inside the {role} {other}: the run would write into it"
                          for role, other in reads.items() if other and overlaps(path, other)]
-            problems += [f"{what} {path} is also {role} {other}" for role, other in seen.items() if same(path, other)]
+            problems += [f"{what} {path} is also {role}: one file cannot be both" for role, other in seen.items()
+                         if same(path, other)]
             seen[what] = path
-    if not problems:
-        return None
-    return "; ".join(problems) + ": the run would replace what it reads or writes twice; name other files"
+    return "; ".join(problems) + "; name another file" if problems else None
 
 
 def same(a, b):
