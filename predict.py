@@ -63,7 +63,7 @@ from side.output import (NPY_HEADER_BYTES, ChunkWriter, ResumeRefused, fingerpri
 from side.progress import Progress
 from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
 from side.stream import RowStream, TextRows
-from side.weights import check_vocab
+from side.weights import check_vocab, read_json_object
 
 CHUNK_ROWS = 4096  # rows read, scored and written at a time: memory is bounded by a chunk, resume resumes one
 PREDICTION_FIELDS = ("label", "probability", "probabilities", "labels", "evidence")
@@ -195,8 +195,7 @@ def text_encoder(model, model_dir, max_length=None, long_docs=None, window_strid
 def trained_option(model_dir, name):
     """An option of the train.py run that wrote the folder (train_config.json), or None."""
     path = os.path.join(model_dir, "train_config.json")
-    with open(path) if os.path.isfile(path) else io.StringIO("{}") as f:
-        return json.load(f).get(name)
+    return read_json_object(path).get(name) if os.path.isfile(path) else None
 
 
 def given_fields(record, dropped, reserved=PREDICTION_FIELDS):

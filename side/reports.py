@@ -56,6 +56,10 @@ def fit_and_save(model, objective, logits, targets, out_dir):
     Returns the report's line about it."""
     multi = model.config.multi_label
     temperature = calibrate.fit_temperature(logits, targets, multi)
+    if temperature is None:  # the config.json saved stays uncalibrated
+        return (f"calibration: none; the {len(targets)} validation text(s) give the temperature no optimum (the fit "
+                f"ran to the edge of its search, {calibrate.BOUNDS}): the model is saved uncalibrated; calibrate "
+                "with more validation data")
     calibrate.set_temperature(model.config, temperature)
     _, threshold, _ = objective.score(model, logits, targets)  # thresholds tuned on the calibrated probabilities
     model.config.thresholds = threshold_list(threshold, model.config.num_labels)
