@@ -14,10 +14,11 @@ import pytest
 
 import predict
 import side.explain
+import train
 import side.output
 from side import files
 from test_predict_stream import write_notes
-from test_robustness import ROOT, tiny_checkpoint
+from test_robustness import ROOT, tiny_checkpoint, write_texts
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -365,3 +366,44 @@ def test_09_15_17_the_api_checks_its_arguments_as_the_command_line(tiny):
         p.predict(blank)
     assert p.predict([]) == [] and list(p.stream([])) == []
     assert [x["label"] for x in p.stream(texts, chunk_rows=2)] == [x["label"] for x in p.predict(texts)]
+
+
+# ----------------------------------------------------------------------------- train.py: its out-dir
+
+def train_job(tiny, out, *extra, train_file=None):
+    data = tiny.setdefault("data", write_texts(tiny["root"] / "train.csv", 12, 0))
+    return ["--model", tiny["model"], "--train-file", train_file or data, "--val-file", data, "--test-file", "",
+            "--out-dir", str(out), "--max-steps", "1", "--max-length", "16", "--batch-size", "4", *extra]
+
+
+def test_train_refuses_outputs_onto_what_it_reads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.EncoderClassifier, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "out"
+    (out / "last").mkdir(parents=True)
+    config = out / "train_config.json"
+    config.write_text('{"epochs": 1}')
+    data = shutil.copy(write_texts(tmp_path / "t.csv", 12, 0), str(out / "last" / "rows.csv"))
+    before = snapshot(out)
+    with pytest.raises(SystemExit, match=rf"--out-dir {out}'s train_config.json {out}/train_config.json is the "
+                                         rf"--config file {config}: the run would replace it; pass another --out-dir"):
+        train.main(train_job(tiny, out, "--config", str(config), "--overwrite"))
+    with pytest.raises(SystemExit, match=rf"--out-dir {out}'s last {out}/last holds the --train-file {data}"):
+        train.main(train_job(tiny, out, "--overwrite", train_file=data))
+    assert snapshot(out) == before and snapshot(out / "last") == {"rows.csv": open(data, "rb").read()}
+
+
+def test_a_second_train_on_the_same_out_dir_is_refused(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.EncoderClassifier, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from side import options; "
+                               f"h = options.hold_out_dir({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=rf"^--out-dir {out} is in use by a run that has not ended \(pid "
+                                             rf"{holder.pid}: -c\)"):
+            train.main(train_job(tiny, out))
+    finally:
+        holder.kill()
+        holder.wait()
