@@ -571,7 +571,7 @@ def open_sink(args, job, stream, rank, world):
 def main(argv=None):
     args = parse_arguments(argv)
     check_arguments(args)
-    finished = False
+    finished, lock = False, None
     try:
         stream = RowStream(args.input, args.text_column, args.text_pair_column) if args.input else TextRows(args.text)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.int8 else "cpu"))
@@ -595,7 +595,7 @@ def main(argv=None):
                          "(or fix the permission) and run again with --resume") from None
     finally:
         leave_ranks(wait=finished)  # after a failure the other ranks may wait for this one: torchrun stops them
-        files.release(locals().get("lock"))
+        files.release(lock)
     if result is None:  # a rank of torchrun other than 0
         return None
     rejected, where = result

@@ -71,6 +71,7 @@ class ChunkWriter:
     def __init__(self, path, fingerprint, resume=False, head_bytes=0, rejects=None):
         self.path, self.rejects, self.fingerprint = path, rejects, fingerprint
         self.state_path = path + ".resume.json"
+        self.head_bytes = head_bytes  # the .npy header's room: written last, so the digests leave it out
         self.files = [path + ".partial", *([rejects + ".partial"] if rejects else [])]
         self.start_over = f"rm -f {' '.join(shell_word(f) for f in [self.state_path, *self.files])}"
         state = self._trusted_state()
@@ -87,7 +88,6 @@ class ChunkWriter:
         else:
             self.chunks = self.rows = self.rejected = 0
             self.sizes, self.digests = [head_bytes, 0][:len(self.files)], [hashlib.sha256() for _ in self.files]
-            self.digests[0].update(bytes(head_bytes))
         start = (lambda size: size) if state is not None else (lambda size: None)
         self.partials = [files.Appender(name, start=start(size), start_bytes=size)
                          for name, size in zip(self.files, self.sizes)]
@@ -126,12 +126,13 @@ class ChunkWriter:
             return None
         state, problem = read_state(self.state_path)
         state = state or {}
-        if state and len(state["sizes"]) != len(self.files):
+        if state and not len(state["sizes"]) == len(state["sha256"]) == len(self.files):
             problem = f"{self.state_path} records {len(state['sizes'])} files, this run writes {len(self.files)}"
         digests = []
-        for name, size, sha256 in zip(self.files, state.get("sizes", []), state.get("sha256", [])):
+        for name, size, sha256, start in zip(self.files, state.get("sizes", []), state.get("sha256", []),
+                                             (self.head_bytes, 0)):
             problem = problem or partial_problem(name, size)
-            digests.append(None if problem else digest_of(name, size))
+            digests.append(None if problem else digest_of(name, start, size))
             if not problem and digests[-1].hexdigest() != sha256:
                 problem = f"{name}'s first {size} bytes are not those the run wrote (their sha256 differs)"
         if problem:
@@ -153,6 +154,10 @@ def read_state(path):
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
     if missing:
         return None, f"{path} is damaged (no {', '.join(missing)})"
+    counts = lambda values: isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+    if not (counts(state["sizes"]) and counts([state[k] for k in ("chunks", "rows", "rejected")])
+            and isinstance(state["sha256"], list) and isinstance(state["fingerprint"], dict)):
+        return None, f"{path} is damaged (its counts or checksums are not what a run writes)"
     return state, None
 
 
@@ -166,10 +171,12 @@ def partial_problem(name, size):
     return None
 
 
-def digest_of(path, size):
-    """sha256 of the first size bytes of path, ready to take the bytes that follow."""
+def digest_of(path, start, stop):
+    """sha256 of the bytes start..stop of path, ready to take the bytes that follow."""
     digest = hashlib.sha256()
+    size = stop - start
     with open(path, "rb") as f:
+        f.seek(start)
         while size > 0:
             block = f.read(min(size, 1 << 20))
             if not block:

@@ -180,13 +180,13 @@ def test_04_more_shards_than_chunks(tiny, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".resume.json", ".partial", ".lock"))]
 
 
-def interrupted(tiny, tmp_path, monkeypatch, chunks=2):
+def interrupted(tiny, tmp_path, monkeypatch, chunks=2, flag="--output", name="o.csv"):
     """A run of 9 rows in chunks of 2, stopped after `chunks` chunks (its state and partials left), and the
     uninterrupted run's bytes."""
     notes = write_notes(tmp_path / "notes.csv", 9)
     job = ["--model", tiny["model"], "--input", notes, "--chunk-rows", 2]
     (tmp_path / "whole").mkdir()
-    assert run(*job, "--output", tmp_path / "whole" / "o.csv")[0] == 0
+    assert run(*job, flag, tmp_path / "whole" / name)[0] == 0
     commit = side.output.ChunkWriter.commit
 
     def stop_after(self, *args):
@@ -195,9 +195,9 @@ def interrupted(tiny, tmp_path, monkeypatch, chunks=2):
         commit(self, *args)
     monkeypatch.setattr(side.output.ChunkWriter, "commit", stop_after)
     with pytest.raises(KeyboardInterrupt):
-        predict.main([str(a) for a in job] + ["--output", str(tmp_path / "o.csv")])
+        predict.main([str(a) for a in job] + [flag, str(tmp_path / name)])
     monkeypatch.undo()
-    return job + ["--output", tmp_path / "o.csv"], (tmp_path / "whole" / "o.csv").read_bytes()
+    return job + [flag, tmp_path / name], (tmp_path / "whole" / name).read_bytes()
 
 
 def follow(message, job):
@@ -207,8 +207,8 @@ def follow(message, job):
     return run(*[a for a in job if a != "--resume"])[0]
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "not an object", "partial missing", "partial shorter",
-                                    "partial changed", "partial longer"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not an object", "wrong types", "partial missing",
+                                    "partial shorter", "partial changed", "partial longer"])
 def test_06_resume_checks_what_it_resumes(tiny, tmp_path, monkeypatch, damage):
     job, whole = interrupted(tiny, tmp_path, monkeypatch)
     state, partial = tmp_path / "o.csv.resume.json", tmp_path / "o.csv.partial"
@@ -219,6 +219,8 @@ def test_06_resume_checks_what_it_resumes(tiny, tmp_path, monkeypatch, damage):
         state.write_text(text[:len(text) // 2])
     elif damage == "not an object":
         state.write_text("[1, 2]")
+    elif damage == "wrong types":
+        state.write_text(text.replace('"sizes": [', '"sizes": ["x", '))
     elif damage == "partial missing":
         partial.unlink()
     elif damage == "partial shorter":
@@ -238,6 +240,15 @@ def test_06_resume_checks_what_it_resumes(tiny, tmp_path, monkeypatch, damage):
         assert message.startswith(f"cannot continue the interrupted run of {tmp_path}/o.csv: {named}"), message
         assert message.endswith("then run the same command without --resume")
     assert follow(message, job) == 0 and (tmp_path / "o.csv").read_bytes() == whole
+
+
+def test_06_a_kill_after_the_npy_header_was_written_resumes(tiny, tmp_path, monkeypatch):
+    """The header is written into its reserved room last: the checksums leave that room out, so a kill after it
+    still resumes (to the uninterrupted run's bytes)."""
+    job, whole = interrupted(tiny, tmp_path, monkeypatch, flag="--embeddings", name="v.npy")
+    with open(tmp_path / "v.npy.partial", "r+b") as f:
+        f.write(whole[:side.output.NPY_HEADER_BYTES])
+    assert run(*job, "--resume")[0] == 0 and (tmp_path / "v.npy").read_bytes() == whole
 
 
 def test_06_an_intact_state_advises_resume_and_it_works(tiny, tmp_path, monkeypatch):
