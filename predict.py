@@ -137,18 +137,7 @@ class Predictor:
         pair_column); a row's other fields come along in its prediction, so an id column does. Its arguments are
         checked at once, each item as its chunk comes (a bad one is named by its position in the whole input)."""
         check_numbers(chunk_rows=chunk_rows)
-        return self._stream(checked_items(items), chunk_rows, text_column, pair_column)
-
-    def _stream(self, items, chunk_rows, text_column, pair_column):
-        for first in itertools.count(1, chunk_rows):
-            chunk = list(itertools.islice(items, chunk_rows))
-            if not chunk:
-                return
-            rows = [item if isinstance(item, dict) else None for item in chunk]
-            texts = [item.get(text_column) if row is not None else item for item, row in zip(chunk, rows)]
-            pairs = [row.get(pair_column) if row is not None else None for row in rows] if pair_column else None
-            for row, prediction in zip(rows, self.decode(self.score(self.encode(texts, pairs, first)))):
-                yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
+        return streamed(self, checked_items(items), chunk_rows, text_column, pair_column)
 
     def explain(self, texts, top=3, method=None, predictions=None):
         """predict() with each predicted label's "evidence": its top spans of the text (side/explain.py, by the fp32
@@ -161,6 +150,20 @@ class Predictor:
     def decode(self, logits):
         """Labels and probabilities from logits."""
         return decoded(logits, self.names, self.thresholds, self.model.config.multi_label)
+
+
+def streamed(predictor, items, chunk_rows, text_column, pair_column):
+    """Predictor.stream's predictions, a chunk at a time; each chunk's texts are checked with their positions in
+    the whole stream."""
+    for first in itertools.count(1, chunk_rows):
+        chunk = list(itertools.islice(items, chunk_rows))
+        if not chunk:
+            return
+        rows = [item if isinstance(item, dict) else None for item in chunk]
+        texts = [item.get(text_column) if row is not None else item for item, row in zip(chunk, rows)]
+        pairs = [row.get(pair_column) if row is not None else None for row in rows] if pair_column else None
+        for row, prediction in zip(rows, predictor.decode(predictor.score(predictor.encode(texts, pairs, first)))):
+            yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
 
 
 def decoded(logits, names, thresholds, multi_label):

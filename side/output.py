@@ -43,8 +43,9 @@ def output_format(path):
 def planned_outputs(output, flag="--output"):
     """{what: path} of every file a run writing output writes beside it: the collision guard's list."""
     rejects = rejects_path(output)
-    beside = {"rejects file": rejects, "partial file": output + ".partial", "partial rejects file": rejects + ".partial",
-              "resume state": output + ".resume.json", "lock": output + ".lock"}
+    beside = {"rejects file": rejects, "partial file": output + ".partial",
+              "partial rejects file": rejects + ".partial", "resume state": output + ".resume.json",
+              "lock": output + ".lock"}
     return {flag: output, **{f"{flag} {output}'s {what}": path for what, path in beside.items()}}
 
 
