@@ -251,11 +251,22 @@ def test_06_a_kill_after_the_npy_header_was_written_resumes(tiny, tmp_path, monk
     assert run(*job, "--resume")[0] == 0 and (tmp_path / "v.npy").read_bytes() == whole
 
 
-def test_06_an_intact_state_advises_resume_and_it_works(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("advice", ["resume", "start over"])
+def test_06_an_intact_state_advises_two_commands_and_both_work(tiny, tmp_path, monkeypatch, advice):
     job, whole = interrupted(tiny, tmp_path, monkeypatch)
     message = refused(*job)
-    assert "run the same command with --resume to continue it" in message
-    assert run(*job, "--resume")[0] == 0 and (tmp_path / "o.csv").read_bytes() == whole
+    assert "run the same command with --resume to continue it, or `rm -f " in message
+    code = run(*job, "--resume")[0] if advice == "resume" else follow(message, job)
+    assert code == 0 and (tmp_path / "o.csv").read_bytes() == whole
+
+
+def test_06_a_resume_with_other_options_advises_a_command_that_works(tiny, tmp_path, monkeypatch):
+    job, whole = interrupted(tiny, tmp_path, monkeypatch)
+    command = [*job, "--resume", "--batch-size", "3"]
+    message = refused(*command)
+    assert message.startswith(f"cannot --resume {tmp_path}/o.csv: --batch-size (64 then, 3 now) changed")
+    assert follow(message, command) == 0 and len((tmp_path / "o.csv").read_text().splitlines()) == len(
+        whole.decode().splitlines())
 
 
 def test_07_a_config_that_is_not_an_object_is_named(tiny, tmp_path):
