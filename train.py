@@ -535,7 +535,7 @@ def train(cfg):
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
     with failures.writing(cfg.out_dir, "the report to"):
         report = objective.report(device, progress.best)
-    files.release(lock)  # a run that fails leaves its lock file behind, held by no one: the next run takes it
+    files.release(lock)  # (a run that fails lets go of it in main)
     return report
 
 
@@ -566,6 +566,7 @@ def main(argv=None):
         raise SystemExit(failures.interrupted(cfg.out_dir)) from None
     finally:
         leave_group()  # a run that ended early: leave the process group cleanly
+        files.release_all()  # and its lock on the out-dir
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ write_bytes / write_text / write_json   whole files through replacing
 replacing_files(folder) -> temp folder   several files (a checkpoint) written together, each renamed into folder
 Appender(path)   a file that grows by whole records (a .partial output, metrics.jsonl); move / remove / fsync
 collisions(outputs, reads)   what a run would write onto something it reads, or onto another of its outputs
-hold(path, what)   a lock (flock) a running run holds on its output: a second run on it is refused by name
+hold(path, what) / release / release_all   a lock (flock) a running run holds on its output: a second run on it is refused by
+    name
 """
 import contextlib
 import fcntl
@@ -261,12 +262,23 @@ def hold(path, what, create=True):
     handle.truncate()
     handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}"[:500])
     handle.flush()
+    HELD.append(handle)
     return handle
 
 
+HELD = []  # the locks this process holds: a run that ends by an exception lets go of them in release_all()
+
+
 def release(handle):
-    """Remove the lock file and let go (while still held: a run waiting on the old file sees it gone)."""
-    if handle is not None and not handle.closed:
+    """Remove the lock file and let go (while still held: a run waiting on the old file sees it gone); None: no
+    lock was taken."""
+    if handle in HELD:
+        HELD.remove(handle)
         with contextlib.suppress(OSError):
             os.unlink(handle.name)
         handle.close()
+
+
+def release_all():
+    for handle in list(HELD):
+        release(handle)

@@ -427,5 +427,8 @@ def test_a_second_train_on_the_same_out_dir_is_refused(tiny, tmp_path, monkeypat
                                              rf"{holder.pid}: -c\)"):
             train.main(train_job(tiny, out))
     finally:
-        holder.kill()
+        holder.kill()  # kill -9: its lock goes with it
         holder.wait()
+    monkeypatch.undo()
+    train.main(train_job(tiny, out))
+    assert (out / "model.safetensors").exists() and not (out / ".lock").exists()
