@@ -486,7 +486,7 @@ def train(cfg):
     # a run on the folder now is named before anything else (the lock is taken at the latest before the first write)
     lock = options.hold_out_dir(cfg.out_dir, create=False) if rank == 0 else None
     reads = {"--train-file": cfg.train_file, "--val-file": cfg.val_file, "--test-file": cfg.test_file,
-             "--config file": cfg.config, "--teacher folder": cfg.teacher}
+             "--config file": cfg.config}
     old_run = options.check_out_dir(cfg.out_dir, model_dir, cfg.overwrite, cfg.resume, rank == 0, reads)
     encoder = text_encoder(cfg, model_dir, hf)
     objective = Objective(cfg, model_dir, hf, encoder)
