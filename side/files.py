@@ -64,11 +64,13 @@ def replacing(path, what="", suffix=""):
     (a full disk, Ctrl-C) the temp is removed and path left as it was. suffix: a tool that picks its format
     from the name (Chromium's .png)."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    # one temp name per file: a kill leaves at most one leftover beside it, which the next write replaces
+    tmp = os.path.join(folder, TEMP_PREFIX + os.path.basename(path) + suffix)
     try:
         with writing(path, what):
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
-            os.close(fd)
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmp
             fsync(tmp)
             os.chmod(tmp, mode_for(path))  # mkstemp makes it 0600: the new file gets the old one's or the umask's

@@ -33,6 +33,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         with files.replacing(str(path)) as tmp:
             raise KeyboardInterrupt
     assert os.listdir(tmp_path) == ["table.md"]
+    (tmp_path / ".tmp-table.md").write_text("what a kill -9 mid-write left")
     files.write_json(str(path), {"a": 1})
     assert path.read_text() == '{\n  "a": 1\n}\n' and os.listdir(tmp_path) == ["table.md"]
 
