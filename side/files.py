@@ -73,13 +73,14 @@ def replacing(path, what="", suffix=""):
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmp
             fsync(tmp)
-            os.chmod(tmp, mode_for(path))  # mkstemp makes it 0600: the new file gets the old one's or the umask's
+            os.chmod(tmp, mode_for(path))  # private while partial; whole, the old file's mode or the umask's
             os.replace(tmp, path)
             tmp = None
             fsync(folder)
     finally:
         if tmp is not None and os.path.lexists(tmp):
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):  # the error that brought us here is the one to report
+                os.unlink(tmp)
 
 
 def write_bytes(path, data, what=""):
