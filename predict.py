@@ -22,10 +22,12 @@ side/inputs.py checks the options and the API's arguments by one set of rules, s
 Output: each input row's columns except the text (and pair; --keep-text writes them too), then label and
 probability (multi-label: labels and probabilities, `;`-joined in CSV), in input order. An input column named like
 a prediction column is written as input_<name>. --text texts are written with their text. Nothing is written in
-place: PATH.partial grows chunk by chunk and becomes PATH at the end; PATH.resume.json lets --resume go on after
-the last complete chunk, byte for byte as an uninterrupted run. A row without text, a line that does not parse
-or is not UTF-8 goes to PATH's rejects file (predictions.rejects.jsonl: row, line, id columns, reason) and the
-run goes on; then the exit status is 3. Progress goes to stderr. Docs: docs/predict.md.
+place: PATH.partial grows chunk by chunk and becomes PATH at the end; PATH.resume.json (sizes and sha256 of what
+was written) lets --resume go on after the last complete chunk, byte for byte as an uninterrupted run. Before any
+work the run refuses to write onto a file it reads or twice onto one (side/files.py), and holds PATH.lock while
+it runs. A row without text, a line that does not parse or is not UTF-8 (a blank line of a .txt file) goes to
+PATH's rejects file (predictions.rejects.jsonl: row, line, id columns, reason) and the run goes on; then the exit
+status is 3. Progress goes to stderr. Docs: docs/predict.md.
 
 From Python:
     from predict import Predictor
