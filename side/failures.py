@@ -2,7 +2,8 @@
 memory. Each ends the job with one message: what happened, where the last checkpoint is and how to continue.
 
 writing(path, what)   a failed write under it becomes WriteFailed naming the path (train.py's main says the rest)
-write_failed / interrupted   the closing messages; how_to_continue: --resume from out_dir/last, or start again
+write_failed / interrupted   the closing messages (interrupted: the advice after side/signals.py's Ctrl-C or SIGTERM);
+    how_to_continue: --resume from out_dir/last, or start again
 oom_message   the same global batch in smaller pieces
 """
 import contextlib
@@ -33,6 +34,8 @@ def writing(path, what):
     except OSError as e:
         raise WriteFailed(what, path, os_reason(e)) from None
     except RuntimeError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: the signal, not its writer's
+            raise e.__context__ from None                  # complaint about stream positions, ends the run
         if not isinstance(e.__context__, OSError):
             raise
         raise WriteFailed(what, path, os_reason(e.__context__)) from None
@@ -54,7 +57,8 @@ def write_failed(error, out_dir):
 
 
 def interrupted(out_dir):
-    return f"interrupted (Ctrl-C). Run {how_to_continue(out_dir)}"
+    """The advice after Ctrl-C or SIGTERM (side/signals.py says which came first)."""
+    return f"Run {how_to_continue(out_dir)}"
 
 
 def how_to_continue(out_dir):
