@@ -1,51 +1,18 @@
 """When a run cannot go on: a write that failed (disk full, permission denied, a folder removed), Ctrl-C, or out of
 memory. Each ends the job with one message: what happened, where the last checkpoint is and how to continue.
 
-writing(path, what)   a failed write under it becomes WriteFailed naming the path (train.py's main says the rest)
-write_failed / interrupted   the closing messages (interrupted: the advice after side/signals.py's Ctrl-C or SIGTERM);
-    how_to_continue: --resume from out_dir/last, or start again
+writing(path, what)   a failed write under it becomes WriteFailed naming the path (side/files.py; train.py's main
+    says the rest)
+write_failed / interrupted   the closing messages (interrupted: after side/signals.py's); how_to_continue: --resume from out_dir/last, or start again
 oom_message   the same global batch in smaller pieces
 """
-import contextlib
 import math
 import os
-import re
 
 import torch
-from safetensors import SafetensorError
 
 from side.distributed import rank_and_world
-
-
-class WriteFailed(Exception):
-    """A file of the run could not be written: what it is, its path and the system's reason."""
-
-    def __init__(self, what, path, reason):
-        super().__init__(f"cannot write {what} {path}: {reason}")
-        self.what, self.path, self.reason = what, path, reason
-
-
-@contextlib.contextmanager
-def writing(path, what):
-    """Turn a write that fails under it into WriteFailed(what, path, reason). torch.save reports a failed write as
-    a RuntimeError about stream positions, with the OSError as its context; safetensors as its own error."""
-    try:
-        yield
-    except OSError as e:
-        raise WriteFailed(what, path, os_reason(e)) from None
-    except RuntimeError as e:
-        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: the signal, not its writer's
-            raise e.__context__ from None                  # complaint about stream positions, ends the run
-        if not isinstance(e.__context__, OSError):
-            raise
-        raise WriteFailed(what, path, os_reason(e.__context__)) from None
-    except SafetensorError as e:
-        code = re.search(r"os error (\d+)", str(e))
-        raise WriteFailed(what, path, os.strerror(int(code.group(1))) if code else str(e)) from None
-
-
-def os_reason(error):
-    return error.strerror or str(error)
+from side.files import WriteFailed, writing  # noqa: F401 (the run's write errors, defined with the writer)
 
 
 ONCE_FIXED = {"No space left on device": "Once there is space", "Permission denied": "Once the folder is writable"}
