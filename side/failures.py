@@ -3,7 +3,8 @@ memory. Each ends the job with one message: what happened, where the last checkp
 
 writing(path, what)   a failed write under it becomes WriteFailed naming the path (side/files.py; train.py's main
     says the rest)
-write_failed / interrupted   the closing messages (interrupted: after side/signals.py's); how_to_continue: --resume from out_dir/last, or start again
+write_failed / interrupted   the closing messages (interrupted: the advice after side/signals.py's words);
+    how_to_continue: --resume from out_dir/last, or start again
 oom_message   the same global batch in smaller pieces
 """
 import math
