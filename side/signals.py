@@ -4,7 +4,7 @@ end a run with one message and a state to go on from, never a traceback; so does
 so a signal while torch loads is handled too.
 
 quiet_start(__name__)   at the top of an entry point run as a script: a signal before main() runs is one line
-stopping()   main()'s block (a decorator too): a signal raises Stopped where the run is, once; a later one (a second
+stopping(advice)   main()'s block (a decorator too): a signal raises Stopped where the run is, once; a later one (a second
     Ctrl-C during the clean-up) is ignored. A Stopped or BrokenPipeError main() did not turn into its own message
     ends here; the handlers from before come back at the end
 held()   a block a signal does not cut: a file being written is finished, then Stopped is raised
@@ -78,13 +78,14 @@ def quiet_start(name):
 
 
 @contextlib.contextmanager
-def stopping():
+def stopping(advice="Run the same command again"):
+    """advice: what to run after a stop that main() did not turn into its own message."""
     _state.acted_on, _state.depth, _state.pending = None, 0, None
     before = _install(_on_signal)
     try:
         yield
     except KeyboardInterrupt as e:  # before main() knew what to advise (reading the options), or not caught
-        raise stopped(e, "Nothing was written yet: run the same command again") from None
+        raise stopped(e, advice) from None
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)  # or Python's flush of stdout at exit fails again, loudly
         os.dup2(devnull, sys.stdout.fileno())
