@@ -11,6 +11,7 @@ the same command with --resume) and checks the outputs against an uninterrupted 
 
 advised_argv(argv, message)   the command a closing message advises
 Faults   the instrumented calls of one child; run(entry, argv, root, point, fault) -> Outcome
+in_parallel(jobs, workers)   job() of each in forked processes, `workers` at a time: their results (JSON values)
 """
 import builtins
 import errno
@@ -223,3 +224,32 @@ def files_of(folder):
             with open(path, "rb") as f:
                 found[os.path.relpath(path, folder)] = f.read()
     return found
+
+
+def in_parallel(jobs, workers):
+    """[job() for job in jobs], each in a process forked from this one, `workers` at a time; job(slot) gets its
+    worker's number (0 .. workers - 1: a folder of its own) and returns a JSON value."""
+    results, running, free = [None] * len(jobs), {}, list(range(workers))
+    todo = list(enumerate(jobs))
+    while todo or running:
+        while todo and free:
+            index, job = todo.pop(0)
+            slot = free.pop(0)
+            out = tempfile.TemporaryFile()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    value = job(slot)
+                except BaseException:
+                    value = f"the check itself failed:\n{traceback.format_exc()}"
+                os.write(out.fileno(), json.dumps(value).encode())
+                os._exit(0)
+            running[pid] = (index, slot, out)
+        pid, _ = os.wait()
+        index, slot, out = running.pop(pid)
+        out.seek(0)
+        text = out.read().decode()
+        out.close()
+        results[index] = json.loads(text) if text else "the check's process died"
+        free.append(slot)
+    return results
