@@ -4,8 +4,9 @@ to files of millions of notes: the file is read, tokenized, scored and written i
 
 The file, in order: Predictor (the model and its tokenizer; predict, stream); Job and label_chunk (one chunk of
 rows -> its output bytes, rejects, or logits to score); the sinks (a file through side/output.py's ChunkWriter,
-stdout, metrics); run (chunks over the ranks of torchrun or one --shard, side/shards.py); main and its checks.
-Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line, side/infer.py batches.
+stdout, metrics); run (chunks over the ranks of torchrun or one --shard, side/shards.py); main and its arguments.
+Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line, side/infer.py batches,
+side/inputs.py checks the options and the API's arguments by one set of rules, side/files.py writes every file.
 
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.csv    # one row per note, id columns kept
@@ -52,20 +53,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, is_blank_text, row_labels
+from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, row_labels
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
-from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem, option_problems
-from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, predict_embeddings,
-                        predict_logits)
-from side.output import (NPY_HEADER_BYTES, ChunkWriter, OutputError, ResumeRefused, fingerprint_of_file, npy_header,
-                         rejects_path)
-from side import signals
+from side import files, signals
+from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem
+from side.infer import CPU_BATCH_TOKENS, int8_agreement, int8_copy, predict_embeddings, predict_logits
+from side.inputs import check_arguments, check_numbers, checked_items, checked_texts
+from side.output import (NPY_HEADER_BYTES, ChunkWriter, ResumeRefused, fingerprint_of_file, npy_header,
+                         output_format, rejects_path)
 from side.progress import Progress, report_speed
 from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
-from side.shards import torchrun_world
 from side.stream import RowStream, TextRows
-from side.weights import check_vocab
+from side.weights import check_vocab, read_json_object
 
 CHUNK_ROWS = 4096  # rows read, scored and written at a time: memory is bounded by a chunk, resume resumes one
 PREDICTION_FIELDS = ("label", "probability", "probabilities", "labels", "evidence")
@@ -81,6 +81,8 @@ class Predictor:
 
     def __init__(self, model_dir, device=None, max_length=None, batch_size=64, amp="auto",
                  long_docs=None, window_stride=None, int8=False, batch_tokens=None):
+        check_numbers(batch_size=batch_size, max_length=max_length, window_stride=window_stride,
+                      batch_tokens=batch_tokens)  # the command line's rules (side/inputs.py)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu"))
         if int8 and self.device.type != "cpu":
             raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
@@ -97,9 +99,10 @@ class Predictor:
         self.batch_size, self.batch_tokens, self.amp = batch_size, batch_tokens, amp
         self.pair_column = trained_option(model_dir, "text_pair_column")
 
-    def encode(self, texts, pairs=None):
-        """Token ids of texts (checked_texts), with a warning when a model trained on pairs gets none."""
-        texts, pairs = checked_texts(texts, pairs)
+    def encode(self, texts, pairs=None, first=1):
+        """Token ids of texts (checked_texts; first: texts[0]'s position in the whole input), with a warning when a
+        model trained on pairs gets none."""
+        texts, pairs = checked_texts(texts, pairs, first)
         if pairs is None and self.pair_column:
             print(f"warning: {self.model_dir} was trained on sentence pairs (--text-pair-column {self.pair_column}); "
                   "these texts come without their second text: pass --text-pair-column (Predictor: pairs=)",
@@ -133,18 +136,26 @@ class Predictor:
     def stream(self, items, chunk_rows=CHUNK_ROWS, text_column="text", pair_column=None):
         """Predictions for any iterable (a list, a file, a database cursor), in order, chunk_rows at a time: memory
         stays that of a chunk. An item is a text, or a row (a dict) whose text is in text_column (and its pair in
-        pair_column); a row's other fields come along in its prediction, so an id column does."""
-        items = iter(items)
-        for chunk in iter(lambda: list(itertools.islice(items, chunk_rows)), []):
+        pair_column); a row's other fields come along in its prediction, so an id column does. Its arguments are
+        checked at once, each item as its chunk comes (a bad one is named by its position in the whole input)."""
+        check_numbers(chunk_rows=chunk_rows)
+        return self._stream(checked_items(items), chunk_rows, text_column, pair_column)
+
+    def _stream(self, items, chunk_rows, text_column, pair_column):
+        for first in itertools.count(1, chunk_rows):
+            chunk = list(itertools.islice(items, chunk_rows))
+            if not chunk:
+                return
             rows = [item if isinstance(item, dict) else None for item in chunk]
             texts = [item.get(text_column) if row is not None else item for item, row in zip(chunk, rows)]
             pairs = [row.get(pair_column) if row is not None else None for row in rows] if pair_column else None
-            for row, prediction in zip(rows, self.predict(texts, pairs)):
+            for row, prediction in zip(rows, self.decode(self.score(self.encode(texts, pairs, first)))):
                 yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
 
     def explain(self, texts, top=3, method=None, predictions=None):
         """predict() with each predicted label's "evidence": its top spans of the text (side/explain.py, by the fp32
         model with int8). predictions: those of these texts, when made already."""
+        check_numbers(top=top)
         texts = checked_texts(texts)[0]
         return add_evidence(self.fp32 or self.model, self.encoder, texts, predictions or self.predict(texts),
                             self.names, top, method, self.batch_size, self.amp)
@@ -186,32 +197,19 @@ def text_encoder(model, model_dir, max_length=None, long_docs=None, window_strid
 def trained_option(model_dir, name):
     """An option of the train.py run that wrote the folder (train_config.json), or None."""
     path = os.path.join(model_dir, "train_config.json")
-    with open(path) if os.path.isfile(path) else io.StringIO("{}") as f:
-        return json.load(f).get(name)
-
-
-def checked_texts(texts, pairs=None):
-    """(texts, pairs) as lists, or a TypeError / ValueError saying what is wrong: one string instead of a list
-    (each character would be a text), an item that is not text or is empty, fewer or more pairs than texts."""
-    if isinstance(texts, (str, bytes)) or isinstance(pairs, (str, bytes)):
-        raise TypeError("give a list of texts, not one string (each character would be labelled): predict([text])")
-    texts, pairs = list(texts), None if pairs is None else list(pairs)
-    if pairs is not None and len(pairs) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs: give each text its pair")
-    for name, values in (("text", texts), ("pair", pairs or [])):
-        for i, value in enumerate(values, 1):
-            if not isinstance(value, str):
-                raise TypeError(f"{name} {i} (of {len(values)}) is {type(value).__name__}, not a string")
-            if is_blank_text(value):  # a DataError (a ValueError), as the same text in a training file
-                raise DataError(f"{name} {i} (of {len(values)}): empty, or only spaces and invisible characters; "
-                                "there is nothing to read")
-    return texts, pairs
+    return read_json_object(path).get(name) if os.path.isfile(path) else None
 
 
 def given_fields(record, dropped, reserved=PREDICTION_FIELDS):
     """A row's fields that go beside its prediction: all but those dropped (the text unless kept); one named like
-    a field we write is renamed input_<name>."""
-    return {f"input_{k}" if k in reserved else k: v for k, v in record.items() if k not in dropped}
+    a field we write is renamed input_<name>, and so is one named like a renamed one (input_label, when label is
+    renamed so), so no two fields meet under one name whatever the row holds."""
+    return {renamed(k, reserved): v for k, v in record.items() if k not in dropped}
+
+
+def renamed(name, reserved):
+    taken = name in reserved or (name.startswith("input_") and renamed(name[6:], reserved) != name[6:])
+    return f"input_{name}" if taken else name
 
 
 def cell(value):
@@ -259,7 +257,7 @@ class Job:
 
     def header(self):
         """The CSV/TSV header (chunk 0 writes it), or nothing."""
-        if self.format in ("jsonl", "npy"):
+        if self.format == "jsonl":
             return ""
         multi = self.predictor.model.config.multi_label
         return self.csv_text([[*self.given, *prediction_columns(multi, self.args.explain)]])
@@ -386,12 +384,6 @@ def out_of_memory_retry(predictor, score, seqs):
                   file=sys.stderr)
 
 
-def output_format(path):
-    if not path:
-        return "jsonl"
-    return {".csv": "csv", ".tsv": "tsv", ".npy": "npy"}.get(os.path.splitext(path)[1].lower(), "jsonl")
-
-
 # ----------------------------------------------------------------------------- where chunks go
 
 class FileSink:
@@ -503,13 +495,22 @@ def run(job, stream, plan, sink, progress_every):
     progress.done()
     report_speed(job.scored, job.scoring, job.tokenizing, job.predictor.device, job.predictor.fp32 is not None,
                  job.explaining if job.args.explain else None, job.int8_check, job.predictor.model.config.multi_label)
-    if job.page:
-        print(f"wrote the evidence of {len(job.page.items)} texts to {job.page.write()}", file=sys.stderr)
     unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
     if unwritten:
         print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
               "them; write .jsonl to keep every field", file=sys.stderr)
-    return sink.finish()
+    result = sink.finish()
+    if job.page:  # after the predictions are safe: a page that cannot be written loses none of them
+        write_page(job.page, getattr(sink, "path", "stdout"))
+    return result
+
+
+def write_page(page, predictions):
+    try:
+        print(f"wrote the evidence of {len(page.items)} texts to {page.write()}", file=sys.stderr)
+    except files.WriteFailed as e:
+        raise SystemExit(f"{e}; the predictions are complete in {predictions}: once that is fixed, run the same "
+                         "command again for the page (it labels the texts again)") from None
 
 
 def fingerprint(args, stream):
@@ -539,14 +540,13 @@ def plan_chunks(args, stream, sink, rank, world):
 
 
 def open_sink(args, job, stream, rank, world):
-    """Rank 0's sink (the others write nothing); an OutputError (a run to --resume, a changed input) on rank 0
-    stops every rank."""
+    """Rank 0's sink (the others write nothing); a refused resume or a failed write on rank 0 stops every rank."""
     sink, problem = None, None
     if rank == 0:
         try:
             sink = (MetricsSink(job.predictor) if args.label_column else
                     FileSink(args, job, fingerprint(args, stream)) if args.output or args.embeddings else StdoutSink())
-        except OutputError as e:
+        except (ResumeRefused, files.WriteFailed) as e:
             problem = e
     problem = from_first(problem, rank, world)
     if problem:
@@ -563,6 +563,7 @@ def main(argv=None):
         stream = RowStream(args.input, args.text_column, args.text_pair_column) if args.input else TextRows(args.text)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.int8 else "cpu"))
         rank, world, device = join_ranks(device)
+        lock = hold_output(args) if rank == 0 else None
         predictor = load_predictor(args, device)
         job = Job(args, predictor, stream)
         if job.labels:  # every label is checked before the first is scored
@@ -578,11 +579,12 @@ def main(argv=None):
         raise SystemExit(f"data error: {e}") from None
     except ResumeRefused as e:
         raise SystemExit(str(e)) from None
-    except OutputError as e:
+    except files.WriteFailed as e:
         raise SystemExit(f"{e}; an existing output file is untouched and the complete chunks are kept: make room "
                          "(or fix the permission) and run again with --resume") from None
     finally:
         leave_ranks(wait=finished)  # after a failure the other ranks may wait for this one: torchrun stops them
+        files.release(locals().get("lock"))
     if result is None:  # a rank of torchrun other than 0
         return None
     rejected, where = result
@@ -597,6 +599,18 @@ def stop_advice(args):
     if (args.output or args.embeddings) and not args.label_column:
         return "The complete chunks are kept: run the same command with --resume to go on after them"
     return "Run the same command again"
+
+
+def hold_output(args):
+    """The lock on --output (--embeddings) while this run writes it: a second run on it is refused (side/files.py),
+    it would mix its chunks with ours."""
+    path = args.output or args.embeddings
+    try:
+        return files.hold(path + ".lock", f"{'--output' if args.output else '--embeddings'} {path}") if path else None
+    except files.Busy as e:
+        raise SystemExit(str(e)) from None
+    except OSError as e:
+        raise SystemExit(f"cannot write {path}.lock: {files.os_reason(e)}") from None
 
 
 def load_predictor(args, device):
@@ -633,7 +647,8 @@ def parse_arguments(argv):
     p.add_argument("--embeddings", help="write one vector per row (.npy, float32, in input order; a row set aside "
                    "is NaNs) instead of predictions: what the classifier pools, or the mean of the token vectors for "
                    "a checkpoint without one")
-    p.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl); default: stdout as JSONL")
+    p.add_argument("--output", help="where to write predictions (.csv, .tsv or .jsonl, by the name); default (or -): "
+                   "stdout as JSONL")
     p.add_argument("--resume", action="store_true", help="go on with an interrupted run of the same input, model "
                    "and options after its last complete chunk (the output is the one an uninterrupted run writes)")
     p.add_argument("--shard", help="K/N: label shard K (from 0) of N into --output, for processes that do not talk "
@@ -662,6 +677,7 @@ def parse_arguments(argv):
     p.add_argument("--explain-html", help="also write a page of the first 5000 texts with their evidence marked "
                    "(HTML; implies --explain)")
     args = p.parse_args(argv)
+    args.output = None if args.output == "-" else args.output  # `-`: stdout, as without --output
     args.explain = args.explain or bool(args.explain_html)
     if not args.explain and (args.explain_top is not None or args.explain_method):
         p.error("--explain-top and --explain-method go with --explain")
@@ -670,72 +686,14 @@ def parse_arguments(argv):
         p.error("give texts with --text or a file with --input (one of them)")
     if args.label_column and not args.input:
         p.error("--label-column scores a labelled --input file")
+    if args.label_column and args.output:
+        p.error("--label-column prints the metrics as JSON instead of writing predictions: leave out --output "
+                "(or label the file in a run without --label-column)")
     if args.text_pair_column and not args.input:
         p.error("--text-pair-column reads the pairs from an --input file")
     if args.embeddings and (args.output or args.label_column):
         p.error("--embeddings writes vectors instead of predictions: not with --output or --label-column")
     return args
-
-
-def check_arguments(args):
-    """What can be wrong before the model loads: numbers out of range, an empty --text, a --model folder that
-    is not there, a --device this torch cannot use, an --output that cannot be written or would replace the
-    --input file, options that do not go together."""
-    allowed = {"batch_size": (args.batch_size >= 1, ">= 1"),
-               "batch_tokens": (args.batch_tokens is None or args.batch_tokens >= 0, ">= 0 (0 = no cap)"),
-               "max_length": (args.max_length is None or args.max_length >= 0, ">= 0 (0 = as trained)"),
-               "window_stride": (args.window_stride is None or args.window_stride >= 0, ">= 0 (0 = as trained)"),
-               "chunk_rows": (args.chunk_rows >= 1, ">= 1"), "explain_top": (args.explain_top >= 1, ">= 1"),
-               "progress_every": (args.progress_every is None or args.progress_every >= 0, ">= 0")}
-    bad = [f"--{name.replace('_', '-')} {getattr(args, name)} must be {what}" for name, (ok, what) in allowed.items()
-           if not ok]
-    bad += [f"--text number {i} is empty (or only spaces and invisible characters): there is nothing to label"
-            for i, text in enumerate(args.text or [], 1) if is_blank_text(text)]
-    if not os.path.isdir(args.model):
-        bad.append(f"--model {args.model}: no such folder (train.py writes one to its --out-dir)")
-    bad += [problem for problem in [device_problem(args.device)] if problem]
-    if args.int8 and args.device and args.device.split(":")[0] != "cpu":
-        bad.append(f"--int8 runs on the CPU only: leave out --device {args.device}, or pass --device cpu")
-    if args.output:
-        bad += output_problems(args.output, args.input)
-    if args.embeddings:
-        bad += output_problems(args.embeddings, args.input, "--embeddings")
-        if not args.embeddings.endswith(".npy"):
-            bad.append(f"--embeddings {args.embeddings}: name a .npy file (numpy.load reads it)")
-    bad += combination_problems(args)
-    if bad:
-        raise SystemExit("; ".join(bad))
-
-
-def combination_problems(args):
-    """Options that need another, or exclude one."""
-    writes = args.output or args.embeddings
-    bad = [] if writes or not args.resume else ["--resume continues a file: give --output or --embeddings"]
-    if args.shard:
-        try:
-            parse_shard(args.shard)
-        except ValueError as e:
-            bad.append(str(e))
-        if not (args.input and writes) or args.label_column or torchrun_world() > 1:
-            bad.append("--shard K/N labels part of an --input file into its own --output (or --embeddings); not "
-                       "with --label-column, nor under torchrun (which splits the file itself)")
-    if args.label_column and torchrun_world() > 1:
-        bad.append("--label-column scores in one process: run it without torchrun")
-    return bad + option_problems(args.explain, args.explain_html, args.embeddings or args.label_column,
-                                 args.text_pair_column, args.resume or args.shard or torchrun_world() > 1)
-
-
-def output_problems(output, input_path, flag="--output"):
-    folder = os.path.dirname(os.path.abspath(output))
-    if input_path and os.path.realpath(output) == os.path.realpath(input_path):
-        return [f"{flag} {output} is the --input file: the predictions would replace it; name another file"]
-    if os.path.isdir(output):
-        return [f"{flag} {output} is a folder; name a file"]
-    if not os.path.isdir(folder):
-        return [f"{flag} {output}: the folder {folder} does not exist"]
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
-        return [f"{flag} {output}: cannot write there (permission denied)"]
-    return []
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from data import IGNORE_INDEX, DataError, LabelEncoder, Split, TextEncoder, batc
 from data import to_device, train_val_split
 from metrics import calibration_metrics, compute_metrics, tune_thresholds
 from model import EncoderClassifier, amp_dtype, autocast
-from side import calibrate, checkpoints, distill, failures, options, signals
+from side import calibrate, checkpoints, distill, failures, files, options, signals
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.hf import MULTI_LABEL, SINGLE_LABEL, dropout_overrides
@@ -487,7 +487,11 @@ def train(cfg):
     rank, world, device = init_distributed(cfg.device)
     model_dir = options.resolve_model(cfg.model)
     hf = options.read_model_folder(model_dir)
-    old_run = options.check_out_dir(cfg.out_dir, model_dir, cfg.overwrite, cfg.resume, rank == 0)
+    # a run on the folder now is named before anything else (the lock is taken at the latest before the first write)
+    lock = options.hold_out_dir(cfg.out_dir, create=False) if rank == 0 else None
+    reads = {"--train-file": cfg.train_file, "--val-file": cfg.val_file, "--test-file": cfg.test_file,
+             "--config file": cfg.config, "--teacher folder": cfg.teacher}
+    old_run = options.check_out_dir(cfg.out_dir, model_dir, cfg.overwrite, cfg.resume, rank == 0, reads)
     encoder = text_encoder(cfg, model_dir, hf)
     objective = Objective(cfg, model_dir, hf, encoder)
     cfg = objective.cfg  # with the objective's defaults in place of auto
@@ -501,6 +505,7 @@ def train(cfg):
     learner = build_learner(cfg, model, total_steps, device)
     progress = start_or_resume(cfg, learner, state)
     if rank == 0:
+        lock = lock or options.hold_out_dir(cfg.out_dir)
         options.clear_old_run(cfg.out_dir, old_run)
     log = TrainLog(cfg.out_dir, cfg.resume, progress, total_steps, steps_per_epoch, objective.metric,
                    objective.columns, device)
@@ -533,7 +538,9 @@ def train(cfg):
         return None
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
     with failures.writing(cfg.out_dir, "the report to"):
-        return objective.report(device, progress.best)
+        report = objective.report(device, progress.best)
+    files.release(lock)  # a run that fails leaves its lock file behind, held by no one: the next run takes it
+    return report
 
 
 def describe(cfg, objective, device):

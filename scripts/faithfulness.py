@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import read_table  # noqa: E402
 from metrics import sigmoid, softmax  # noqa: E402
 from predict import Predictor  # noqa: E402
+from side import files  # noqa: E402
 from side.explain import (IG_STEPS, METHODS, documents, label_objects, method_problem,  # noqa: E402
                           model_input, scores, seen)
 
@@ -173,10 +174,8 @@ def main(argv=None):
     print(table)
     print(json.dumps(rows))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+        files.write_text(args.out, table, "the table")
+        files.write_json(os.path.splitext(args.out)[0] + ".json", rows, "the table", indent=1)
     return rows
 
 

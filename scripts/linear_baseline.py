@@ -12,7 +12,6 @@ on the test file, and for multi-label data picks one decision threshold on the h
 default `--threshold global` does. Prints the test metrics and writes them as JSON with --out.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import IGNORE_INDEX, LabelEncoder, read_table, train_val_split  # noqa: E402
 from metrics import calibration_metrics, compute_metrics, f1_by_frequency, format_table, tune_thresholds  # noqa: E402
+from side import files  # noqa: E402
 
 
 def read_split(args):
@@ -95,8 +95,7 @@ def main(argv=None):
     metrics = fit_and_score(args)
     print(format_table(metrics))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        files.write_json(args.out, metrics, "the metrics")
     return metrics
 
 

@@ -12,6 +12,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from side import files  # noqa: E402 (the project's root on the path first)
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -47,17 +50,13 @@ def run_chromium(page, *mode, timeout=60, browser=None):
 
 
 def screenshot(page, out, width=1200, height=900, timeout=60):
-    """Write a width x height PNG of page's top to out (out.partial first, renamed once the browser wrote it)."""
-    partial = os.path.abspath(out) + ".partial.png"  # Chromium picks the format from the suffix
-    try:
-        run_chromium(page, f"--screenshot={partial}", f"--window-size={width},{height}",
-                     "--hide-scrollbars", timeout=timeout)
-        if not os.path.exists(partial):
-            raise BrowserError(f"the browser wrote no picture to {partial}")
-        os.replace(partial, out)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    """Write a width x height PNG of page's top to out (beside it first, renamed once the browser wrote it)."""
+    with files.replacing(out, "the picture", suffix=".png") as tmp:  # Chromium picks the format from the suffix
+        os.unlink(tmp)  # so that a browser that wrote nothing is told from one that wrote an empty file
+        run_chromium(page, f"--screenshot={tmp}", f"--window-size={width},{height}", "--hide-scrollbars",
+                     timeout=timeout)
+        if not os.path.exists(tmp):
+            raise BrowserError(f"the browser wrote no picture to {tmp}")
 
 
 def main(argv=None):
@@ -76,7 +75,7 @@ def main(argv=None):
         sys.exit("error: --width and --height must be positive")
     try:
         screenshot(args.page, args.out, args.width, args.height, args.timeout)
-    except BrowserError as e:
+    except (BrowserError, files.WriteFailed) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out} ({args.width}x{args.height})")
 

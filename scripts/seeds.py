@@ -31,6 +31,7 @@ from side import signals  # noqa: E402
 signals.quiet_start(__name__)  # before numpy and torch load: a Ctrl-C or SIGTERM then ends with one line
 import numpy as np  # noqa: E402
 import train  # noqa: E402
+from side import files  # noqa: E402
 
 SEEDS_SETS = ("--seed", "--out-dir", "--resume", "--overwrite")  # train.py options this script sets per seed
 
@@ -145,8 +146,7 @@ def baseline_metrics(cfg, seed, path):
                            label_sep=cfg.label_sep, val_fraction=cfg.val_fraction, seed=seed, C=10.0, jobs=1,
                            unknown_labels=cfg.unknown_labels)
     metrics = linear_baseline.fit_and_score(args)
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2)
+    files.write_json(path, metrics, "the baseline's metrics")
     return metrics
 
 
@@ -199,6 +199,19 @@ def markdown(table, seeds):
     return "\n".join(rows)
 
 
+def write_tables(args, cfg, train_args, done):
+    """seeds.json and seeds.md (and each seed's baseline) from the finished seeds' test metrics."""
+    per_seed = {s: json.load(open(os.path.join(args.out_dir, f"seed-{s}", "test_metrics.json"))) for s in done}
+    baselines = {} if args.no_baseline else {
+        s: baseline_metrics(cfg, s, os.path.join(args.out_dir, f"baseline-seed-{s}.json")) for s in done}
+    table = summarise(per_seed, baselines)
+    files.write_json(os.path.join(args.out_dir, "seeds.json"), {"seeds": done, "train_options": train_args,
+                                                              "metrics": table}, "the table")
+    text = markdown(table, done)
+    files.write_text(os.path.join(args.out_dir, "seeds.md"), text + "\n", "the table")
+    return table, text
+
+
 def main(argv=None):
     args, train_args = parse_args(argv)
     cfg = check_job(train_args)
@@ -215,15 +228,10 @@ def main(argv=None):
     devices = args.devices.split(",") if args.devices else visible_gpus()
     codes = run_jobs(jobs, devices)
     done = [s for s in args.seeds if seed_state(folder(s)) == "done"]
-    per_seed = {s: json.load(open(os.path.join(folder(s), "test_metrics.json"))) for s in done}
-    baselines = {} if args.no_baseline else {
-        s: baseline_metrics(cfg, s, os.path.join(args.out_dir, f"baseline-seed-{s}.json")) for s in done}
-    table = summarise(per_seed, baselines)
-    with open(os.path.join(args.out_dir, "seeds.json"), "w") as f:
-        json.dump({"seeds": done, "train_options": train_args, "metrics": table}, f, indent=2)
-    text = markdown(table, done)
-    with open(os.path.join(args.out_dir, "seeds.md"), "w") as f:
-        f.write(text + "\n")
+    try:
+        table, text = write_tables(args, cfg, train_args, done)
+    except files.WriteFailed as e:  # the runs are whole: a rerun skips them and writes the tables
+        raise SystemExit(f"{e}. Once that is fixed, run the same command again: the finished seeds are skipped")
     print(f"\n{text}\n\nwritten to {args.out_dir}/seeds.md and seeds.json")
     failed = sorted(s for s, code in codes.items() if code != 0)
     if failed:

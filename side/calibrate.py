@@ -14,9 +14,10 @@ text-generation setting.
 """
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from side import files
 
 KEY = "calibration_temperature"
 # multi-label: a label gets a temperature of its own when the validation data has at least this many texts with
@@ -30,19 +31,38 @@ def fit_temperature(logits, targets, multi_label, min_positives=MIN_POSITIVES):
     """The temperature minimising the validation negative log-likelihood: a float (single-label), or a list
     of one per label (multi-label). A label whose fit ends at the edge of BOUNDS takes the shared one: its
     validation texts are separated perfectly, so sharpening lowers their NLL without end (there is no optimum),
-    and a test error at T = 0.05 would be 20 times as confident."""
+    and a test error at T = 0.05 would be 20 times as confident. None when the single-label (or the shared) fit
+    ends there: the validation data has no optimum to give (one text, or all of them separated), so the model
+    stays uncalibrated rather than take a temperature from the search's edge."""
     if not multi_label:
         logits, targets = np.asarray(logits, np.float64), np.asarray(targets).astype(np.int64)
-        return float(minimise(lambda beta: softmax_nll(logits, targets, beta), 1)[0])
+        nll = lambda beta: softmax_nll(logits, targets, beta)
+        fit = float(minimise(nll, 1)[0])
+        return fit if has_optimum(nll, fit) else None
     logits, targets = np.asarray(logits, np.float64), (np.asarray(targets) > 0.5).astype(np.float64)
-    shared = minimise(lambda beta: sigmoid_nll(logits.ravel()[:, None], targets.ravel()[:, None], beta), 1)[0]
+    nll = lambda beta: sigmoid_nll(logits.ravel()[:, None], targets.ravel()[:, None], beta)
+    shared = minimise(nll, 1)[0]
+    if not has_optimum(nll, shared):
+        return None
     positives = targets.sum(axis=0)
     own = (positives >= min_positives) & (len(targets) - positives >= min_positives)
     temperature = np.full(logits.shape[1], shared)
     if own.any():
         fit = minimise(lambda beta: sigmoid_nll(logits[:, own], targets[:, own], beta), int(own.sum()))
-        temperature[own] = np.where((fit > BOUNDS[0] * 1.001) & (fit < BOUNDS[1] * 0.999), fit, shared)
+        temperature[own] = np.where(inside_bounds(fit), fit, shared)
     return [float(t) for t in temperature]
+
+
+def has_optimum(nll, temperature):
+    """The fit does better than either edge of the search (where the likelihood keeps improving without end, the
+    search stops near an edge, on a plateau its floats no longer tell apart)."""
+    at = lambda t: float(nll(np.array([1.0 / t]))[0])
+    return inside_bounds(temperature) and at(temperature) < min(at(BOUNDS[0]), at(BOUNDS[1]))
+
+
+def inside_bounds(temperature):
+    """A fit that did not stop at the edge of the search (there it found no optimum)."""
+    return (temperature > BOUNDS[0] * 1.001) & (temperature < BOUNDS[1] * 0.999)
 
 
 def softmax_nll(logits, targets, beta):
@@ -86,15 +106,11 @@ def set_temperature(config, temperature):
 
 def save_calibration(folder, temperature, thresholds):
     """Write the temperature and the thresholds tuned after it into folder/config.json, replacing it whole
-    (a temp file renamed over it: a kill leaves the old file or the new one)."""
+    (side/files.py: a kill leaves the old file or the new one)."""
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         config = json.load(f)
     config[KEY] = temperature
     if thresholds is not None:
         config["thresholds"] = thresholds
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.chmod(tmp, os.stat(path).st_mode & 0o777)
-    os.replace(tmp, path)
+    files.write_json(path, config, "the calibrated config", sort_keys=True)

@@ -1,8 +1,8 @@
 """Checkpoints, written atomically, and exact resume: out_dir/last/state.pt holds all that --resume needs.
 
 save_checkpoint / keep_recent   weights + config.json + tokenizer + train_config.json, each renamed into place
-atomic_torch_save / fsync / remove_debris   a write is whole or absent, whenever a kill comes; one that fails
-    (disk full, permission denied) raises failures.WriteFailed naming the path
+atomic_torch_save / remove_debris   a write is whole or absent, whenever a kill comes (side/files.py); one that
+    fails (disk full, permission denied) raises files.WriteFailed naming the path
 full_state / unsharded   whole state dicts (also under FSDP) and a plain model to save from them
 rng_state / set_rng_state / all_rng_states   every rank's random generators
 save_training_state -> load_training_state -> restore_training_state   the resume state, checked before use
@@ -14,16 +14,15 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
 from side.distributed import all_rng_gather, rank_and_world
-from side.failures import writing
+from side import files
+from side.files import TEMP_PREFIX, writing
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-TEMP_PREFIX = ".tmp-"  # unfinished writes: never read, removed by the next save into the same folder
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
                      "test_file", "config", "grad_checkpointing", "pack", "overwrite",
                      "calibrate"}  # they leave the training trajectory as it was (calibrate acts after training)
@@ -31,25 +30,18 @@ RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "kee
 
 def save_checkpoint(model, folder, model_dir, options):
     """Weights + config.json (labels, thresholds) + tokenizer files + the exact training options.
-    They are written into a temp folder inside `folder`, then each file is renamed over the old one:
-    a kill mid-write leaves the previous model.safetensors whole, never a torn one."""
+    They are written into a temp folder inside `folder`, then each file is renamed over the old one
+    (files.replacing_files): a kill mid-write leaves the previous model.safetensors whole, never a torn one."""
     with writing(folder, "the model to"):
         os.makedirs(folder, exist_ok=True)
         remove_debris(folder)
-        tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
-        try:
-            model.save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(model_dir, name)):
-                    shutil.copy(os.path.join(model_dir, name), tmp)
-            with open(os.path.join(tmp, "train_config.json"), "w") as f:
-                json.dump(options, f, indent=2)
-            for name in sorted(os.listdir(tmp)):
-                fsync(os.path.join(tmp, name))
-                os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-            fsync(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with files.replacing_files(folder, "the model to") as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy(os.path.join(model_dir, name), tmp)
+        with open(os.path.join(tmp, "train_config.json"), "w") as f:
+            json.dump(options, f, indent=2)
 
 
 def keep_recent(model, out_dir, keep, step, model_dir, options):
@@ -63,39 +55,14 @@ def keep_recent(model, out_dir, keep, step, model_dir, options):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save into a temp file beside path, fsync, rename over path: whenever a kill comes, path
-    holds the previous state or the new one, whole."""
+    """torch.save through files.replacing: whenever a kill comes, path holds the previous state or the new one,
+    whole."""
     folder = os.path.dirname(path)
     with writing(path, "the training state"):
         os.makedirs(folder, exist_ok=True)
         remove_debris(folder)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the folder's files follow the umask
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        fsync(folder)
-
-
-def current_umask():
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def fsync(path):
-    """Flush a file, or a folder's entries (a rename is durable only once its folder is), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with files.replacing(path, "the training state") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def remove_debris(folder):

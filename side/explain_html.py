@@ -1,6 +1,6 @@
 """predict.py --explain-html: one self-contained HTML page of texts, their predicted labels and each label's evidence.
 
-write_page(path, items, title, note) writes the page as PATH.partial and renames it to PATH; page_item(prediction,
+write_page(path, items, title, note) writes the page through side/files.py (beside, then renamed to PATH); page_item(prediction,
 text, id) makes an item of a prediction with evidence. An item: {"id", "text", "labels": [{"label", "probability",
 "evidence": [{"start", "end", "text", "score"}, ...]}, ...]}, offsets in characters of the text.
 
@@ -12,9 +12,8 @@ Content-Security-Policy forbids everything but the page's own styles, and every 
 so a note holding <script> or <img onerror> is shown as those characters and nothing runs.
 """
 import html
-import os
 
-from side.output import OutputError
+from side import files
 
 PALETTE = ("#ffd54f", "#81d4fa", "#a5d6a7", "#f48fb1", "#ce93d8", "#ffab91", "#80cbc4", "#e6ee9c", "#b0bec5",
            "#bcaaa4")  # light enough for black text on any of them, distinct when printed
@@ -138,20 +137,11 @@ def head(title, note):
 
 
 def write_page(path, items, title="Evidence", note=None):
-    """Write the page of items to path: PATH.partial, renamed to PATH once whole; on any failure the partial is removed
-    and PATH left as it was. An OSError (no such folder, disk full) becomes an OutputError naming path."""
+    """Write the page of items to path, replaced only once whole (files.replacing); a failure (no such folder, disk
+    full) is a files.WriteFailed naming path, and path is left as it was."""
     colours = Colours()
-    partial = path + ".partial"
-    try:
-        with open(partial, "w", encoding="utf-8", errors="replace") as page:
-            page.write(head(title, note))
-            for number, item in enumerate(items, 1):
-                page.write(render_item(item, number, colours))
-            page.write("</body>\n</html>\n")
-        os.replace(partial, path)
-    except BaseException as e:
-        if os.path.exists(partial):
-            os.remove(partial)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+    with files.replacing(path) as tmp, open(tmp, "w", encoding="utf-8", errors="replace") as page:
+        page.write(head(title, note))
+        for number, item in enumerate(items, 1):
+            page.write(render_item(item, number, colours))
+        page.write("</body>\n</html>\n")

@@ -194,26 +194,28 @@ def remove(path, what=""):
 
 # ----------------------------------------------------------------------------- the collision guard
 
-def collisions(outputs, reads):
-    """Why the run must not start, as one message (None: it may): an output ({what: path}) that is `-`, a folder,
-    or that is, or resolves to (symlinks, `..`, a hard link), a file the run reads ({what: path}; a folder read
-    means every file in it, such as the model's) or another of its own outputs. Checked before any work."""
+def collisions(outputs, reads, folders=(), advice="name another file"):
+    """Why the run must not start, as one message (None: it may): an output ({what: path}) that is `-`, a folder
+    (unless its what is in folders: a folder the run writes into, such as train.py's checkpoints), or that is, or
+    resolves to (symlinks, `..`, a hard link), a file the run reads ({what: path}; a folder read means every file
+    in it, such as the model's), or that holds one, or another of its own outputs. Checked before any work."""
     problems, seen = [], {}
     for what, path in outputs.items():
         if path is None:
             continue
         if path == "-":
             problems.append(f"{what} -: name a file (stdout is where predictions go without --output)")
-        elif os.path.isdir(path):
+        elif os.path.isdir(path) and what not in folders:
             problems.append(f"{what} {path} is a folder; name a file")
         else:
-            problems += [f"{what} {path} {'is' if same(path, other) else 'lies inside'} the {role} {other}"
-                         for role, other in reads.items() if other and overlaps(path, other)]
-            problems += [f"{what} {path} is also {role} {other}" for role, other in seen.items() if same(path, other)]
+            problems += [f"{what} {path} is the {role} {other}: the run would replace it" if same(path, other) else
+                         f"{what} {path} lies inside the {role} {other}: the run would write into it"
+                         if overlaps(path, other) else f"{what} {path} holds the {role} {other}: the run would "
+                         "replace it" for role, other in reads.items() if other and overlaps(path, other, both=True)]
+            problems += [f"{what} {path} is also {role}: one file cannot be both" for role, other in seen.items()
+                         if same(path, other)]
             seen[what] = path
-    if not problems:
-        return None
-    return "; ".join(problems) + ": the run would replace what it reads or writes twice; name other files"
+    return "; ".join(problems) + "; " + advice if problems else None
 
 
 def same(a, b):
@@ -221,10 +223,11 @@ def same(a, b):
     return real_a == real_b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def overlaps(path, read):
-    """path is read, or lies inside the folder read."""
+def overlaps(path, read, both=False):
+    """path is read, or lies inside the folder read (both: or read lies inside the folder path)."""
     real_path, real_read = os.path.realpath(path), os.path.realpath(read)
-    return same(path, read) or (os.path.isdir(read) and real_path.startswith(real_read.rstrip(os.sep) + os.sep))
+    inside = lambda a, b: a.startswith(b.rstrip(os.sep) + os.sep)
+    return same(path, read) or inside(real_path, real_read) or (both and inside(real_read, real_path))
 
 
 # ----------------------------------------------------------------------------- one run at a time
@@ -233,12 +236,18 @@ class Busy(Exception):
     """Another running process holds the lock: the message names it."""
 
 
-def hold(path, what):
+def hold(path, what, create=True):
     """Lock path (a lock file, created if needed) for as long as this process runs: the OS releases it when the
     process ends, however it ends, so a killed run never leaves a stale lock. A second run on the same output
-    gets Busy naming the running one (its pid and command). Returns the open lock file: keep it referenced."""
+    gets Busy naming the running one (its pid and command). Returns the open lock file: keep it referenced.
+    create=False: None when there is no lock file (no run holds one), and nothing is written."""
     while True:
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+" if create else "r+")
+        except OSError:
+            if create:
+                raise
+            return None  # no lock file (or no folder): no run holds one
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,6 +1,6 @@
 """What a run reports while it trains: metrics.jsonl, the progress line, a table row per evaluation, the curves.
 
-TrainLog   metrics.jsonl (rank 0 writes it), training loss summed on the device, tokens/s
+TrainLog   metrics.jsonl (rank 0 appends to it through side/files.py), training loss summed on the device, tokens/s
 ProgressBar / evaluation_row   the lines a person watches
 trim_log   --resume: the log's rows after the resumed step go (they are run again)
 plot_curves -> training_curves.png, plot_reliability -> calibration.png (with matplotlib, when installed)
@@ -15,7 +15,8 @@ import torch
 
 from metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bins
 from side.distributed import global_mean, is_main_rank
-from side.failures import writing
+from side import files
+from side.files import writing
 
 
 class TrainLog:
@@ -35,7 +36,8 @@ class TrainLog:
             os.makedirs(out_dir, exist_ok=True)
             if self.main_rank and resume:
                 trim_log(self.path, progress.step)
-            self.file = open(self.path, "a" if resumed else "w") if self.main_rank else open(os.devnull, "w")
+            self.file = (files.Appender(self.path, "the log", start="end" if resumed else None, durable=False)
+                         if self.main_rank else open(os.devnull, "w"))
         self.bar = ProgressBar(total_steps, progress.step)
         self.running = torch.zeros(2, device=device)  # [sum of losses, batches]
         self.restart_clock()
@@ -109,10 +111,10 @@ def evaluation_row(epoch, step, train_loss, metrics, columns, first):
 
 
 def trim_log(path, step):
-    """Keep metrics.jsonl's rows up to the resumed step: the steps after it are run (and logged) again."""
+    """Keep metrics.jsonl's rows up to the resumed step: the steps after it are run (and logged) again. The log is
+    replaced whole: a kill now leaves the old one."""
     rows = open(path).readlines() if os.path.isfile(path) else []
-    with open(path, "w") as f:
-        f.writelines(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step)
+    files.write_text(path, "".join(row for row in rows if row.endswith("\n") and json.loads(row)["step"] <= step))
 
 
 def pyplot(missing):
@@ -144,8 +146,8 @@ def plot_curves(log_path, png_path):
         b.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2")
         b.set_xlabel("step"), b.set_title(f"validation {metric}")
     fig.tight_layout()
-    with writing(png_path, "the curves"):
-        fig.savefig(png_path, dpi=100)
+    with files.replacing(png_path, "the curves", suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -169,5 +171,6 @@ def plot_reliability(png_path, curves):
     top.set_ylabel("observed frequency"), top.legend(fontsize=8), top.set_xlim(0, 1), top.set_ylim(0, 1)
     bottom.set_yscale("log"), bottom.set_xlabel("predicted probability"), bottom.set_ylabel("decisions")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    with files.replacing(png_path, "the reliability diagram", suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -6,7 +6,6 @@ MaskedLanguageModelling(cfg, model_dir, hf, encoder)   options, splits (every to
 Masking -> make_mlm_batch   BERT's masking recipe, as the reference applies it, and masked-LM batches
 """
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from data import IGNORE_INDEX, Split, batch_indices, make_batch, read_table, to_device, train_val_split
 from model import MaskedLM, autocast
+from side import files
 from side.distill import check_layers
 from side.distributed import all_reduce, is_main_rank, rank_rows
 from side.hf import dropout_overrides
@@ -172,11 +172,9 @@ def mlm_report(cfg, splits, evaluate, device, best, model_dir):
         lines.append(f"(the start's MLM head was not in {model_dir}: it is the run's newly initialised one)")
     result = {"best_val": best, name: after, "start": before}
     if name == "test":
-        with open(os.path.join(cfg.out_dir, "test_metrics.json"), "w") as f:
-            json.dump({**after, "start": before}, f, indent=2)
+        files.write_json(os.path.join(cfg.out_dir, "test_metrics.json"), {**after, "start": before})
     report = "\n".join(lines)
-    with open(os.path.join(cfg.out_dir, "report.txt"), "w") as f:
-        f.write(report + "\n")
+    files.write_text(os.path.join(cfg.out_dir, "report.txt"), report + "\n")
     print("\n" + report + f"\n\nsaved to {cfg.out_dir}/")
     return result
 

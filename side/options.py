@@ -4,7 +4,9 @@ parse_config   TrainConfig from a .toml/.json file, then the command line; -h ex
     comments written beside its field in train.py (the one place an option is documented)
 check_options  each option against its allowed values, one line per option
 resolve_model / read_model_folder   --model: a folder, the packaged MiniLM, or a hub id; its files present
-check_out_dir / clear_old_run   a run owns its --out-dir (refused, --overwrite, or --resume)
+check_out_dir / clear_old_run   a run owns its --out-dir (refused, --overwrite, or --resume); it writes nothing
+    onto a file it reads (side/files.py's collision guard)
+hold_out_dir   the lock a running run holds on its --out-dir: a second train.py there is refused
 with_task_defaults / selection_metric / greater_is_better   what the auto options mean for this data
 """
 import argparse
@@ -23,8 +25,10 @@ import numpy as np
 from data import LONG_DOCS
 from metrics import compute_metrics
 from model import POOLINGS
+from side import files
 from side.checkpoints import TOKENIZER_FILES, remove_debris
 from side.infer import device_problem
+from side.weights import read_json_object
 
 # ----------------------------------------------------------------------------- reading options
 
@@ -235,22 +239,28 @@ def read_model_folder(model_dir):
     if missing:
         raise SystemExit(f"cannot use the checkpoint {model_dir}: {', '.join(missing)}")
     try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"cannot use the checkpoint {model_dir}: config.json is not valid JSON ({e})") from None
+        return read_json_object(os.path.join(model_dir, "config.json"))
+    except ValueError as e:
+        raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
 
 
-def check_out_dir(out, model_dir, overwrite, resume, main_rank):
+def check_out_dir(out, model_dir, overwrite, resume, main_rank, reads=None):
     """out can be written and holds no other run's outputs (a run owns its folder), unless --overwrite
-    (they are removed before training: clear_old_run) or --resume (continue the run there). Checked before
-    anything is read, so a refused run writes nothing. Returns the old run's outputs to remove."""
+    (they are removed before training: clear_old_run) or --resume (continue the run there); none of its outputs is
+    a file the run reads (reads: {what: path}: the data, the --config file). Checked before anything is read, so
+    a refused run writes nothing. Returns the old run's outputs to remove."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out-dir {out} is a file, not a folder")
     model, folder = os.path.realpath(model_dir), os.path.realpath(out)
     if model == folder or model.startswith(os.path.join(folder, "checkpoints") + os.sep):
         raise SystemExit(f"--out-dir {out} holds the --model checkpoint this run starts from: the run would "
                          "replace it; pass another --out-dir")
+    outputs = {f"--out-dir {out}'s {name}": os.path.join(out, name) for name in (*RUN_OUTPUTS, LOCK)}
+    collision = files.collisions(outputs, {**(reads or {}), "--model folder": model_dir},
+                                 folders=[f"--out-dir {out}'s {name}" for name in ("last", "checkpoints")],
+                                 advice="pass another --out-dir, or keep the files the run reads elsewhere")
+    if collision:
+        raise SystemExit(collision)
     parent = folder
     while not os.path.exists(parent):  # the first folder that exists gets the new ones
         parent = os.path.dirname(parent)
@@ -265,6 +275,20 @@ def check_out_dir(out, model_dir, overwrite, resume, main_rank):
     return old
 
 
+def hold_out_dir(out_dir, create=True):
+    """The lock this run holds on out_dir while it runs (side/files.hold; the folder made if need be): a second
+    train.py on it is refused, naming the running one, instead of mixing its files and metrics.jsonl with ours.
+    create=False: only a lock file that is there (a run on the folder now is named before any check)."""
+    if create:
+        with files.writing(out_dir, "the run's folder"):
+            os.makedirs(out_dir, exist_ok=True)
+    try:
+        return files.hold(os.path.join(out_dir, LOCK), f"--out-dir {out_dir}", create)
+    except files.Busy as e:
+        raise SystemExit(str(e)) from None
+
+
+LOCK = ".lock"  # held by the running run: not an output another run could take for its own
 # everything a run writes into out_dir: another run's copy of any of them marks the folder as taken
 RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json", "report.txt", "train_config.json",
                "checkpoints", "training_curves.png", "calibration.png", "config.json", *TOKENIZER_FILES)

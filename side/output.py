@@ -1,32 +1,51 @@
-"""predict.py's output files, written so that they are never torn and a long run can resume.
+"""predict.py's output files, written through side/files.py so that they are never torn and a long run can resume.
 
 ChunkWriter(path, fingerprint, resume) appends whole chunks to PATH.partial (and the rows set aside to the rejects
-file's .partial) and, after each, records in PATH.resume.json how many chunks and bytes are complete; finish()
-renames the partials to their names. An existing file at PATH is replaced only then: a run that dies, a full disk,
-a kill -9 leave it whole. resume=True cuts the partials back to the last complete chunk and goes on from there,
-if the input, the model and the options are those the run began with (fingerprint).
-A .npy output reserves NPY_HEADER_BYTES for its header, written at finish() once the number of rows is known.
+file's .partial) and, after each, records in PATH.resume.json how many chunks are complete and the size and sha256
+of the bytes written so far; finish() renames the partials to their names. An existing file at PATH is replaced
+only then: a run that dies, a full disk, a kill -9 leave it whole. resume=True checks the partials against the
+state (a partial missing, shorter, or whose recorded bytes changed is refused; bytes after them, a chunk a kill
+cut off, are dropped) and goes on after the last complete chunk, if the input, the model and the options are
+those the run began with (fingerprint). A damaged state is refused, naming the files and the command that starts
+over. A .npy output reserves NPY_HEADER_BYTES for its header, written at finish() once the number of rows is known.
 """
 import hashlib
 import json
 import os
+import shlex
 
 import numpy as np
 
+from side import files
+
 NPY_HEADER_BYTES = 128  # magic, version, length and the header dict, padded: room for any 2-d or 3-d shape
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}  # what --output writes, by its name
+STATE_KEYS = ("fingerprint", "chunks", "rows", "rejected", "sizes", "sha256")
 
 
-class OutputError(Exception):
-    """A file predict.py writes cannot be written (disk full, permission): the message names it."""
-
-
-class ResumeRefused(OutputError):
-    """An interrupted run's state is there but not continued, or --resume cannot continue it: the message says why."""
+class ResumeRefused(Exception):
+    """An interrupted run's state is there but not continued, or --resume cannot continue it: the message says why
+    and which command works."""
 
 
 def rejects_path(output):
     """Where the rows set aside go: beside the output, predictions.csv -> predictions.rejects.jsonl."""
     return os.path.splitext(output)[0] + ".rejects.jsonl"
+
+
+def output_format(path):
+    """The format of --output, from its name (any case): csv, tsv or jsonl (stdout: jsonl); None for another name."""
+    if not path:
+        return "jsonl"
+    return OUTPUT_FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def planned_outputs(output, flag="--output"):
+    """{what: path} of every file a run writing output writes beside it: the collision guard's list."""
+    rejects = rejects_path(output)
+    beside = {"rejects file": rejects, "partial file": output + ".partial", "partial rejects file": rejects + ".partial",
+              "resume state": output + ".resume.json", "lock": output + ".lock"}
+    return {flag: output, **{f"{flag} {output}'s {what}": path for what, path in beside.items()}}
 
 
 def npy_header(shape, dtype=np.float32):
@@ -51,79 +70,118 @@ class ChunkWriter:
 
     def __init__(self, path, fingerprint, resume=False, head_bytes=0, rejects=None):
         self.path, self.rejects, self.fingerprint = path, rejects, fingerprint
-        self.state_path, self.head_bytes = path + ".resume.json", head_bytes
+        self.state_path = path + ".resume.json"
         self.files = [path + ".partial", *([rejects + ".partial"] if rejects else [])]
-        state = self._read_state()
+        self.start_over = f"rm -f {' '.join(shell_word(f) for f in [self.state_path, *self.files])}"
+        state = self._trusted_state()
         if state is not None and not resume:
-            raise ResumeRefused(f"{self.state_path}: an interrupted run's work is there: --resume continues it; "
-                                f"delete it and {self.files[0]} to start over")
-        if resume and state is not None:
+            raise ResumeRefused(f"{self.state_path}: an interrupted run's work is there: run the same command with "
+                                f"--resume to continue it, or `{self.start_over}` to start over")
+        if state is not None:
             changed = changes(state["fingerprint"], fingerprint)
             if changed:
                 raise ResumeRefused(f"cannot --resume {path}: {', '.join(changed)} changed since the run began; "
-                                    f"run again without --resume after deleting {self.state_path}")
+                                    f"`{self.start_over}`, then run again without --resume")
             self.chunks, self.rows, self.rejected = state["chunks"], state["rows"], state["rejected"]
-            self.sizes = state["sizes"]
-            for name, size in zip(self.files, self.sizes):
-                self._do(name, os.truncate, name, size)  # the bytes of a chunk cut off mid-write
+            self.sizes, self.digests = state["sizes"], state["digests"]
         else:
             self.chunks = self.rows = self.rejected = 0
-            self.sizes = [head_bytes, 0][:len(self.files)]
-            for name, size in zip(self.files, self.sizes):
-                self._do(name, _write_zeros, name, size)
-        self.handles = [self._do(name, open, name, "r+b") for name in self.files]
-        for handle, size in zip(self.handles, self.sizes):
-            handle.seek(size)
+            self.sizes, self.digests = [head_bytes, 0][:len(self.files)], [hashlib.sha256() for _ in self.files]
+            self.digests[0].update(bytes(head_bytes))
+        start = (lambda size: size) if state is not None else (lambda size: None)
+        self.partials = [files.Appender(name, start=start(size), start_bytes=size)
+                         for name, size in zip(self.files, self.sizes)]
 
     def commit(self, output, rejects=b"", rows=0, rejected=0):
         """Append one chunk's output and rejects, make them durable, then record the chunk as complete."""
-        for name, handle, data in zip(self.files, self.handles, (output, rejects)):
-            self._do(name, _append, handle, data)
+        for partial, digest, data in zip(self.partials, self.digests, (output, rejects)):
+            partial.write(data)
+            digest.update(data)
         self.chunks, self.rows, self.rejected = self.chunks + 1, self.rows + rows, self.rejected + rejected
-        self.sizes = [handle.tell() for handle in self.handles]
-        self._save_state()
+        self.sizes = [partial.tell() for partial in self.partials]
+        files.write_json(self.state_path, {"fingerprint": self.fingerprint, "chunks": self.chunks, "rows": self.rows,
+                                           "rejected": self.rejected, "sizes": self.sizes,
+                                           "sha256": [d.hexdigest() for d in self.digests]}, indent=None)
 
     def finish(self, head=b""):
         """Write the head (a .npy header) at the start, rename the partials to their names, forget the state. With
-        no rows set aside, a rejects file of an earlier run is removed: it is not about this output."""
+        no rows set aside, a rejects file of an earlier run is removed: it is not about this output (the collision
+        guard made sure it is not a file the run reads)."""
         if head:
-            self.handles[0].seek(0)
-            self._do(self.files[0], _append, self.handles[0], head)
-        for name, handle in zip(self.files, self.handles):
-            self._do(name, handle.close)
+            self.partials[0].write_at(0, head)
+        for partial in self.partials:
+            partial.close()
         if self.rejects and not self.rejected:
-            os.remove(self.files[1])
-            if os.path.exists(self.rejects):
-                os.remove(self.rejects)
+            files.remove(self.files[1])
+            files.remove(self.rejects)
         elif self.rejects:
-            self._do(self.rejects, os.replace, self.files[1], self.rejects)
-        self._do(self.path, os.replace, self.files[0], self.path)
-        os.remove(self.state_path)
+            files.move(self.files[1], self.rejects)
+        files.move(self.files[0], self.path)
+        files.remove(self.state_path)  # none when no chunk was this run's (a shard with no chunks)
 
-    def _save_state(self):
-        state = {"fingerprint": self.fingerprint, "chunks": self.chunks, "rows": self.rows,
-                 "rejected": self.rejected, "sizes": self.sizes}
-        tmp = self.state_path + ".tmp"
-        try:
-            self._do(self.state_path, _write_text, tmp, json.dumps(state))
-        except OutputError:
-            os.remove(tmp)  # the state before this chunk stands: --resume redoes the chunk
-            raise
-        self._do(self.state_path, os.replace, tmp, self.state_path)
-
-    def _read_state(self):
-        if not os.path.exists(self.state_path):
+    def _trusted_state(self):
+        """The state of an interrupted run with each partial's digest at its recorded size, or None without one;
+        ResumeRefused when the state or a partial cannot be trusted."""
+        if not os.path.lexists(self.state_path):
             return None
-        with open(self.state_path) as f:
-            return json.load(f)
+        state, problem = read_state(self.state_path)
+        state = state or {}
+        if state and len(state["sizes"]) != len(self.files):
+            problem = f"{self.state_path} records {len(state['sizes'])} files, this run writes {len(self.files)}"
+        digests = []
+        for name, size, sha256 in zip(self.files, state.get("sizes", []), state.get("sha256", [])):
+            problem = problem or partial_problem(name, size)
+            digests.append(None if problem else digest_of(name, size))
+            if not problem and digests[-1].hexdigest() != sha256:
+                problem = f"{name}'s first {size} bytes are not those the run wrote (their sha256 differs)"
+        if problem:
+            raise ResumeRefused(f"cannot continue the interrupted run of {self.path}: {problem}; its work cannot be "
+                                f"trusted: `{self.start_over}`, then run the same command without --resume")
+        state["digests"] = digests
+        return state
 
-    @staticmethod
-    def _do(path, action, *args):
-        """action(*args), an OSError (disk full, permission) becoming an OutputError that names path."""
-        try:
-            return action(*args)
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+def read_state(path):
+    """(the state dict, None) or (None, what is wrong with the file)."""
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        return None, f"cannot read {path} ({files.os_reason(e)})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, f"{path} is empty or damaged (not the JSON a run writes)"
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        return None, f"{path} is damaged (no {', '.join(missing)})"
+    return state, None
+
+
+def partial_problem(name, size):
+    """Why the partial file name cannot hold the size bytes its complete chunks wrote: missing, or shorter."""
+    if not os.path.isfile(name):
+        return f"{name} is missing"
+    have = os.path.getsize(name)
+    if have < size:
+        return f"{name} holds {have} bytes, fewer than the {size} its complete chunks wrote"
+    return None
+
+
+def digest_of(path, size):
+    """sha256 of the first size bytes of path, ready to take the bytes that follow."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while size > 0:
+            block = f.read(min(size, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            size -= len(block)
+    return digest
+
+
+def shell_word(text):
+    """A path as a shell word (quoted when it needs to be), for a command the user copies."""
+    return shlex.quote(text)
 
 
 def changes(before, now):
@@ -133,21 +191,3 @@ def changes(before, now):
     options = before.get("options", {})
     return changed + [f"--{k.replace('_', '-')} ({options.get(k)!r} then, {v!r} now)"
                       for k, v in now["options"].items() if options.get(k) != v]
-
-
-def _write_zeros(path, size):
-    with open(path, "wb") as f:
-        f.write(bytes(size))
-
-
-def _append(handle, data):
-    handle.write(data)
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())

@@ -5,7 +5,6 @@ validation data (--calibrate temperature, side/calibrate.py), then validation an
 final_report -> report.txt, test_metrics.json, calibration.png (with matplotlib)
 threshold_list   a tuned threshold as config.json keeps it
 """
-import json
 import os
 
 import numpy as np
@@ -13,7 +12,7 @@ import numpy as np
 from metrics import (calibration_inputs, calibration_metrics, f1_by_frequency, format_frequency_table, format_report,
                      format_table, per_class_report)
 from model import EncoderClassifier
-from side import calibrate
+from side import calibrate, files
 from side.logs import plot_reliability
 
 CALIBRATION_KEYS = ("ece", "brier")
@@ -46,8 +45,7 @@ def final_report(objective, out_dir, calibration, device, best):
                                 model.config.thresholds if model.config.multi_label else 0.5)
         lines += ["", format_report(rows)]
         result["test"] = metrics
-        with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
-            json.dump({**metrics, "validation": validation}, f, indent=2)
+        files.write_json(os.path.join(out_dir, "test_metrics.json"), {**metrics, "validation": validation})
     write_report(out_dir, "\n".join(lines))
     plot_reliability(os.path.join(out_dir, "calibration.png"), reliability_curves(model, raw, calibration != "off"))
     return result
@@ -58,6 +56,10 @@ def fit_and_save(model, objective, logits, targets, out_dir):
     Returns the report's line about it."""
     multi = model.config.multi_label
     temperature = calibrate.fit_temperature(logits, targets, multi)
+    if temperature is None:  # the config.json saved stays uncalibrated
+        return (f"calibration: none; the {len(targets)} validation text(s) give the temperature no optimum (the fit "
+                f"ran to the edge of its search, {calibrate.BOUNDS}): the model is saved uncalibrated; calibrate "
+                "with more validation data")
     calibrate.set_temperature(model.config, temperature)
     _, threshold, _ = objective.score(model, logits, targets)  # thresholds tuned on the calibrated probabilities
     model.config.thresholds = threshold_list(threshold, model.config.num_labels)
@@ -99,8 +101,7 @@ def train_counts(objective):
 
 
 def write_report(out_dir, report):
-    with open(os.path.join(out_dir, "report.txt"), "w") as f:
-        f.write(report + "\n")
+    files.write_text(os.path.join(out_dir, "report.txt"), report + "\n")
     print("\n" + report + f"\n\nsaved to {out_dir}/")
 
 

@@ -1,7 +1,7 @@
 """A data file as a stream of rows, for predict.py: plain or gzip-compressed, read a line at a time, so memory does
-not grow with the file. The rows are data.py's (csv_rows, jsonl_rows, txt_rows); here each is also checked for
-its text (and pair) and for bytes that are not UTF-8, and a bad row is handed on with its reason instead of ending
-the run. A bad file (missing, empty, not UTF-8 at the start, no text column) is a DataError at once, before any
+not grow with the file. The rows are data.py's (csv_rows, jsonl_rows), or a .txt file's lines, a blank one too (set
+aside, so that row i stays line i); each is checked for its text (and pair) and for bytes that are not UTF-8, and
+a bad row is handed on with its reason instead of ending the run. A bad file (missing, empty, not UTF-8 at the start, no text column) is a DataError at once, before any
 model loads. bytes_read (of the file as stored: compressed bytes for .gz) gives the progress line its ETA.
 
     stream = RowStream("notes.csv.gz", "text")
@@ -15,7 +15,7 @@ import os
 import zlib
 from dataclasses import dataclass
 
-from data import DataError, csv_rows, file_format, jsonl_rows, require_columns, text_problem, txt_rows
+from data import DataError, csv_rows, file_format, jsonl_rows, require_columns, text_problem
 
 UTF8_CHECK_BYTES = 1 << 16  # a file whose first 64 KiB are not UTF-8 is refused whole; later bad bytes, a bad row
 
@@ -46,8 +46,8 @@ class RowStream:
             self._raw = raw
             lines = self._lines(gzip.GzipFile(fileobj=raw) if self.compressed else raw)
             text_lines = (line.removesuffix("\n").removesuffix("\r") for line in lines)
-            if self.delimiter == "lines":
-                parsed = txt_rows(text_lines, self.text_column)
+            if self.delimiter == "lines":  # every line a row, a blank one set aside: row i stays line i
+                parsed = ((n, n, {self.text_column: line}, None) for n, line in enumerate(text_lines, 1))
             elif self.delimiter is None:
                 parsed = jsonl_rows(text_lines)
             else:

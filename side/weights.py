@@ -143,14 +143,25 @@ def hf_tensors(config, ours):
 # checkpoint folders: config.json, the weights, and the tokenizer that goes with them
 
 
+def read_json_object(path):
+    """The JSON object (a dict) in path; a ValueError naming the file when it is not JSON, or not an object."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object of settings (it holds a {type(value).__name__})")
+    return value
+
+
 def read_config(model_dir, num_labels=None, id2label=None, problem_type=None, overrides=None):
     """A checkpoint folder's config.json as our config. Label options replace the checkpoint's; overrides
     set any other field (train.py: dropout, long_document)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {model_dir!r}: not a Hugging Face checkpoint folder")
-    with open(path) as f:
-        config = config_from_hf(json.load(f))
+    config = config_from_hf(read_json_object(path))
     if id2label is not None:
         config.id2label = {int(k): v for k, v in id2label.items()}
         config.num_labels = len(config.id2label)

@@ -95,8 +95,8 @@ def test_03_predict_output_is_the_input(trained, tmp_path, monkeypatch):
     notes = write_texts(tmp_path / "notes.csv", 4, 5)
     before = open(notes).read()
     monkeypatch.setattr(predict, "Predictor", None)  # the check comes before the model loads
-    with pytest.raises(SystemExit, match=r"--output .*notes.csv is the --input file: the predictions would replace "
-                                         r"it; name another file"):
+    with pytest.raises(SystemExit, match=r"--output .*notes.csv is the --input file .*notes.csv: the run would "
+                                         r"replace it; name another file"):
         predict.main(["--model", str(trained), "--input", notes, "--output", os.path.join(tmp_path, ".", "notes.csv")])
     assert open(notes).read() == before
 

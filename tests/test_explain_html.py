@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from side.explain_html import PALETTE, page_item, write_page
-from side.output import OutputError
+from side.files import WriteFailed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import screenshot  # noqa: E402
@@ -195,7 +195,7 @@ def test_the_page_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError, match="'bc' is not the text's characters 0:2"):
         write_page(path, quoted)
     missing = str(tmp_path / "no_such_folder" / "report.html")
-    with pytest.raises(OutputError, match="cannot write .*no_such_folder/report.html: No such file"):
+    with pytest.raises(WriteFailed, match="cannot write .*no_such_folder/report.html: No such file"):
         write_page(missing, cases())
     assert os.listdir(tmp_path) == ["report.html"]
 

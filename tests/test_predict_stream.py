@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import predict
+import side.files
 import side.output
 import side.progress
 import side.stream
@@ -131,20 +132,24 @@ def test_existing_output_survives_a_full_disk(tiny, tmp_path, monkeypatch):
     output.write_text("the last good labels\n")
     calls = []
 
-    def full_after_two(handle, data):
+    real_write = side.files.Appender.write
+
+    def full_after_two(appender, data):
         calls.append(1)
         if len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        handle.write(data)
+            with side.files.writing(appender.path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(appender, data)
 
-    monkeypatch.setattr(side.output, "_append", full_after_two)
+    monkeypatch.setattr(side.files.Appender, "write", full_after_two)
     with pytest.raises(SystemExit, match=rf"^cannot write {output}.partial: No space left on device; an existing "
                                          r"output file is untouched"):
         predict.main(["--model", tiny["model"], "--input", notes, "--output", str(output), "--chunk-rows", "5"])
     assert output.read_text() == "the last good labels\n"
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match=r"an interrupted run's work is there: --resume continues it; delete it and "
-                                         r".*labels.csv.partial to start over$"):
+    with pytest.raises(SystemExit, match=r"an interrupted run's work is there: run the same command with --resume to "
+                                         r"continue it, or `rm -f .*labels.csv.resume.json .*labels.csv.partial "
+                                         r".*labels.rejects.jsonl.partial` to start over$"):
         predict.main(["--model", tiny["model"], "--input", notes, "--output", str(output), "--chunk-rows", "5"])
     assert run_predict("--model", tiny["model"], "--input", notes, "--output", output, "--chunk-rows", 5,
                        "--resume") == 0
@@ -158,8 +163,7 @@ import predict, side.output
 commit = side.output.ChunkWriter.commit
 def commit_then_die(self, output, *args):
     if self.chunks == {chunks}:  # half a chunk on disk, then kill -9: a torn chunk that --resume must cut off
-        self.handles[0].write(output[:len(output) // 2])
-        self.handles[0].flush()
+        self.partials[0].write(output[:len(output) // 2])
         os.kill(os.getpid(), 9)
     commit(self, output, *args)
 side.output.ChunkWriter.commit = commit_then_die

@@ -86,7 +86,8 @@ def tiny_job(tiny, task, out, *extra):
 
 def test_calibrated_job_writes_the_temperature_and_predict_applies_it(tiny, tmp_path):
     out = tmp_path / "out"
-    result = tiny_job(tiny, "single", out, "--calibrate", "temperature")
+    # 5e-3: a model confident enough to have a temperature to fit (at 2e-3 the fit runs to the search's edge)
+    result = tiny_job(tiny, "single", out, "--calibrate", "temperature", "--lr", "5e-3")
     config = json.load(open(out / "config.json"))
     temperature = config["calibration_temperature"]
     assert isinstance(temperature, float) and abs(temperature - 1) > 1e-3
@@ -157,3 +158,18 @@ def test_a_finished_run_is_calibrated_later_by_resume_as_if_trained_with_it(tiny
     assert saved[0] == saved[1] and saved[1]["ece"] != saved[1]["ece_uncalibrated"]
     with pytest.raises(SystemExit, match="other options"):  # what shapes training still may not change
         tiny_job(tiny, "multi", later, "--calibrate", "temperature", "--resume", "--lr", "1e-3")
+
+
+def test_a_fit_at_the_edge_of_the_search_is_not_saved(tiny, tmp_path):
+    """Issue 35, item 14: one validation text has no optimum (T runs to 20 or 0.05): the model is saved
+    uncalibrated, and the report says why."""
+    train_file, _, test_file = tiny["single"]
+    one = write_texts(tmp_path / "one.csv", 1, 1)
+    out = tmp_path / "out"
+    train.main(["--model", tiny["model"], "--train-file", train_file, "--val-file", one, "--test-file", test_file,
+                "--out-dir", str(out), "--max-length", "32", "--batch-size", "8", "--max-steps", "2", "--calibrate",
+                "temperature"])
+    assert "calibration_temperature" not in json.load(open(out / "config.json"))
+    assert ("calibration: none; the 1 validation text(s) give the temperature no optimum"
+            in (out / "report.txt").read_text())
+    assert calibrate.fit_temperature(np.array([[2.0, 0.0]]), np.array([0]), multi_label=False) is None
