@@ -5,6 +5,7 @@ never leaves a torn file or replaces one it should not touch.
 WriteFailed / writing(path, what)   an OSError (and torch's and safetensors' wrappings of one) while writing becomes
     one error naming the file and the system's reason
 replacing(path) -> temp path   write beside, fsync, rename over path, fsync the folder; the temp removed on failure
+    (remove_debris_of(path): the temps a kill left)
 write_bytes / write_text / write_json   whole files through replacing
 replacing_files(folder) -> temp folder   several files (a checkpoint) written together, each renamed into folder
 Appender(path)   a file that grows by whole records (a .partial output, metrics.jsonl); move / remove / fsync
@@ -79,6 +80,15 @@ def replacing(path, what="", suffix=""):
     finally:
         if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def remove_debris_of(path):
+    """Remove what replacing(path) left when a kill cut it short (.tmp-<name>.*, never read). Only for a run that
+    holds the lock on path's output: no other run is writing them."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder):
+        if entry.startswith(f"{TEMP_PREFIX}{name}."):
+            remove(os.path.join(folder, entry))
 
 
 def write_bytes(path, data, what=""):

@@ -73,6 +73,7 @@ class ChunkWriter:
         self.state_path = path + ".resume.json"
         self.files = [path + ".partial", *([rejects + ".partial"] if rejects else [])]
         self.start_over = f"rm -f {' '.join(shell_word(f) for f in [self.state_path, *self.files])}"
+        files.remove_debris_of(self.state_path)  # predict.py holds the output's lock: no other run writes them
         state = self._trusted_state()
         if state is not None and not resume:
             raise ResumeRefused(f"{self.state_path}: an interrupted run's work is there: run the same command with "
@@ -129,8 +130,9 @@ class ChunkWriter:
         if state and len(state["sizes"]) != len(self.files):
             problem = f"{self.state_path} records {len(state['sizes'])} files, this run writes {len(self.files)}"
         digests = []
-        for name, size, sha256 in zip(self.files, state.get("sizes", []), state.get("sha256", [])):
-            problem = problem or partial_problem(name, size)
+        for name, final, size, sha256 in zip(self.files, [self.path, self.rejects], state.get("sizes", []),
+                                             state.get("sha256", [])):
+            problem = problem or (not_finished(name, final, size, sha256) and partial_problem(name, size))
             digests.append(None if problem else digest_of(name, size))
             if not problem and digests[-1].hexdigest() != sha256:
                 problem = f"{name}'s first {size} bytes are not those the run wrote (their sha256 differs)"
@@ -154,6 +156,20 @@ def read_state(path):
     if missing:
         return None, f"{path} is damaged (no {', '.join(missing)})"
     return state, None
+
+
+def not_finished(partial, final, size, sha256):
+    """False when finish() had moved partial to final (or removed an empty one) before a kill or a failure cut it:
+    partial is put back, to be finished again. final holds exactly the recorded bytes then."""
+    if os.path.lexists(partial):
+        return True
+    if size == 0:  # an empty rejects partial, removed when no row was set aside
+        files.write_bytes(partial, b"")
+        return False
+    if not os.path.isfile(final) or os.path.getsize(final) != size or digest_of(final, size).hexdigest() != sha256:
+        return True
+    files.move(final, partial)
+    return False
 
 
 def partial_problem(name, size):
