@@ -610,7 +610,8 @@ def hold_output(args):
     except files.Busy as e:
         raise SystemExit(str(e)) from None
     except OSError as e:
-        raise SystemExit(f"cannot write {path}.lock: {files.os_reason(e)}") from None
+        raise SystemExit(f"cannot write {path}.lock: {files.os_reason(e)}; make room (or fix the permission) and run "
+                         "the same command again") from None
 
 
 def load_predictor(args, device):
