@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import predict
 import train
 from faultpoints import advised_argv
 from test_robustness import ROOT, assert_same_run, job, last_state, tiny, uninterrupted, write_texts  # noqa: F401
@@ -25,7 +26,7 @@ WHAT = {signal.SIGINT: "interrupted (Ctrl-C)",
 # A script run as __main__ (quiet_start acts) after hooks that send the process `SIG` itself at a chosen moment:
 # HOOK names it (import: as torch begins to load; save: at the 3rd write inside the 2nd torch.save, the training
 # state at step 4; replace: before the 3rd rename of a file under the out-dir, inside the first model save; and
-# `twice`: a second signal, SIGINT, right after the first one, as a second Ctrl-C during the clean-up would come).
+# `twice`: a second signal, SIGINT, as the clean-up leaves the process group, as a second Ctrl-C would come).
 HOOKED = """
 import os, runpy, signal, sys
 SIG, HOOK, TWICE, SCRIPT = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "twice", sys.argv[4]
@@ -33,8 +34,15 @@ sys.argv = sys.argv[4:]
 
 def send():
     os.kill(os.getpid(), SIG)
-    if TWICE:
+
+if TWICE:
+    import side.distributed
+    leave_group = side.distributed.leave_group
+
+    def leave_after_a_second_signal():
         os.kill(os.getpid(), signal.SIGINT)
+        leave_group()
+    side.distributed.leave_group = leave_after_a_second_signal
 
 class AtImport:
     def find_spec(self, name, path=None, target=None):
@@ -146,8 +154,7 @@ def notes(tiny, uninterrupted):
     notes = write_texts(root / "notes.csv", 400, 5)
     whole = root / "whole.csv"
     argv = ["--model", str(uninterrupted), "--input", notes, "--chunk-rows", "20", "--batch-size", "4"]
-    subprocess.run([sys.executable, "predict.py", *argv, "--output", str(whole)], cwd=ROOT, check=True,
-                   capture_output=True)
+    predict.main([*argv, "--output", str(whole)])
     return {"argv": argv, "whole": whole.read_bytes()}
 
 
@@ -169,8 +176,7 @@ def test_predict_stopped_mid_run_resumes_to_the_same_bytes(notes, tmp_path, sig)
     assert process.returncode == 128 + sig and message.endswith(
         "The complete chunks are kept: run the same command with --resume to go on after them"), message
     assert not output.exists()
-    subprocess.run([sys.executable, "predict.py", *advised_argv(argv, message)], cwd=ROOT, check=True,
-                   capture_output=True)
+    predict.main(advised_argv(argv, message))
     assert output.read_bytes() == notes["whole"]
 
 
@@ -212,3 +218,35 @@ def test_seeds_interrupted_is_one_message_and_goes_on(tiny, tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "seed 0: interrupted, continues (--resume)" in again.stdout, again.stderr
     assert (out / "seed-0" / "test_metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- side/signals.py itself
+
+def test_a_signal_inside_held_acts_after_it_and_a_second_is_ignored(capsys):
+    """In this process, with real signals: the block ends whole, then one SystemExit with one message."""
+    from side import signals
+    done = []
+
+    @signals.stopping("Run it again")
+    def job():
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the block ended")
+        done.append("after the block")  # never: the signal acts first
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        job()
+    assert stop.value.code == 143 and done == ["the block ended"]
+    assert capsys.readouterr().err == f"{WHAT[signal.SIGTERM]}. Run it again\n"
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers from before are back
+
+
+def test_on_a_terminal_the_message_starts_a_line_of_its_own(monkeypatch, capsys):
+    """Not glued to the progress line: `eta 42.4 min^Cinterrupted` (issue 38, item 9)."""
+    from side import signals
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with pytest.raises(SystemExit):
+        with signals.stopping():
+            raise KeyboardInterrupt
+    assert capsys.readouterr().err == f"\n{WHAT[signal.SIGINT]}. Run the same command again\n"
