@@ -22,10 +22,12 @@ side/inputs.py checks the options and the API's arguments by one set of rules, s
 Output: each input row's columns except the text (and pair; --keep-text writes them too), then label and
 probability (multi-label: labels and probabilities, `;`-joined in CSV), in input order. An input column named like
 a prediction column is written as input_<name>. --text texts are written with their text. Nothing is written in
-place: PATH.partial grows chunk by chunk and becomes PATH at the end; PATH.resume.json lets --resume go on after
-the last complete chunk, byte for byte as an uninterrupted run. A row without text, a line that does not parse
-or is not UTF-8 goes to PATH's rejects file (predictions.rejects.jsonl: row, line, id columns, reason) and the
-run goes on; then the exit status is 3. Progress goes to stderr. Docs: docs/predict.md.
+place: PATH.partial grows chunk by chunk and becomes PATH at the end; PATH.resume.json (sizes and sha256 of what
+was written) lets --resume go on after the last complete chunk, byte for byte as an uninterrupted run. Before any
+work the run refuses to write onto a file it reads or twice onto one (side/files.py), and holds PATH.lock while
+it runs. A row without text, a line that does not parse or is not UTF-8 (a blank line of a .txt file) goes to
+PATH's rejects file (predictions.rejects.jsonl: row, line, id columns, reason) and the run goes on; then the exit
+status is 3. Progress goes to stderr. Docs: docs/predict.md.
 
 From Python:
     from predict import Predictor
@@ -139,18 +141,7 @@ class Predictor:
         pair_column); a row's other fields come along in its prediction, so an id column does. Its arguments are
         checked at once, each item as its chunk comes (a bad one is named by its position in the whole input)."""
         check_numbers(chunk_rows=chunk_rows)
-        return self._stream(checked_items(items), chunk_rows, text_column, pair_column)
-
-    def _stream(self, items, chunk_rows, text_column, pair_column):
-        for first in itertools.count(1, chunk_rows):
-            chunk = list(itertools.islice(items, chunk_rows))
-            if not chunk:
-                return
-            rows = [item if isinstance(item, dict) else None for item in chunk]
-            texts = [item.get(text_column) if row is not None else item for item, row in zip(chunk, rows)]
-            pairs = [row.get(pair_column) if row is not None else None for row in rows] if pair_column else None
-            for row, prediction in zip(rows, self.decode(self.score(self.encode(texts, pairs, first)))):
-                yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
+        return streamed(self, checked_items(items), chunk_rows, text_column, pair_column)
 
     def explain(self, texts, top=3, method=None, predictions=None):
         """predict() with each predicted label's "evidence": its top spans of the text (side/explain.py, by the fp32
@@ -163,6 +154,20 @@ class Predictor:
     def decode(self, logits):
         """Labels and probabilities from logits."""
         return decoded(logits, self.names, self.thresholds, self.model.config.multi_label)
+
+
+def streamed(predictor, items, chunk_rows, text_column, pair_column):
+    """Predictor.stream's predictions, a chunk at a time; each chunk's texts are checked with their positions in
+    the whole stream."""
+    for first in itertools.count(1, chunk_rows):
+        chunk = list(itertools.islice(items, chunk_rows))
+        if not chunk:
+            return
+        rows = [item if isinstance(item, dict) else None for item in chunk]
+        texts = [item.get(text_column) if row is not None else item for item, row in zip(chunk, rows)]
+        pairs = [row.get(pair_column) if row is not None else None for row in rows] if pair_column else None
+        for row, prediction in zip(rows, predictor.decode(predictor.score(predictor.encode(texts, pairs, first)))):
+            yield prediction if row is None else {**given_fields(row, (text_column, pair_column)), **prediction}
 
 
 def decoded(logits, names, thresholds, multi_label):
@@ -558,7 +563,7 @@ def open_sink(args, job, stream, rank, world):
 def main(argv=None):
     args = parse_arguments(argv)
     check_arguments(args)
-    finished = False
+    finished, lock = False, None
     try:
         stream = RowStream(args.input, args.text_column, args.text_pair_column) if args.input else TextRows(args.text)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.int8 else "cpu"))
@@ -584,7 +589,7 @@ def main(argv=None):
                          "(or fix the permission) and run again with --resume") from None
     finally:
         leave_ranks(wait=finished)  # after a failure the other ranks may wait for this one: torchrun stops them
-        files.release(locals().get("lock"))
+        files.release(lock)
     if result is None:  # a rank of torchrun other than 0
         return None
     rejected, where = result

@@ -490,7 +490,7 @@ def train(cfg):
     # a run on the folder now is named before anything else (the lock is taken at the latest before the first write)
     lock = options.hold_out_dir(cfg.out_dir, create=False) if rank == 0 else None
     reads = {"--train-file": cfg.train_file, "--val-file": cfg.val_file, "--test-file": cfg.test_file,
-             "--config file": cfg.config, "--teacher folder": cfg.teacher}
+             "--config file": cfg.config}
     old_run = options.check_out_dir(cfg.out_dir, model_dir, cfg.overwrite, cfg.resume, rank == 0, reads)
     encoder = text_encoder(cfg, model_dir, hf)
     objective = Objective(cfg, model_dir, hf, encoder)
@@ -539,7 +539,7 @@ def train(cfg):
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
     with failures.writing(cfg.out_dir, "the report to"):
         report = objective.report(device, progress.best)
-    files.release(lock)  # a run that fails leaves its lock file behind, held by no one: the next run takes it
+    files.release(lock)  # (a run that fails lets go of it in main)
     return report
 
 
@@ -571,6 +571,7 @@ def main(argv=None):
         raise signals.stopped(e, failures.interrupted(cfg.out_dir), quiet=not is_main_rank()) from None
     finally:
         leave_group()  # a run that ended early: leave the process group cleanly
+        files.release_all()  # and its lock on the out-dir
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """predict.py --explain-html: one self-contained HTML page of texts, their predicted labels and each label's evidence.
 
-write_page(path, items, title, note) writes the page through side/files.py (beside, then renamed to PATH); page_item(prediction,
-text, id) makes an item of a prediction with evidence. An item: {"id", "text", "labels": [{"label", "probability",
+write_page(path, items, title, note) writes the page through side/files.py (beside, then renamed to PATH);
+page_item(prediction, text, id) makes an item of a prediction with evidence. An item: {"id", "text", "labels": [{"label", "probability",
 "evidence": [{"start", "end", "text", "score"}, ...]}, ...]}, offsets in characters of the text.
 
 The page: per text a legend of its labels (a colour each, its probability) and the text, cut at every evidence boundary;

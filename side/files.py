@@ -5,12 +5,12 @@ never leaves a torn file or replaces one it should not touch.
 WriteFailed / writing(path, what)   an OSError (and torch's and safetensors' wrappings of one) while writing becomes
     one error naming the file and the system's reason
 replacing(path) -> temp path   write beside, fsync, rename over path, fsync the folder; the temp removed on failure
-    (remove_debris_of(path): the temps a kill left)
 write_bytes / write_text / write_json   whole files through replacing
 replacing_files(folder) -> temp folder   several files (a checkpoint) written together, each renamed into folder
 Appender(path)   a file that grows by whole records (a .partial output, metrics.jsonl); move / remove / fsync
 collisions(outputs, reads)   what a run would write onto something it reads, or onto another of its outputs
-hold(path, what)   a lock (flock) a running run holds on its output: a second run on it is refused by name
+hold(path, what) / release / release_all   a lock (flock) a running run holds on its output: a second run on it is refused by
+    name
 """
 import contextlib
 import fcntl
@@ -66,29 +66,23 @@ def replacing(path, what="", suffix=""):
     (a full disk, Ctrl-C) the temp is removed and path left as it was. suffix: a tool that picks its format
     from the name (Chromium's .png)."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    # one temp name per file: a kill leaves at most one leftover beside it, which the next write replaces
+    tmp = os.path.join(folder, TEMP_PREFIX + os.path.basename(path) + suffix)
     try:
         with writing(path, what):
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
-            os.close(fd)
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmp
             fsync(tmp)
-            os.chmod(tmp, mode_for(path))  # mkstemp makes it 0600: the new file gets the old one's or the umask's
+            os.chmod(tmp, mode_for(path))  # private while partial; whole, the old file's mode or the umask's
             os.replace(tmp, path)
             tmp = None
             fsync(folder)
     finally:
         if tmp is not None and os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-def remove_debris_of(path):
-    """Remove what replacing(path) left when a kill cut it short (.tmp-<name>.*, never read). Only for a run that
-    holds the lock on path's output: no other run is writing them."""
-    folder, name = os.path.split(os.path.abspath(path))
-    for entry in os.listdir(folder):
-        if entry.startswith(f"{TEMP_PREFIX}{name}."):
-            remove(os.path.join(folder, entry))
+            with contextlib.suppress(OSError):  # the error that brought us here is the one to report
+                os.unlink(tmp)
 
 
 def write_bytes(path, data, what=""):
@@ -273,13 +267,24 @@ def hold(path, what, create=True):
     handle.truncate()
     handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}"[:500])
     handle.flush()
+    HELD.append(handle)
     return handle
 
 
+HELD = []  # the locks this process holds: a run that ends by an exception lets go of them in release_all()
+
+
 def release(handle):
-    """Remove the lock file and let go (while still held: a run waiting on the old file sees it gone)."""
-    if handle is not None and not handle.closed:
+    """Remove the lock file and let go (while still held: a run waiting on the old file sees it gone); None: no
+    lock was taken."""
+    if handle in HELD:
+        HELD.remove(handle)
         with contextlib.suppress(OSError):
             os.unlink(handle.name)
         with contextlib.suppress(OSError):  # the run's work is done: a lock file that fails to close changes nothing
             handle.close()
+
+
+def release_all():
+    for handle in list(HELD):
+        release(handle)

@@ -92,8 +92,8 @@ def checked_items(items):
 
 def check_arguments(args):
     """What can be wrong before the model loads: numbers out of range, an empty --text, a --model folder that
-    is not there, a --device this torch cannot use, an --output that cannot be written or would replace the
-    --input file, options that do not go together."""
+    is not there, a --device this torch cannot use, a file the run would write that cannot be written, or that is
+    a file it reads or another of its outputs (files.collisions), options that do not go together."""
     bad = number_problems({name: getattr(args, name) for name in ("batch_size", "batch_tokens", "max_length",
                                                                   "window_stride", "chunk_rows", "progress_every")})
     bad += number_problems({"top": args.explain_top})
@@ -104,11 +104,12 @@ def check_arguments(args):
     bad += [problem for problem in [device_problem(args.device)] if problem]
     if args.int8 and args.device and args.device.split(":")[0] != "cpu":
         bad.append(f"--int8 runs on the CPU only: leave out --device {args.device}, or pass --device cpu")
-    bad += [f"{flag} {path}: {problem}" for flag, path in (("--output", args.output), ("--embeddings", args.embeddings),
-                                                             ("--explain-html", args.explain_html))
-            if path for problem in [output_problem(path, flag)] if problem]
-    bad += [collision for collision in [files.collisions(every_output(args), {
-        "--input file": args.input, "--model folder": args.model})] if collision]
+    for flag, path in (("--output", args.output), ("--embeddings", args.embeddings), ("--explain-html",
+                                                                                       args.explain_html)):
+        problem = path and output_problem(path, flag)
+        bad += [f"{flag} {path}: {problem}"] if problem else []
+    collision = files.collisions(every_output(args), {"--input file": args.input, "--model folder": args.model})
+    bad += [collision] if collision else []
     bad += combination_problems(args)
     if bad:
         raise SystemExit("; ".join(bad))
@@ -137,7 +138,7 @@ def output_problem(output, flag):
     permission. What it must not be (the input, another output) is files.collisions'."""
     folder = os.path.dirname(os.path.abspath(output))
     if flag == "--output" and not output_format(output):
-        return (f"write .csv, .tsv or .jsonl (the format follows the name; a compressed or .parquet output is not "
+        return ("write .csv, .tsv or .jsonl (the format follows the name; a compressed or .parquet output is not "
                 "written: compress the file afterwards)")
     if flag == "--embeddings" and not output.endswith(".npy"):
         return "name a .npy file (numpy.load reads it)"

@@ -256,7 +256,8 @@ def check_out_dir(out, model_dir, overwrite, resume, main_rank, reads=None):
         raise SystemExit(f"--out-dir {out} holds the --model checkpoint this run starts from: the run would "
                          "replace it; pass another --out-dir")
     outputs = {f"--out-dir {out}'s {name}": os.path.join(out, name) for name in (*RUN_OUTPUTS, LOCK)}
-    collision = files.collisions(outputs, {**(reads or {}), "--model folder": model_dir},
+    # the model folder is not among the reads: an out-dir inside it (models/bert/finetuned) replaces none of its files
+    collision = files.collisions(outputs, reads or {},
                                  folders=[f"--out-dir {out}'s {name}" for name in ("last", "checkpoints")],
                                  advice="pass another --out-dir, or keep the files the run reads elsewhere")
     if collision:

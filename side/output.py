@@ -43,8 +43,9 @@ def output_format(path):
 def planned_outputs(output, flag="--output"):
     """{what: path} of every file a run writing output writes beside it: the collision guard's list."""
     rejects = rejects_path(output)
-    beside = {"rejects file": rejects, "partial file": output + ".partial", "partial rejects file": rejects + ".partial",
-              "resume state": output + ".resume.json", "lock": output + ".lock"}
+    beside = {"rejects file": rejects, "partial file": output + ".partial",
+              "partial rejects file": rejects + ".partial", "resume state": output + ".resume.json",
+              "lock": output + ".lock"}
     return {flag: output, **{f"{flag} {output}'s {what}": path for what, path in beside.items()}}
 
 
@@ -71,9 +72,9 @@ class ChunkWriter:
     def __init__(self, path, fingerprint, resume=False, head_bytes=0, rejects=None):
         self.path, self.rejects, self.fingerprint = path, rejects, fingerprint
         self.state_path = path + ".resume.json"
+        self.head_bytes = head_bytes  # the .npy header's room: written last, so the digests leave it out
         self.files = [path + ".partial", *([rejects + ".partial"] if rejects else [])]
         self.start_over = f"rm -f {' '.join(shell_word(f) for f in [self.state_path, *self.files])}"
-        files.remove_debris_of(self.state_path)  # predict.py holds the output's lock: no other run writes them
         state = self._trusted_state()
         if state is not None and not resume:
             raise ResumeRefused(f"{self.state_path}: an interrupted run's work is there: run the same command with "
@@ -88,7 +89,6 @@ class ChunkWriter:
         else:
             self.chunks = self.rows = self.rejected = 0
             self.sizes, self.digests = [head_bytes, 0][:len(self.files)], [hashlib.sha256() for _ in self.files]
-            self.digests[0].update(bytes(head_bytes))
         start = (lambda size: size) if state is not None else (lambda size: None)
         self.partials = [files.Appender(name, start=start(size), start_bytes=size)
                          for name, size in zip(self.files, self.sizes)]
@@ -127,13 +127,13 @@ class ChunkWriter:
             return None
         state, problem = read_state(self.state_path)
         state = state or {}
-        if state and len(state["sizes"]) != len(self.files):
+        if state and not len(state["sizes"]) == len(state["sha256"]) == len(self.files):
             problem = f"{self.state_path} records {len(state['sizes'])} files, this run writes {len(self.files)}"
         digests = []
-        for name, final, size, sha256 in zip(self.files, [self.path, self.rejects], state.get("sizes", []),
-                                             state.get("sha256", [])):
-            problem = problem or (not_finished(name, final, size, sha256) and partial_problem(name, size))
-            digests.append(None if problem else digest_of(name, size))
+        for name, final, size, sha256, start in zip(self.files, [self.path, self.rejects], state.get("sizes", []),
+                                                    state.get("sha256", []), (self.head_bytes, 0)):
+            problem = problem or (not_finished(name, final, start, size, sha256) and partial_problem(name, size))
+            digests.append(None if problem else digest_of(name, start, size))
             if not problem and digests[-1].hexdigest() != sha256:
                 problem = f"{name}'s first {size} bytes are not those the run wrote (their sha256 differs)"
         if problem:
@@ -155,18 +155,23 @@ def read_state(path):
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else STATE_KEYS
     if missing:
         return None, f"{path} is damaged (no {', '.join(missing)})"
+    counts = lambda values: isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+    if not (counts(state["sizes"]) and counts([state[k] for k in ("chunks", "rows", "rejected")])
+            and isinstance(state["sha256"], list) and isinstance(state["fingerprint"], dict)):
+        return None, f"{path} is damaged (its counts or checksums are not what a run writes)"
     return state, None
 
 
-def not_finished(partial, final, size, sha256):
+def not_finished(partial, final, start, size, sha256):
     """False when finish() had moved partial to final (or removed an empty one) before a kill or a failure cut it:
-    partial is put back, to be finished again. final holds exactly the recorded bytes then."""
+    partial is put back, to be finished again. final holds exactly the recorded bytes then (from start: a .npy
+    header is written last)."""
     if os.path.lexists(partial):
         return True
     if size == 0:  # an empty rejects partial, removed when no row was set aside
         files.write_bytes(partial, b"")
         return False
-    if not os.path.isfile(final) or os.path.getsize(final) != size or digest_of(final, size).hexdigest() != sha256:
+    if not os.path.isfile(final) or os.path.getsize(final) != size or digest_of(final, start, size).hexdigest() != sha256:
         return True
     files.move(final, partial)
     return False
@@ -182,10 +187,12 @@ def partial_problem(name, size):
     return None
 
 
-def digest_of(path, size):
-    """sha256 of the first size bytes of path, ready to take the bytes that follow."""
+def digest_of(path, start, stop):
+    """sha256 of the bytes start..stop of path, ready to take the bytes that follow."""
     digest = hashlib.sha256()
+    size = stop - start
     with open(path, "rb") as f:
+        f.seek(start)
         while size > 0:
             block = f.read(min(size, 1 << 20))
             if not block:

@@ -1,8 +1,8 @@
 """A data file as a stream of rows, for predict.py: plain or gzip-compressed, read a line at a time, so memory does
 not grow with the file. The rows are data.py's (csv_rows, jsonl_rows), or a .txt file's lines, a blank one too (set
 aside, so that row i stays line i); each is checked for its text (and pair) and for bytes that are not UTF-8, and
-a bad row is handed on with its reason instead of ending the run. A bad file (missing, empty, not UTF-8 at the start, no text column) is a DataError at once, before any
-model loads. bytes_read (of the file as stored: compressed bytes for .gz) gives the progress line its ETA.
+a bad row is handed on with its reason instead of ending the run. A bad file (missing, empty, not UTF-8 at the
+start, no text column) is a DataError at once, before any model loads. bytes_read (of the file as stored: compressed bytes for .gz) gives the progress line its ETA.
 
     stream = RowStream("notes.csv.gz", "text")
     stream.columns          -> the header (CSV/TSV), the first record's fields (JSONL), [text] (TXT)
