@@ -284,7 +284,8 @@ def hold_out_dir(out_dir, create=True):
         with files.writing(out_dir, "the run's folder"):
             os.makedirs(out_dir, exist_ok=True)
     try:
-        return files.hold(os.path.join(out_dir, LOCK), f"--out-dir {out_dir}", create)
+        with files.writing(os.path.join(out_dir, LOCK), "the lock"):  # a full disk: train.py's message and advice
+            return files.hold(os.path.join(out_dir, LOCK), f"--out-dir {out_dir}", create)
     except files.Busy as e:
         raise SystemExit(str(e)) from None
 
