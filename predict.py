@@ -40,6 +40,8 @@ From Python:
 Multi-label checkpoints return every label whose probability reaches its threshold (saved by train.py). A checkpoint
 calibrated by train.py --calibrate temperature has its logits divided by the temperature in its config.json.
 """
+from side.signals import quiet_start
+quiet_start(__name__)  # first: a Ctrl-C or SIGTERM while torch loads ends with one line, not an import traceback
 import argparse
 import csv
 import io
@@ -56,13 +58,13 @@ import torch
 from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, row_labels
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
-from side import files
+from side import files, signals
 from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem
 from side.infer import CPU_BATCH_TOKENS, int8_agreement, int8_copy, predict_embeddings, predict_logits
 from side.inputs import check_arguments, check_numbers, checked_items, checked_texts
 from side.output import (NPY_HEADER_BYTES, ChunkWriter, ResumeRefused, fingerprint_of_file, npy_header,
                          output_format, rejects_path)
-from side.progress import Progress
+from side.progress import Progress, report_speed
 from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
 from side.stream import RowStream, TextRows
 from side.weights import check_vocab, read_json_object
@@ -408,7 +410,8 @@ class FileSink:
     def finish(self):
         writer = self.writer
         shape = self.job.row_shape or (self.job.predictor.model.config.hidden_size,)
-        writer.finish(npy_header((writer.rows + writer.rejected, *shape)) if self.npy else b"")
+        with signals.held():  # Ctrl-C between the renames would leave a state that no longer matches the files
+            writer.finish(npy_header((writer.rows + writer.rejected, *shape)) if self.npy else b"")
         what = "vectors" if self.npy else "predictions"
         print(f"wrote {writer.rows + writer.rejected * self.npy} {what} to {self.path}", file=sys.stderr)
         return writer.rejected, writer.rejects
@@ -495,7 +498,8 @@ def run(job, stream, plan, sink, progress_every):
         progress.update(done, stream.bytes_read())
     progress.update(done, stream.size, force=True)
     progress.done()
-    report_speed(job)
+    report_speed(job.scored, job.scoring, job.tokenizing, job.predictor.device, job.predictor.fp32 is not None,
+                 job.explaining if job.args.explain else None, job.int8_check, job.predictor.model.config.multi_label)
     unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
     if unwritten:
         print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
@@ -512,24 +516,6 @@ def write_page(page, predictions):
     except files.WriteFailed as e:
         raise SystemExit(f"{e}; the predictions are complete in {predictions}: once that is fixed, run the same "
                          "command again for the page (it labels the texts again)") from None
-
-
-def report_speed(job):
-    seconds, n = max(job.scoring, 1e-9), job.scored
-    int8 = job.predictor.fp32 is not None
-    print(f"scored {n} texts in {seconds:.2f} s: {n / seconds:.1f} texts/s{' (int8)' * int8} on "
-          f"{job.predictor.device} (tokenizing took {job.tokenizing:.2f} s)", file=sys.stderr)
-    if job.args.explain:
-        print(f"evidence took {job.explaining:.2f} s ({n / max(job.explaining, 1e-9):.1f} texts/s)", file=sys.stderr)
-    if job.int8_check:
-        count, agreement, fp32_seconds = job.int8_check
-        multi = job.predictor.model.config.multi_label
-        which = "these" if count == n else "the first"
-        int8_seconds = seconds * count / max(n, 1)
-        print(f"int8 against fp32 on {which} {count} texts: the same {'set of labels' if multi else 'label'} for "
-              f"{agreement['same_prediction']:.2%}, probabilities at most {agreement['max_probability_difference']:.4f}"
-              f" apart; fp32 took {fp32_seconds:.2f} s ({count / fp32_seconds:.1f} texts/s): int8 is "
-              f"{fp32_seconds / int8_seconds:.2f}x as fast", file=sys.stderr)
 
 
 def fingerprint(args, stream):
@@ -573,6 +559,7 @@ def open_sink(args, job, stream, rank, world):
     return sink
 
 
+@signals.stopping()  # SIGINT and SIGTERM raise KeyboardInterrupt (once); a closed stdout ends quietly
 def main(argv=None):
     args = parse_arguments(argv)
     check_arguments(args)
@@ -591,6 +578,8 @@ def main(argv=None):
         plan = plan_chunks(args, stream, sink, rank, world)
         result = run(job, stream, plan, sink, args.progress_every)
         finished = True
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+        raise signals.stopped(e, stop_advice(args), quiet=os.environ.get("RANK", "0") != "0") from None
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except ResumeRefused as e:
@@ -610,6 +599,13 @@ def main(argv=None):
     return getattr(sink, "metrics", None)
 
 
+def stop_advice(args):
+    """What to run after Ctrl-C or SIGTERM: a file output's complete chunks are kept, and --resume goes on after them."""
+    if (args.output or args.embeddings) and not args.label_column:
+        return "The complete chunks are kept: run the same command with --resume to go on after them"
+    return "Run the same command again"
+
+
 def hold_output(args):
     """The lock on --output (--embeddings) while this run writes it: a second run on it is refused (side/files.py),
     it would mix its chunks with ours."""
@@ -619,7 +615,8 @@ def hold_output(args):
     except files.Busy as e:
         raise SystemExit(str(e)) from None
     except OSError as e:
-        raise SystemExit(f"cannot write {path}.lock: {files.os_reason(e)}") from None
+        raise SystemExit(f"cannot write {path}.lock: {files.os_reason(e)}; make room (or fix the permission) and run "
+                         "the same command again") from None
 
 
 def load_predictor(args, device):

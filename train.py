@@ -22,6 +22,8 @@ train()   the job, read top to bottom; main() turns expected failures into one-l
 Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM, the final
 report and calibration.
 """
+from side.signals import quiet_start
+quiet_start(__name__)  # first: a Ctrl-C or SIGTERM while torch loads ends with one line, not an import traceback
 import dataclasses
 import math
 import os
@@ -34,7 +36,7 @@ from data import IGNORE_INDEX, DataError, LabelEncoder, Split, TextEncoder, batc
 from data import to_device, train_val_split
 from metrics import calibration_metrics, compute_metrics, tune_thresholds
 from model import EncoderClassifier, amp_dtype, autocast
-from side import calibrate, checkpoints, distill, failures, files, options
+from side import calibrate, checkpoints, distill, failures, files, options, signals
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.hf import MULTI_LABEL, SINGLE_LABEL, dropout_overrides
@@ -462,14 +464,16 @@ def evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, d
     else:
         progress.bad_evals += 1
     sharded, run_options = is_sharded(cfg.fsdp), dataclasses.asdict(cfg)
-    weights, optim = checkpoints.full_state(model, learner.optimizer, sharded)  # a collective under FSDP
-    saved = checkpoints.unsharded(model, weights) if sharded and main_rank else model
-    if main_rank and improved:
-        checkpoints.save_checkpoint(saved, cfg.out_dir, model_dir, run_options)
-    if main_rank and cfg.keep_checkpoints:
-        checkpoints.keep_recent(saved, cfg.out_dir, cfg.keep_checkpoints, progress.step, model_dir, run_options)
-    # after the best model: a kill between the two redoes this evaluation on --resume
-    checkpoints.save_training_state(cfg.out_dir, learner, progress.state_dict(), weights, optim, run_options, data)
+    with signals.held():  # a Ctrl-C or SIGTERM waits for the saves: the message then names this checkpoint, whole
+        weights, optim = checkpoints.full_state(model, learner.optimizer, sharded)  # a collective under FSDP
+        saved = checkpoints.unsharded(model, weights) if sharded and main_rank else model
+        if main_rank and improved:
+            checkpoints.save_checkpoint(saved, cfg.out_dir, model_dir, run_options)
+        if main_rank and cfg.keep_checkpoints:
+            checkpoints.keep_recent(saved, cfg.out_dir, cfg.keep_checkpoints, progress.step, model_dir, run_options)
+        # after the best model: a kill between the two redoes this evaluation on --resume
+        checkpoints.save_training_state(cfg.out_dir, learner, progress.state_dict(), weights, optim, run_options,
+                                        data)
     log.restart_clock()
 
 
@@ -550,6 +554,7 @@ def parse_config(argv=None):
     return options.parse_config(TrainConfig, argv, __doc__)
 
 
+@signals.stopping()  # SIGINT and SIGTERM raise KeyboardInterrupt (once); a signal before cfg is known ends there
 def main(argv=None):
     cfg = parse_config(argv)
     try:
@@ -562,8 +567,8 @@ def main(argv=None):
         raise SystemExit(failures.oom_message(cfg.batch_size, cfg.grad_accum)) from None
     except failures.WriteFailed as e:  # disk full, permission denied, the folder removed: the last checkpoint is whole
         raise SystemExit(failures.write_failed(e, cfg.out_dir)) from None
-    except KeyboardInterrupt:  # Ctrl-C
-        raise SystemExit(failures.interrupted(cfg.out_dir)) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler preempting the job): the last checkpoint is whole
+        raise signals.stopped(e, failures.interrupted(cfg.out_dir), quiet=not is_main_rank()) from None
     finally:
         leave_group()  # a run that ended early: leave the process group cleanly
         files.release_all()  # and its lock on the out-dir

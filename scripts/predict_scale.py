@@ -26,6 +26,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from side.files import replacing  # noqa: E402
+from side.signals import stopping  # noqa: E402
 SHIPPED = os.path.join(ROOT, "example_data", "medical_abstracts", "train.csv")
 
 
@@ -38,7 +41,8 @@ def make_notes(path, rows, seed=0):
         sentences = [s for r in csv.DictReader(f) for s in re.split(r"(?<=\.) ", r["text"]) if len(s) > 20]
     rng = random.Random(seed)
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt", newline="", encoding="utf-8") as f:
+    # written beside and renamed: notes cut short by a Ctrl-C would be taken as made by the next run
+    with replacing(path, "the notes") as tmp, opener(tmp, "wt", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["note_id", "text"])
         for i in range(rows):
@@ -79,12 +83,17 @@ def measure(command, env, kill_when=None):
     stderr = []
     reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)
     reader.start()
-    while process.poll() is None:
-        total, largest = tree_rss(process.pid)
-        peaks = [max(peaks[0], total), max(peaks[1], largest)]
-        if kill_when and kill_when():
-            os.killpg(process.pid, signal.SIGKILL)
-        time.sleep(0.1)
+    try:
+        while process.poll() is None:
+            total, largest = tree_rss(process.pid)
+            peaks = [max(peaks[0], total), max(peaks[1], largest)]
+            if kill_when and kill_when():
+                os.killpg(process.pid, signal.SIGKILL)
+            time.sleep(0.1)
+    finally:  # Ctrl-C, SIGTERM: the command runs in a session of its own, which the terminal's Ctrl-C misses
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
     reader.join()
     return time.perf_counter() - start, peaks[0], peaks[1], process.returncode, "".join(stderr)
 
@@ -197,4 +206,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with stopping("Run the same command again (the notes made so far are kept)"):
+        main()

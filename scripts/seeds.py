@@ -20,16 +20,16 @@ The table: <out-dir>/seeds.md (markdown) and seeds.json; standard deviations are
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from side import signals  # noqa: E402
+signals.quiet_start(__name__)  # before numpy and torch load: a Ctrl-C or SIGTERM then ends with one line
+import numpy as np  # noqa: E402
 import train  # noqa: E402
 from side import files  # noqa: E402
 
@@ -214,7 +214,6 @@ def write_tables(args, cfg, train_args, done):
 
 def main(argv=None):
     args, train_args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill ends the runs too (run_jobs' finally)
     cfg = check_job(train_args)
     os.makedirs(args.out_dir, exist_ok=True)
     folder = lambda seed: os.path.join(args.out_dir, f"seed-{seed}")
@@ -241,4 +240,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C and SIGTERM: one message; run_jobs' finally stops the runs, each of which keeps its last checkpoint
+    with signals.stopping("Run the same command again: finished seeds are skipped, an interrupted one continues "
+                          "from its last checkpoint (--resume)"):
+        main()

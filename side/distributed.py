@@ -122,10 +122,16 @@ def leave_group():
     """Close the process group, and free what still holds it. DDP's reducer and FSDP's state keep the group alive
     in reference cycles: left to the interpreter's exit, gloo's threads are torn down too late and abort the
     process ("terminate called without an active exception"), at random. Called again once the model is gone,
-    it collects them while the interpreter is whole."""
+    it collects them while the interpreter is whole. A process that never had a group has nothing to collect (a
+    collection of a large process takes a while)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    gc.collect()
+        _groups_left.append(True)
+    if _groups_left:
+        gc.collect()
+
+
+_groups_left = []  # leave_group closed one: its cycles are collected, now and at the later call
 
 
 def all_rng_gather(state):

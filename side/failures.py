@@ -3,7 +3,8 @@ memory. Each ends the job with one message: what happened, where the last checkp
 
 writing(path, what)   a failed write under it becomes WriteFailed naming the path (side/files.py; train.py's main
     says the rest)
-write_failed / interrupted   the closing messages; how_to_continue: --resume from out_dir/last, or start again
+write_failed / interrupted   the closing messages (interrupted: the advice after side/signals.py's words);
+    how_to_continue: --resume from out_dir/last, or start again
 oom_message   the same global batch in smaller pieces
 """
 import math
@@ -24,7 +25,8 @@ def write_failed(error, out_dir):
 
 
 def interrupted(out_dir):
-    return f"interrupted (Ctrl-C). Run {how_to_continue(out_dir)}"
+    """The advice after Ctrl-C or SIGTERM (side/signals.py says which came first)."""
+    return f"Run {how_to_continue(out_dir)}"
 
 
 def how_to_continue(out_dir):

@@ -43,6 +43,8 @@ def writing(path, what=""):
     except OSError as e:
         raise WriteFailed(what, path, os_reason(e)) from None
     except RuntimeError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save: the signal ends the run, not
+            raise e.__context__ from None                  # the writer's complaint about stream positions after it
         if not isinstance(e.__context__, OSError):
             raise
         raise WriteFailed(what, path, os_reason(e.__context__)) from None
@@ -279,7 +281,8 @@ def release(handle):
         HELD.remove(handle)
         with contextlib.suppress(OSError):
             os.unlink(handle.name)
-        handle.close()
+        with contextlib.suppress(OSError):  # the run's work is done: a lock file that fails to close changes nothing
+            handle.close()
 
 
 def release_all():

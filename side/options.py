@@ -284,7 +284,8 @@ def hold_out_dir(out_dir, create=True):
         with files.writing(out_dir, "the run's folder"):
             os.makedirs(out_dir, exist_ok=True)
     try:
-        return files.hold(os.path.join(out_dir, LOCK), f"--out-dir {out_dir}", create)
+        with files.writing(os.path.join(out_dir, LOCK), "the lock"):  # a full disk: train.py's message and advice
+            return files.hold(os.path.join(out_dir, LOCK), f"--out-dir {out_dir}", create)
     except files.Busy as e:
         raise SystemExit(str(e)) from None
 
@@ -296,8 +297,11 @@ RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json"
 
 
 def old_run_outputs(out_dir, resume):
-    """Another run's outputs in out_dir; none when --resume continues the run whose state is there."""
-    if resume and os.path.isfile(os.path.join(out_dir, "last", "state.pt")):
+    """Another run's outputs in out_dir; none when --resume continues the run whose state is there, or the run a
+    kill stopped before its first state was written (after the best model's): its lock file is left, which a run
+    that ends any other way removes. --resume then starts that run again, over its own files."""
+    if resume and any(os.path.lexists(os.path.join(out_dir, name)) for name in (os.path.join("last", "state.pt"),
+                                                                                  LOCK)):
         return []
     old = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
     # a run killed before its first evaluation left only its log: --resume starts it again

@@ -130,9 +130,9 @@ class ChunkWriter:
         if state and not len(state["sizes"]) == len(state["sha256"]) == len(self.files):
             problem = f"{self.state_path} records {len(state['sizes'])} files, this run writes {len(self.files)}"
         digests = []
-        for name, size, sha256, start in zip(self.files, state.get("sizes", []), state.get("sha256", []),
-                                             (self.head_bytes, 0)):
-            problem = problem or partial_problem(name, size)
+        for name, final, size, sha256, start in zip(self.files, [self.path, self.rejects], state.get("sizes", []),
+                                                    state.get("sha256", []), (self.head_bytes, 0)):
+            problem = problem or (not_finished(name, final, start, size, sha256) and partial_problem(name, size))
             digests.append(None if problem else digest_of(name, start, size))
             if not problem and digests[-1].hexdigest() != sha256:
                 problem = f"{name}'s first {size} bytes are not those the run wrote (their sha256 differs)"
@@ -160,6 +160,21 @@ def read_state(path):
             and isinstance(state["sha256"], list) and isinstance(state["fingerprint"], dict)):
         return None, f"{path} is damaged (its counts or checksums are not what a run writes)"
     return state, None
+
+
+def not_finished(partial, final, start, size, sha256):
+    """False when finish() had moved partial to final (or removed an empty one) before a kill or a failure cut it:
+    partial is put back, to be finished again. final holds exactly the recorded bytes then (from start: a .npy
+    header is written last)."""
+    if os.path.lexists(partial):
+        return True
+    if size == 0:  # an empty rejects partial, removed when no row was set aside
+        files.write_bytes(partial, b"")
+        return False
+    if not os.path.isfile(final) or os.path.getsize(final) != size or digest_of(final, start, size).hexdigest() != sha256:
+        return True
+    files.move(final, partial)
+    return False
 
 
 def partial_problem(name, size):

@@ -169,7 +169,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_resumes(tiny, uninterrupted, tmp_p
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=600)[1]
     step = last_state(out)["step"]
-    assert process.returncode == 1 and step < 14, stderr
+    assert process.returncode == 128 + signal.SIGINT and step < 14, stderr
     assert "Traceback" not in stderr and stderr.strip() == (
         f"interrupted (Ctrl-C). Run the same command with --resume: it continues from the last checkpoint, "
         f"{out}/last/state.pt (step {step})"), stderr
