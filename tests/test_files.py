@@ -181,13 +181,22 @@ def test_04_more_shards_than_chunks(tiny, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.endswith((".resume.json", ".partial", ".lock"))]
 
 
-def interrupted(tiny, tmp_path, monkeypatch, chunks=2, flag="--output", name="o.csv"):
-    """A run of 9 rows in chunks of 2, stopped after `chunks` chunks (its state and partials left), and the
-    uninterrupted run's bytes."""
-    notes = write_notes(tmp_path / "notes.csv", 9)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    """9 rows labelled in chunks of 2 without a stop: their input file and output bytes, by output name."""
+    notes = write_notes(tiny["root"] / "nine.csv", 9)
     job = ["--model", tiny["model"], "--input", notes, "--chunk-rows", 2]
-    (tmp_path / "whole").mkdir()
-    assert run(*job, flag, tmp_path / "whole" / name)[0] == 0
+    whole = {}
+    for flag, name in (("--output", "o.csv"), ("--embeddings", "v.npy")):
+        assert run(*job, flag, tiny["root"] / name)[0] == 0
+        whole[name] = (tiny["root"] / name).read_bytes()
+    return job, whole
+
+
+def interrupted(uninterrupted, tmp_path, monkeypatch, chunks=2, flag="--output", name="o.csv"):
+    """The 9 rows' run stopped after `chunks` chunks (its state and partials left), and the uninterrupted run's
+    bytes."""
+    job, whole = uninterrupted
     commit = side.output.ChunkWriter.commit
 
     def stop_after(self, *args):
@@ -198,7 +207,7 @@ def interrupted(tiny, tmp_path, monkeypatch, chunks=2, flag="--output", name="o.
     with pytest.raises(SystemExit, match="^130$"):  # Ctrl-C: one message (side/signals.py), status 130
         predict.main([str(a) for a in job] + [flag, str(tmp_path / name)])
     monkeypatch.undo()
-    return job + [flag, tmp_path / name], (tmp_path / "whole" / name).read_bytes()
+    return job + [flag, tmp_path / name], whole[name]
 
 
 def follow(message, job):
@@ -210,8 +219,8 @@ def follow(message, job):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "not an object", "wrong types", "partial missing",
                                     "partial shorter", "partial changed", "partial longer"])
-def test_06_resume_checks_what_it_resumes(tiny, tmp_path, monkeypatch, damage):
-    job, whole = interrupted(tiny, tmp_path, monkeypatch)
+def test_06_resume_checks_what_it_resumes(uninterrupted, tmp_path, monkeypatch, damage):
+    job, whole = interrupted(uninterrupted, tmp_path, monkeypatch)
     state, partial = tmp_path / "o.csv.resume.json", tmp_path / "o.csv.partial"
     text, size = state.read_text(), partial.stat().st_size
     if damage == "empty":
@@ -243,26 +252,26 @@ def test_06_resume_checks_what_it_resumes(tiny, tmp_path, monkeypatch, damage):
     assert follow(message, job) == 0 and (tmp_path / "o.csv").read_bytes() == whole
 
 
-def test_06_a_kill_after_the_npy_header_was_written_resumes(tiny, tmp_path, monkeypatch):
+def test_06_a_kill_after_the_npy_header_was_written_resumes(uninterrupted, tmp_path, monkeypatch):
     """The header is written into its reserved room last: the checksums leave that room out, so a kill after it
     still resumes (to the uninterrupted run's bytes)."""
-    job, whole = interrupted(tiny, tmp_path, monkeypatch, flag="--embeddings", name="v.npy")
+    job, whole = interrupted(uninterrupted, tmp_path, monkeypatch, flag="--embeddings", name="v.npy")
     with open(tmp_path / "v.npy.partial", "r+b") as f:
         f.write(whole[:side.output.NPY_HEADER_BYTES])
     assert run(*job, "--resume")[0] == 0 and (tmp_path / "v.npy").read_bytes() == whole
 
 
 @pytest.mark.parametrize("advice", ["resume", "start over"])
-def test_06_an_intact_state_advises_two_commands_and_both_work(tiny, tmp_path, monkeypatch, advice):
-    job, whole = interrupted(tiny, tmp_path, monkeypatch)
+def test_06_an_intact_state_advises_two_commands_and_both_work(uninterrupted, tmp_path, monkeypatch, advice):
+    job, whole = interrupted(uninterrupted, tmp_path, monkeypatch)
     message = refused(*job)
     assert "run the same command with --resume to continue it, or `rm -f " in message
     code = run(*job, "--resume")[0] if advice == "resume" else follow(message, job)
     assert code == 0 and (tmp_path / "o.csv").read_bytes() == whole
 
 
-def test_06_a_resume_with_other_options_advises_a_command_that_works(tiny, tmp_path, monkeypatch):
-    job, whole = interrupted(tiny, tmp_path, monkeypatch)
+def test_06_a_resume_with_other_options_advises_a_command_that_works(uninterrupted, tmp_path, monkeypatch):
+    job, whole = interrupted(uninterrupted, tmp_path, monkeypatch)
     command = [*job, "--resume", "--batch-size", "3"]
     message = refused(*command)
     assert message.startswith(f"cannot --resume {tmp_path}/o.csv: --batch-size (64 then, 3 now) changed")
