@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -245,7 +246,7 @@ def in_parallel(jobs, workers):
                 os.write(out.fileno(), json.dumps(value).encode())
                 os._exit(0)
             running[pid] = (index, slot, out)
-        pid, _ = os.wait()
+        pid = finished(running)
         index, slot, out = running.pop(pid)
         out.seek(0)
         text = out.read().decode()
@@ -253,3 +254,12 @@ def in_parallel(jobs, workers):
         results[index] = json.loads(text) if text else "the check's process died"
         free.append(slot)
     return results
+
+
+def finished(pids):
+    """One of pids once it has ended (reaped). Only ours: os.wait() could reap a process another test waits for."""
+    while True:
+        for pid in pids:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return pid
+        time.sleep(0.005)

@@ -81,7 +81,7 @@ def test_arguments_seeds_sets_itself_are_refused():
     assert args.seeds == [2, 5] and rest == ["--epochs", "1"]
 
 
-def test_seeds_table_and_an_interrupted_run_continued(tmp_path, monkeypatch):
+def test_seeds_table_and_an_interrupted_run_continued(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
     model = tiny_checkpoint(tmp_path / "model")
     job = ["--model", model, "--train-file", write_texts(tmp_path / "train.csv", 40, 0), "--test-file",
@@ -103,8 +103,9 @@ def test_seeds_table_and_an_interrupted_run_continued(tmp_path, monkeypatch):
         steps.append(1)
         return real_step(*args)
     monkeypatch.setattr(train, "train_step", dying_step)
-    with pytest.raises(SystemExit, match="interrupted"):  # train.py's Ctrl-C message
+    with pytest.raises(SystemExit, match="^130$"):  # train.py's Ctrl-C: its message, then status 130
         train.main([*job, "--seed", "1", "--out-dir", str(root / "seed-1")])
+    assert capsys.readouterr().err.startswith("interrupted (Ctrl-C). Run the same command with --resume")
     monkeypatch.undo()
     assert seeds.seed_state(str(root / "seed-1")) == "resume" and seeds.seed_state(str(root / "seed-0")) == "done"
     finished = os.path.getmtime(root / "seed-0" / "test_metrics.json")

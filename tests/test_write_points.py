@@ -1,6 +1,6 @@
 """Every write point of predict.py and train.py failed in a test (issue 35), as SQLite's crash and I/O-error tests
 fail every I/O call in turn: tests/faultpoints.py counts the calls a run makes on its output location (opening for
-writing, write, fsync, truncate, rename, remove, mkdir), then for each of them and each fault (kill -9 right there,
+writing, write, flush, close, fsync, truncate, rename, remove, mkdir), then for each of them and each fault (kill -9 right there,
 ENOSPC, EIO) runs the job once with that one call failing, then the command its message advises (after a kill: the
 same command with --resume), and checks three things: the outputs are byte for byte an uninterrupted run's (the
 weights, for training), a file that was there before is untouched (or, once the run got that far, the new
@@ -26,14 +26,19 @@ def setup(tmp_path_factory):
     """A tiny model, a few rows, and TOKENIZERS_PARALLELISM set before the forks (the tokenizer's threads do not
     survive a fork: it would warn on stderr)."""
     root = tmp_path_factory.mktemp("points")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     model = tiny_checkpoint(root / "model")
     data = {name: write_texts(root / f"{name}.csv", n, seed) for name, n, seed in
             (("train", 8, 0), ("val", 4, 1), ("test", 4, 2))}
     notes = root / "notes.csv"
     lines = open(data["train"]).read().splitlines()
     notes.write_text("\n".join(lines[:3] + [","] + lines[3:6]) + "\n")  # 6 rows and one without text (rejects)
-    return {"root": root, "model": model, **data, "notes": str(notes)}
+    yield {"root": root, "model": model, **data, "notes": str(notes)}
+    if parallelism is None:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = parallelism
 
 
 def snapshot(*paths):
@@ -143,3 +148,21 @@ def test_every_write_point_of_train(setup, capsys, monkeypatch):
     with capsys.disabled():
         print(f"\ntrain.py: {points} write points x {len(FAULTS)} faults ({', '.join(FAULTS)}): all pass")
     assert points > 10
+
+
+def test_the_harness_finds_a_file_written_in_place(tmp_path):
+    """The harness itself: a job that rewrites its output in place (no temp, no rename) is caught, a kill or an
+    error leaving the old file torn."""
+    def in_place(argv):
+        try:
+            with open(argv[0], "w") as f:
+                f.write("the new report\n")
+        except OSError as e:
+            raise SystemExit(f"cannot write {argv[0]}: {e.strerror}; run the same command again") from None
+
+    folder = str(tmp_path / "out")
+    # open truncates it: a kill or an error at its write, a kill at its close (before the flush) leave it empty
+    with pytest.raises(AssertionError, match=r"^4 of 9 cases failed:\n  point 2 \(write report.txt\), kill: "
+                                             r"\['report.txt'\] changed by the failed run"):
+        check_points(in_place, lambda where: [os.path.join(where, "report.txt")], folder,
+                     {"report.txt": b"the old report\n"}, [], lambda files: files)
