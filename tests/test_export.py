@@ -121,10 +121,30 @@ def test_saving_a_standard_head_again_removes_stale_remote_code(tmp_path):
     assert not os.path.exists(os.path.join(folder, "modeling_encoder_classify.py"))
 
 
-def test_windows_are_refused_by_transformers_and_the_onnx_export(tmp_path):
+@pytest.mark.parametrize("arch,pooling,long_docs", [("bert", "cls", "windows_mean"), ("bert", "mean", "windows_attention"),
+                                                   ("modernbert", "label_attention", "windows_max"),
+                                                   ("bert", "label_attention", "head_tail")])
+def test_long_documents_are_cut_in_transformers_as_ours_cuts_them(tmp_path, arch, pooling, long_docs):
+    """max_length 16: the 40- and 29-word texts become several windows (or are cut), the short ones stay whole."""
+    folder = tiny_folder(tmp_path / "m", arch, pooling, long_docs=long_docs)
+    if long_docs == "windows_attention":  # a trained window scorer, not a new one's zeros (equal weights)
+        model = EncoderClassifier.from_pretrained(folder, verbose=False)
+        with torch.no_grad():
+            model.window_attention.weight.normal_(0, 1.0)
+        model.save_pretrained(folder)
+    batch = texts()
+    predictor = Predictor(folder, device="cpu")
+    assert max(len(s) for s in predictor.encode(batch)) > 1 if long_docs.startswith("windows") else True
+    ours = predictor.logits(batch)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():  # whole texts, padded: the model cuts them
+        theirs = model(**tokenizer(batch, padding=True, return_tensors="pt")).logits.numpy()
+    assert theirs.shape == ours.shape and np.abs(theirs - ours).max() <= 1e-5
+
+
+def test_windows_are_refused_by_the_onnx_export(tmp_path):
     folder = tiny_folder(tmp_path / "m", "bert", "cls", multi=False, long_docs="windows_mean")
-    with pytest.raises(ValueError, match="windows"):
-        transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
     out = tmp_path / "m.onnx"
     with pytest.raises(SystemExit, match="windows_mean"):
         export_main(["--model", folder, "--output", str(out)])
