@@ -173,6 +173,8 @@ def main(argv=None):
         sys.exit("error: --max-texts must be at least 1")
     try:
         export(args, check_texts(args))
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {os.path.join(args.model, 'config.json')} is not JSON ({e})")
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 

@@ -16,7 +16,10 @@ import sys
 
 import numpy as np
 import onnxruntime
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 from tokenizers import Tokenizer
+
+ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile)  # not a graph, or not this model's
 
 
 def read_folder(folder):
@@ -99,6 +102,16 @@ def main(argv=None):
     p.add_argument("--output", required=True)
     p.add_argument("--text-column", default="text")
     args = p.parse_args(argv)
+    model_files = [os.path.join(args.model, f) for f in os.listdir(args.model)] if os.path.isdir(args.model) else []
+    if any(os.path.realpath(args.output) == os.path.realpath(f) for f in [args.input, args.onnx, *model_files]):
+        raise SystemExit(f"error: --output {args.output} is one of the inputs: choose another file")
+    try:
+        label(args)
+    except (OSError, ValueError, KeyError, *ORT_ERRORS) as e:
+        raise SystemExit(f"error: {type(e).__name__}: {e}") from None
+
+
+def label(args):
     folder = read_folder(args.model)
     with open(args.input, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
