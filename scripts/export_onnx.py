@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import make_batch, read_table  # noqa: E402
 from predict import Predictor  # noqa: E402
+from side.calibrate import KEY  # noqa: E402
 from side.infer import int8_agreement  # noqa: E402
 from side.onnx_export import export_onnx, input_names, ort_session, quantize_int8, refusal  # noqa: E402
 
@@ -97,7 +98,7 @@ def add_metadata(path, config):
     meta = {"id2label": json.dumps({str(i): n for i, n in config.id2label.items()}),
             "problem_type": config.problem_type, "thresholds": json.dumps(config.thresholds),
             "long_document": json.dumps(config.long_document), "inputs": json.dumps(input_names(config)),
-            "logits": "divided by calibration_temperature" if "calibration_temperature" in config.hf else "raw"}
+            "logits": f"divided by {KEY}" if KEY in config.hf else "raw"}
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, path)

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from model import pool_tokens
+from side.calibrate import KEY  # the calibration temperature in config.json
 from side.hf import BertConfig
 
 OPSET = 17
-TEMPERATURE_KEY = "calibration_temperature"  # side/calibrate.py's key in config.json
 
 
 class GraphLogits(nn.Module):
@@ -29,7 +29,7 @@ class GraphLogits(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        temperature = model.config.hf.get(TEMPERATURE_KEY, 1.0)
+        temperature = model.config.hf.get(KEY, 1.0)
         self.register_buffer("temperature", torch.as_tensor(temperature, dtype=torch.float32), persistent=False)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):

@@ -16,10 +16,10 @@ import inspect
 
 import data as D
 import model as M
+from side.calibrate import KEY  # the calibration temperature in config.json; predict.py divides the logits by it
 from side.hf import BertConfig, remote_model_type
 
 FILE = "modeling_encoder_classify.py"
-TEMPERATURE_KEY = "calibration_temperature"  # side/calibrate.py's; predict.py divides the logits by it
 # our functions the modeling file runs, copied from data.py and model.py: one definition of each cut and pooling
 SOURCES = (D.truncate, D.split_windows, M.first_token, M.classify, M.label_weights, M.packed_mean, M.unpack,
            M.pool_tokens, M.window_aggregation, M.segment_reduce, M.weigh_windows, M.per_document)
@@ -209,5 +209,5 @@ def modeling_file():
     functions = "\n\n".join(inspect.getsource(f) for f in SOURCES)
     classes = CLASSES_SOURCE.format(bert_type=remote_model_type("bert"),
                                     modernbert_type=remote_model_type("modernbert"),
-                                    temperature_key=TEMPERATURE_KEY)
+                                    temperature_key=KEY)
     return HEADER + "\n\n" + functions + classes
