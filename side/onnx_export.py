@@ -1,7 +1,8 @@
 """A classifier folder as one ONNX file, for serving without torch (ONNX Runtime, Triton): scripts/export_onnx.py writes
 it, bench.py --ort times it. Written from our own model, so every head exports (cls, mean, max, label attention).
 
-GraphLogits   what the graph computes: predict.py's logits (calibration temperature included) from the tokenizer's tensors
+GraphLogits   what the graph computes: predict.py's logits (calibration temperature included) from the tokenizer's
+    tensors
 input_names / refusal   the graph's inputs (token_type_ids for BERT only), and what a graph cannot hold
 export_onnx / quantize_int8 / ort_session   the fp32 file, its dynamic int8 copy, and a session on the CPU
 

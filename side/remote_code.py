@@ -51,8 +51,9 @@ def remote_code(config, hf):
 
 CLASSES = {"bert": "EncoderClassifyBert", "modernbert": "EncoderClassifyModernBert"}
 
-HEADER = '''"""Written by encoder-classify (side/remote_code.py) for a head transformers has no class for: classifier_pooling
-mean / max / label_attention over BERT, max / label_attention over ModernBERT, and long documents read as windows.
+HEADER = '''"""Written by encoder-classify (side/remote_code.py) for a head transformers has no class for:
+classifier_pooling mean / max / label_attention over BERT, max / label_attention over ModernBERT, and long documents
+read as windows.
 Load with trust_remote_code=True:
 
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
@@ -179,7 +180,7 @@ class EncoderClassifyBertForSequenceClassification(PoolingHead, BertPreTrainedMo
         return self.logits_of(input_ids, attention_mask, token_type_ids, encode, self.head, labels)
 
     def head(self, pooled):
-        if self.config.classifier_pooling == "cls":  # [CLS] goes through BERT's pooler, as in BertForSequenceClassification
+        if self.config.classifier_pooling == "cls":  # [CLS] through BERT's pooler, as BertForSequenceClassification
             pooled = torch.tanh(self.bert.pooler.dense(pooled))
         return classify(self.classifier, self.dropout(pooled))
 
