@@ -194,7 +194,7 @@ def test_onnx_graph_gives_our_logits_for_every_head(tmp_path, capsys, arch, pool
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}  # labels and thresholds travel with it
     assert json.loads(meta["id2label"]) == {str(i): n for i, n in enumerate(LABELS)}
     assert json.loads(meta["thresholds"]) == [0.3, 0.5, 0.6, 0.45]
-    if pooling == "label_attention" and arch == "bert":  # int8 once: the quantizer is the slow part
+    if pooling == "label_attention" and arch == "bert":  # int8 once: a second export and a quantization
         export_main(["--model", folder, "--output", str(tmp_path / "model.int8.onnx"), "--int8"])
         assert "int8 against the fp32 graph on 4 texts: the same set of labels for" in capsys.readouterr().out
 
