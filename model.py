@@ -52,7 +52,7 @@ def padded_layout(attention_mask, window=None):
     T = attention_mask.shape[1]
     pos = torch.arange(T, device=attention_mask.device)
     near = (pos[:, None] - pos[None, :]).abs() <= window
-    # a pad query far from any real token would see no key (NaN): let it see itself (no torch.eye: ORT lacks bool EyeLike)
+    # a pad query far from any real token sees no key (NaN): let it see itself (not torch.eye: ORT lacks bool EyeLike)
     local = (keys & near) | (pos[:, None] == pos[None, :])
     return AttentionLayout(mask=keys, local_mask=local)
 
