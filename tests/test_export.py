@@ -78,7 +78,7 @@ def test_remote_code_gives_our_logits_in_transformers_and_pipeline(tmp_path, arc
     batch = texts()
     ours = Predictor(folder, device="cpu").logits(batch)  # our own loader reads the folder, temperature applied
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     with torch.no_grad():
         theirs = model(**tokenizer(batch, padding=True, return_tensors="pt")).logits.numpy()
     assert np.abs(theirs - ours).max() <= 1e-5
@@ -138,7 +138,7 @@ def test_long_documents_are_cut_in_transformers_as_ours_cuts_them(tmp_path, arch
         assert max(len(windows) for windows in predictor.encode(batch)) > 1  # some texts are several windows
     ours = predictor.logits(batch)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     with torch.no_grad():  # whole texts, padded: the model cuts them
         theirs = model(**tokenizer(batch, padding=True, return_tensors="pt")).logits.numpy()
     assert theirs.shape == ours.shape and np.abs(theirs - ours).max() <= 1e-5

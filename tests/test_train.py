@@ -122,8 +122,8 @@ def test_real_job_on_a_slice(tmp_path, dataset, column, pooling):
     ours = predictor.logits(texts)
     T = pytest.importorskip("transformers")
     T.logging.set_verbosity_error()
-    tok = T.AutoTokenizer.from_pretrained(out)
     remote = config["classifier_pooling"] == "label_attention"  # the folder carries its own modeling code
+    tok = T.AutoTokenizer.from_pretrained(out, trust_remote_code=remote)  # it reads config.json as well
     if remote:
         with pytest.raises(ValueError, match="trust_remote_code=True"):
             T.AutoModelForSequenceClassification.from_pretrained(out)
