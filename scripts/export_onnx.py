@@ -117,7 +117,7 @@ def export(args, texts):
     report = {}
 
     def write(tmp):
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as work:
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=os.path.dirname(tmp)) as work:  # beside the output
             fp32 = os.path.join(work, "model.onnx")
             export_onnx(model, fp32)
             fp32_logits = ort_logits_checked(fp32, seqs, ours, predictor.encoder.pad_id, report)
