@@ -28,7 +28,6 @@ allocated above what was there before it (activations, gradients; not the weight
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -499,23 +498,13 @@ def time_passes(runners, rounds):
 
 
 def onnx_files(model_dir, folder):
-    """fp32 and int8 ONNX files of the folder's classifier, as a user makes them: transformers' model exported by
-    torch.onnx.export (opset 17, dynamic batch and length), then ONNX Runtime's dynamic int8 quantization
-    (per output channel, as our int8 path)."""
-    import transformers
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process the graph first
-    reference = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
+    """fp32 and int8 ONNX files of the folder's classifier, as a user makes them (scripts/export_onnx.py: our model
+    exported by side/onnx_export.py, opset 17, dynamic batch and length, then ONNX Runtime's dynamic int8
+    quantization, per output channel as our int8 path)."""
+    from side.onnx_export import export_onnx, quantize_int8
     fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(reference, example, fp32, input_names=names, output_names=["logits"], opset_version=17,
-                          dynamo=False, dynamic_axes={n: {0: "batch", 1: "length"} for n in names})
-        quantize_dynamic(fp32, int8, per_channel=True, weight_type=QuantType.QInt8)
+    export_onnx(EncoderClassifier.from_pretrained(model_dir, device="cpu", verbose=False).eval(), fp32)
+    quantize_int8(fp32, int8)
     return fp32, int8
 
 
@@ -523,16 +512,12 @@ def ort_vs_ours(files, model_dir, rounds, threads):
     """Per file and precision: our model (Predictor: fp32, or int8 by torch's dynamic quantization) against an ONNX
     Runtime session of the same folder, on predict.py's batches (length-sorted, at most 64 texts and CPU_BATCH_TOKENS
     padded tokens), each batch built once for both; whole passes in A B B A order. Returns rows for report_ort."""
-    import onnxruntime as ort
     from predict import Predictor
     from side.infer import CPU_BATCH_TOKENS
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from side.onnx_export import ort_session
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        sessions = [ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-                    for path in onnx_files(model_dir, folder)]
+        sessions = [ort_session(path, threads) for path in onnx_files(model_dir, folder)]
         for int8, session in zip((False, True), sessions):
             ours = {"ours": Predictor(model_dir, device="cpu", int8=int8)}
             for path in files:
@@ -549,7 +534,8 @@ def ort_file(path, ours, session, rounds, precision, max_tokens):
         [len(s) for s in seqs], 64, shuffle=False, bucket=True, max_tokens=max_tokens)]
     pad_id = first.encoder.pad_id
     batches = [make_batch(group, None, pad_id, False, None) for group in groups]  # as predict.py's
-    feeds = [{name: tensor.numpy() for name, tensor in make_batch(group, None, pad_id).items()}
+    inputs = [i.name for i in session.get_inputs()]  # token_type_ids for BERT only
+    feeds = [{name: tensor.numpy() for name, tensor in make_batch(group, None, pad_id).items() if name in inputs}
              for group in groups]  # padded, as exported
     with torch.inference_mode():  # as predict.py's batches run (side/infer.py)
         runners = [OrtRunner(name, lambda batch, p=p: p.model(**batch)[0], batches) for name, p in ours.items()]
@@ -558,8 +544,9 @@ def ort_file(path, ours, session, rounds, precision, max_tokens):
             runner.timed_pass()
         seconds = time_passes(runners, rounds)
         reference = [session.run(None, f)[0] for f in feeds]
-        gaps = {r.name: max(float(np.abs(r.run(b).numpy() - ref).max()) for b, ref in zip(r.batches, reference))
-                for r in runners[:-1]}
+        # the graph divides by the folder's calibration temperature, as predict.py does after the model
+        gaps = {r.name: max(float(np.abs(r.run(b).numpy() / first.temperature - ref).max())
+                            for b, ref in zip(r.batches, reference)) for r in runners[:-1]}
     times = {r.name: s for r, s in zip(runners, seconds)}
     return os.path.basename(path), len(texts), precision, times, gaps
 

@@ -52,8 +52,8 @@ def padded_layout(attention_mask, window=None):
     T = attention_mask.shape[1]
     pos = torch.arange(T, device=attention_mask.device)
     near = (pos[:, None] - pos[None, :]).abs() <= window
-    # a pad query far from any real token would see no key at all (NaN); let it see itself
-    local = (keys & near) | torch.eye(T, dtype=torch.bool, device=pos.device)
+    # a pad query far from any real token sees no key (NaN): let it see itself (not torch.eye: ORT lacks bool EyeLike)
+    local = (keys & near) | (pos[:, None] == pos[None, :])
     return AttentionLayout(mask=keys, local_mask=local)
 
 

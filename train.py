@@ -8,7 +8,8 @@ Fine-tune a BERT or ModernBERT checkpoint as a text classifier, or continue its 
     torchrun --nproc_per_node 4 train.py ...          # 4 GPUs: global batch = batch_size x grad_accum x 4
     python train.py ... --resume                      # continue from out_dir/last after a crash
 
-The output folder loads in transformers (AutoModelForSequenceClassification; AutoModelForMaskedLM with --task mlm)
+The output folder loads in transformers (AutoModelForSequenceClassification, with trust_remote_code=True for heads it
+lacks: docs/serving.md; AutoModelForMaskedLM with --task mlm)
 and in predict.py.
 
 The file, top to bottom:

@@ -2,6 +2,7 @@
 
 LabelsConfig -> BertConfig / ModernBertConfig   our config per architecture (CONFIGS by model_type)
 config_from_hf / config_to_hf   config.json dict <-> our config (both ModernBERT layouts, labels, our own keys)
+remote_model_type / base_model_type   the model_type of a folder with our modeling code (side/remote_code.py)
 student_layers / keep_layers   a checkpoint loaded with fewer of its encoder layers (--num-layers)
 dropout_overrides   train.py's dropout options -> the architecture's config.json fields
 Weight names, loading and saving folders: side/weights.py. Nothing here imports model.py.
@@ -83,11 +84,23 @@ class ModernBertConfig(LabelsConfig):
 
 
 CONFIGS = {"bert": BertConfig, "modernbert": ModernBertConfig}
+# a folder that carries our modeling code (side/remote_code.py) names a model_type transformers does not know, so that
+# transformers refuses it without trust_remote_code=True instead of loading the encoder under another head
+REMOTE_PREFIX = "encoder_classify_"
+
+
+def remote_model_type(model_type):
+    return REMOTE_PREFIX + model_type
+
+
+def base_model_type(model_type):
+    """bert / modernbert, for a standard folder's model_type and for one with our modeling code alike."""
+    return model_type.removeprefix(REMOTE_PREFIX) if isinstance(model_type, str) else model_type
 
 
 def config_from_hf(hf):
     """Our config from a config.json dict. Every option comes from the file when it has it."""
-    model_type = hf.get("model_type")
+    model_type = base_model_type(hf.get("model_type"))
     if model_type not in CONFIGS:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {sorted(CONFIGS)}")
     cls = CONFIGS[model_type]
@@ -133,6 +146,7 @@ def config_to_hf(config, head="SequenceClassification"):
     hf = dict(config.hf)
     ours = {k: v for k, v in asdict(config).items() if k not in ("hf", "id2label", "thresholds", "long_document")}
     hf.update(ours)
+    hf.pop("auto_map", None)  # side/remote_code.py sets it again where this head needs our modeling code
     model_type = "bert" if isinstance(config, BertConfig) else "modernbert"
     hf.update(model_type=model_type, architectures=[("Bert" if model_type == "bert" else "ModernBert") + "For" + head])
     if head == "MaskedLM":
@@ -204,7 +218,7 @@ def keep_layers(config, hf_state, keep):
 
 def dropout_overrides(model_type, hidden=None, attention=None, classifier=None):
     """Our dropout options -> the architecture's config.json fields (None keeps the checkpoint's)."""
-    bert = model_type == "bert"
+    bert = base_model_type(model_type) == "bert"
     names = {"hidden": ["hidden_dropout_prob"] if bert else ["embedding_dropout", "mlp_dropout"],
              "attention": ["attention_probs_dropout_prob"] if bert else ["attention_dropout"],
              "classifier": ["classifier_dropout"]}

@@ -19,7 +19,7 @@ from model import MaskedLM, autocast
 from side import files
 from side.distill import check_layers
 from side.distributed import all_reduce, is_main_rank, rank_rows
-from side.hf import dropout_overrides
+from side.hf import base_model_type, dropout_overrides
 from side.packing import use_packing
 from side.weights import check_vocab
 
@@ -42,7 +42,7 @@ class MaskedLanguageModelling:
                 "calibrate": (cfg.calibrate == "off", "off with --task mlm (it has no labels to calibrate)")}
 
     def __init__(self, cfg, model_dir, hf, encoder):
-        rate = MLM_RATE.get(hf.get("model_type"), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability
+        rate = MLM_RATE.get(base_model_type(hf.get("model_type")), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability
         # so that train_config.json and --resume see what the run used; lower is better for the loss
         self.cfg = dataclasses.replace(cfg, mlm_probability=rate, metric="loss")
         self.model_dir, self.hf, self.encoder, self.id2label = model_dir, hf, encoder, None

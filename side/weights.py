@@ -4,7 +4,8 @@ hf_names   our state-dict keys -> the reference's; load_hf_weights and hf_tensor
 read_config / load_state_dict / read_weights / save_folder   a checkpoint folder: config.json and weights, in and out
 check_vocab   a tokenizer that fits the model's embedding table
 
-model.py calls these (EncoderModel.load, from_pretrained, save_pretrained); nothing here imports model.py:
+model.py calls these (EncoderModel.load, from_pretrained, save_pretrained); nothing here imports model.py (save_folder
+reaches side/remote_code.py, which does, at call time):
 load_hf_weights takes the model and calls its methods. The configs themselves are in side/hf.py.
 """
 import json
@@ -220,11 +221,21 @@ def read_weights(model_dir, config, num_layers=None, verbose=True):
 
 def save_folder(out_dir, config, head, ours):
     """A checkpoint folder that transformers loads: config.json (config_to_hf, head: the reference class's
-    suffix) and model.safetensors, our weights (state dict ours) under the reference's names."""
+    suffix), model.safetensors, our weights (state dict ours) under the reference's names, and for a head
+    transformers has no class for, the modeling file that computes it (side/remote_code.py)."""
     from safetensors.torch import save_file
+    from side.remote_code import FILE, remote_code  # here, not above: it reads model.py, which imports this file
     os.makedirs(out_dir, exist_ok=True)
+    hf = config_to_hf(config, head)
+    code = remote_code(config, hf) if head == "SequenceClassification" else None
+    modeling = os.path.join(out_dir, FILE)
+    if code is not None:
+        with open(modeling, "w") as f:
+            f.write(code)
+    elif os.path.isfile(modeling):  # a folder saved again with a head transformers has: no stale code beside it
+        os.remove(modeling)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf(config, head), f, indent=2, sort_keys=True)
+        json.dump(hf, f, indent=2, sort_keys=True)
     state = {k: v.detach().cpu() for k, v in hf_tensors(config, ours).items()}
     weights = os.path.join(out_dir, "model.safetensors")
     save_file(state, weights, metadata={"format": "pt"})

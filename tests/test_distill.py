@@ -189,7 +189,7 @@ def test_distilled_student_sees_the_students_batches_and_saves_an_ordinary_check
     assert len(predictions) == 2
     T = pytest.importorskip("transformers")
     T.logging.set_verbosity_error()
-    ref = T.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ref = T.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     assert ref.config.num_hidden_layers == 1
 
 

@@ -134,7 +134,7 @@ def test_window_aggregation_matches_windows_encoded_one_by_one(tmp_path, arch, s
     assert (logits - expected).abs().max() <= 1e-5
 
 
-def test_attention_pooling_saves_loads_and_transformers_ignores_it(tmp_path):
+def test_attention_pooling_saves_loads_and_transformers_runs_it_with_the_folders_code(tmp_path):
     model = tiny_checkpoint(tmp_path / "a", "bert", "windows_attention").eval()
     torch.nn.init.normal_(model.window_attention.weight, std=1.0)
     model.save_pretrained(tmp_path / "a")
@@ -151,7 +151,9 @@ def test_attention_pooling_saves_loads_and_transformers_ignores_it(tmp_path):
     assert set(tiny_checkpoint(tmp_path / "m", "bert", "windows_max").hf_state_dict()) == set(plain.hf_state_dict())
     T = pytest.importorskip("transformers")
     T.logging.set_verbosity_error()
-    ref = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "a").eval()  # extra weight ignored
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # never the plain classifier, silently
+        T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")
+    ref = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "a", trust_remote_code=True).eval()
     with torch.no_grad():  # one window per text: attention weight 1, the plain classifier's logits
         assert (ref(input_ids=args[0], attention_mask=args[1]).logits - model(*args)[0]).abs().max() <= 1e-5
 
