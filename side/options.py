@@ -25,6 +25,7 @@ from metrics import compute_metrics
 from model import POOLINGS
 from side.checkpoints import TOKENIZER_FILES, remove_debris
 from side.infer import device_problem
+from side.trackers import check_report_to
 
 # ----------------------------------------------------------------------------- reading options
 
@@ -165,6 +166,7 @@ def check_options(cfg, objective_rules=None):
            for name, (ok, what) in allowed.items() if not ok]
     if bad:
         raise SystemExit("; ".join(bad))
+    check_report_to(cfg.report_to)  # a name it knows, its package installed: before anything is written
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     if not cfg.teacher and any(getattr(cfg, name) != defaults[name] for name in ("distill_weight",
                                                                                   "distill_temperature")):
@@ -267,7 +269,8 @@ def check_out_dir(out, model_dir, overwrite, resume, main_rank):
 
 # everything a run writes into out_dir: another run's copy of any of them marks the folder as taken
 RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json", "report.txt", "train_config.json",
-               "checkpoints", "training_curves.png", "calibration.png", "config.json", *TOKENIZER_FILES)
+               "checkpoints", "training_curves.png", "calibration.png", "config.json", "tensorboard", "mlflow_run.json",
+               *TOKENIZER_FILES)
 
 
 def old_run_outputs(out_dir, resume):
