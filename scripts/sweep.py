@@ -235,8 +235,10 @@ class Objective:
             rerun_later(trial)
             raise
         if process.returncode != 0:
-            raise TrialFailed(f"trial {trial.number}: train.py failed (exit code {process.returncode}); the end of "
-                              f"{out}.log:\n{tail(out + '.log')}")
+            trial.set_user_attr("note", f"train.py failed (exit code {process.returncode}): see {out}.log")
+            print(f"trial {trial.number}: train.py failed (exit code {process.returncode}); the end of {out}.log:\n"
+                  f"{tail(out + '.log')}", flush=True)
+            raise TrialFailed(trial.user_attrs["note"])
         scores = [row[row["metric"]] for row in evaluations(os.path.join(out, "metrics.jsonl"))]
         best = max(scores) if self.maximize else min(scores)
         remove_resume_state(out)
@@ -251,6 +253,7 @@ class TrialFailed(Exception):
 def rerun_later(trial):
     """A trial stopped by Ctrl-C or SIGTERM: queued to run again, with its options and folder, by the next run."""
     trial.study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "rerun_of": trial.number})
+    trial.set_user_attr("note", "stopped; queued to run again")
     print(f"\ntrial {trial.number} stopped: it runs again (continuing {trial.user_attrs['folder']}) when this "
           "command is run again", flush=True)
 
@@ -318,7 +321,7 @@ def stop_after_a_broken_job(study, trial):
 
 def run(args, train_args, space, metric, maximize):
     import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened to each trial
     job = {"train_options": train_args, "space": {k: [kind, v] for k, (kind, v) in space.items()}, "metric": metric}
     study = open_study(args, "maximize" if maximize else "minimize", job)
     done = finished(study)
@@ -414,6 +417,11 @@ def write_results(study, cfg, args, space, metric, maximize):
     write_beside(os.path.join(args.out_dir, "trials.md"), trials_table(study, space, metric, maximize) + "\n")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
+        failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if t.user_attrs.get("note", "").startswith("train.py failed")]
+        if failed and not finished(study):  # stop_after_a_broken_job stopped the sweep
+            raise SystemExit(f"no trial finished: trial {failed[-1].number}'s {failed[-1].user_attrs['note']}; fix "
+                             "the job and run the same command again")
         print(f"no trial finished yet: no best.toml; the trials so far in {args.out_dir}/trials.md")
         return None
     best = study.best_trial
