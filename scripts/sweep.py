@@ -111,6 +111,8 @@ def read_space(path, multi_label):
         if not isinstance(values, list) or not values or (kind != "choice" and not (
                 len(values) == 2 and all(isinstance(v, (int, float)) for v in values) and values[0] < values[1])):
             raise SystemExit(f"{where}: {name}: {kind} takes [low, high] with low < high; choice a list of values")
+        if kind == "int" and not all(isinstance(v, int) for v in values):
+            raise SystemExit(f"{where}: {name}: int takes whole numbers")
         if kind == "log" and values[0] <= 0:
             raise SystemExit(f"{where}: {name}: a log scale starts above 0")
         checked[option] = (kind, values)

@@ -278,8 +278,8 @@ def old_run_outputs(out_dir, resume):
     if resume and os.path.isfile(os.path.join(out_dir, "last", "state.pt")):
         return []
     old = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
-    # a run killed before its first evaluation left only its log: --resume starts it again
-    return [name for name in old if name != "metrics.jsonl"] if resume else old
+    # a run killed before its first evaluation left only its logs: --resume starts it again
+    return [name for name in old if name not in ("metrics.jsonl", "tensorboard", "mlflow_run.json")] if resume else old
 
 
 def clear_old_run(out_dir, old):

@@ -57,8 +57,9 @@ def scalars(row):
 class TensorBoard:
     def __init__(self, out_dir, run_options, resumed_at):
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step: TensorBoard hides what the killed run logged after the step this one resumes from
-        purge = None if resumed_at is None else resumed_at + 1
+        # purge_step: TensorBoard hides what a killed run logged after the step this one resumes from (all of it
+        # when this run starts from step 0)
+        purge = 0 if resumed_at is None else resumed_at + 1
         self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge)
         if resumed_at is None:
             rows = "\n".join(f"| {k} | {v!r} |" for k, v in run_options.items())

@@ -249,3 +249,13 @@ def test_seeds_over_folds_table_and_baseline(tiny, tmp_path):
         ("fold 0 seed 0", 0, "fold-0-seed-0"), ("fold 0 seed 1", 1, "fold-0-seed-1"),
         ("fold 1 seed 0", 0, "fold-1-seed-0"), ("fold 1 seed 1", 1, "fold-1-seed-1")]
     assert runs[0][3] == runs[1][3] and runs[0][4].test_file.endswith("fold-0/test.jsonl")
+
+
+def test_tracker_files_follow_the_run_that_owns_the_folder(tmp_path):
+    from side import options
+    out = tmp_path / "out"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "mlflow_run.json").write_text("{}")
+    # killed before its first evaluation: --resume starts it again; a new run must --overwrite (they go with it)
+    assert options.old_run_outputs(str(out), resume=True) == []
+    assert options.old_run_outputs(str(out), resume=False) == ["tensorboard", "mlflow_run.json"]
