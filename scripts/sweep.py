@@ -209,7 +209,8 @@ class Objective:
         command = [sys.executable, os.path.join(ROOT, "train.py"), *self.train_args, *as_flags(drawn),
                    "--test-file", "", "--out-dir", out, "--resume" if resume else "--overwrite"]
         note = f" (continues {folder})" if resume else ""
-        print(f"trial {trial.number}: {' '.join(as_flags(drawn))}{note} (log: {out}.log)", flush=True)
+        shown = " ".join(as_flags({k: cell(v) for k, v in drawn.items()}))
+        print(f"trial {trial.number}: {shown}{note} (log: {out}.log)", flush=True)
         process = start_trial_process(command, out + ".log")
         reported, started = set(), time.time()
         try:
