@@ -431,7 +431,7 @@ def write_results(study, cfg, args, space, metric, maximize):
     path = os.path.join(args.out_dir, "best.toml")
     write_best(path, best_options(cfg, best.params, args.out_dir), best, metric)
     pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-    print(f"{len(complete)} trials finished, {pruned} pruned; the best, trial {best.number}: validation {metric} "
+    print(f"{len(complete)} trials complete, {pruned} pruned; the best, trial {best.number}: validation {metric} "
           f"{best.value:.4f}\nwritten to {path} and {args.out_dir}/trials.md; next:\n"
           f"  python train.py --config {path}")
     return best
