@@ -77,6 +77,9 @@ def write_jsonl(path, records):
 def write_folds(cfg, k, seed, out_dir):
     """[(train path, test path)] of each fold, written once into out_dir/folds; the task of the whole file."""
     table = training_table(cfg)
+    if table.labels is None:
+        raise SystemExit(f"--folds: {cfg.train_file} has no label column (looked for 'label' and 'labels'); name it "
+                         "with --label-column")
     folder = os.path.join(out_dir, "folds")
     made = {"train_file": os.path.abspath(cfg.train_file), **file_fingerprint(cfg.train_file), "folds": k,
             "seed": seed, "text_column": cfg.text_column, "label_column": cfg.label_column}

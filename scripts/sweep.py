@@ -474,8 +474,13 @@ def main(argv=None):
     if given:
         raise SystemExit(f"{', '.join(given)}: in the search space, drawn for each trial; leave it out of the job "
                          "or give a --space without it")
+    if table.labels is None:
+        raise SystemExit(f"{cfg.train_file}: no label column (looked for 'label' and 'labels'); name it with "
+                         "--label-column")
     metric = options.selection_metric(cfg.metric, table.multi_label)
     maximize = options.greater_is_better(cfg.greater_is_better, metric)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SystemExit(f"--out-dir {args.out_dir} is a file, not a folder")
     os.makedirs(args.out_dir, exist_ok=True)
     try:
         study = run(args, train_args, space, metric, maximize)

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from side.failures import writing
+from side.failures import WriteFailed, writing
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny")}  # import, pip
 RUN_CONTROL = ("resume", "overwrite", "config")  # how a run was started, not what it is: no MLflow parameter
@@ -20,7 +20,8 @@ ROW_KEYS = ("kind", "step", "metric")  # a row's bookkeeping, not a metric
 
 
 def tracker_names(report_to):
-    return [] if report_to in ("", "none") else [name.strip() for name in report_to.split(",")]
+    names = [] if report_to in ("", "none") else [name.strip() for name in report_to.split(",")]
+    return list(dict.fromkeys(names))  # tensorboard,tensorboard: one writer, not two into one folder
 
 
 def report_to_problem(report_to):
@@ -93,7 +94,17 @@ class MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(here, "mlflow.db")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             os.makedirs(here, exist_ok=True)
-        self.client = MlflowClient(uri)
+        try:
+            self.client = MlflowClient(uri)
+            self.start(out_dir, run_options, resumed_at, uri, here)
+        except WriteFailed:
+            raise  # mlflow_run.json could not be written: train.py's message for a failed write
+        except Exception as e:  # a server that cannot be reached, a database that cannot be opened
+            raise SystemExit(f"--report-to mlflow: cannot log to {uri} ({type(e).__name__}: {e}); check "
+                             "MLFLOW_TRACKING_URI, or leave mlflow out of --report-to") from None
+
+    def start(self, out_dir, run_options, resumed_at, uri, here):
+        """A new MLflow run with the options as parameters, or the resumed training run's own run."""
         saved = self.saved_run(uri) if resumed_at is not None else None
         if saved:
             self.run_id = saved
@@ -108,8 +119,8 @@ class MLflow:
                                              tags={"out_dir": os.path.abspath(out_dir)}).info.run_id
         from mlflow.entities import Param
         params = [Param(k, str(v)) for k, v in run_options.items() if k not in RUN_CONTROL]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
+        for first in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
+            self.client.log_batch(self.run_id, params=params[first:first + 100])
         with writing(self.id_path, "the MLflow run's id"):
             part = self.id_path + ".part"
             with open(part, "w") as f:

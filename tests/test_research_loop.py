@@ -86,7 +86,7 @@ def test_report_to_tensorboard_and_mlflow_read_back_across_a_resume(tiny, tmp_pa
     assert {"report.txt", "test_metrics.json", "calibration.png", "metrics.jsonl"} <= artifacts
 
 
-def test_report_to_a_missing_package_or_unknown_name_is_one_message(tmp_path, monkeypatch):
+def test_report_to_a_missing_package_or_unknown_name_is_one_message(tiny, tmp_path, monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
@@ -96,6 +96,11 @@ def test_report_to_a_missing_package_or_unknown_name_is_one_message(tmp_path, mo
     with pytest.raises(SystemExit, match="wandb unknown"):
         train.main(["--report-to", "wandb", "--out-dir", str(out)])
     assert not out.exists()  # refused before anything was written
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    with pytest.raises(SystemExit, match="--report-to mlflow: cannot log to bogus://nowhere .*MLFLOW_TRACKING_URI"):
+        train.main(["--model", tiny["model"], "--train-file", tiny["train"], "--test-file", "", "--max-length", "32",
+                    "--device", "cpu", "--out-dir", str(out), "--report-to", "mlflow"])
 
 
 # ----------------------------------------------------------------------------- the sweep
