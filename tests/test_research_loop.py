@@ -96,6 +96,7 @@ def test_report_to_a_missing_package_or_unknown_name_is_one_message(tiny, tmp_pa
     with pytest.raises(SystemExit, match="wandb unknown"):
         train.main(["--report-to", "wandb", "--out-dir", str(out)])
     assert not out.exists()  # refused before anything was written
+    monkeypatch.setattr(importlib.util, "find_spec", real)
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
     with pytest.raises(SystemExit, match="--report-to mlflow: cannot log to bogus://nowhere .*MLFLOW_TRACKING_URI"):
