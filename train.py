@@ -113,6 +113,8 @@ class TrainConfig:
     # a new run may replace another run's outputs in out_dir (refused otherwise); with --resume, only when
     overwrite: bool = False  # there is no run to continue
     log_every: int = 10  # optimizer steps between progress updates
+    # none | tensorboard | mlflow | tensorboard,mlflow: every metrics.jsonl row also goes there (TensorBoard: under
+    report_to: str = "none"  # out_dir/tensorboard; MLflow: MLFLOW_TRACKING_URI, else out_dir/mlruns)
     resume: bool = False  # continue from out_dir/last (written at every evaluation); none there = start afresh
     max_bad_steps: int = 10  # stop after this many optimizer steps in a row with a non-finite gradient; 0 = never
     # -- system
@@ -509,7 +511,7 @@ def train(cfg):
         lock = lock or options.hold_out_dir(cfg.out_dir)
         options.clear_old_run(cfg.out_dir, old_run)
     log = TrainLog(cfg.out_dir, cfg.resume, progress, total_steps, steps_per_epoch, objective.metric,
-                   objective.columns, device)
+                   objective.columns, device, cfg.report_to, dataclasses.asdict(cfg))
     checkpoint = lambda: evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, data)
 
     model.train()
@@ -540,6 +542,7 @@ def train(cfg):
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
     with failures.writing(cfg.out_dir, "the report to"):
         report = objective.report(device, progress.best)
+    log.publish()  # --report-to: the report as artifacts
     files.release(lock)  # (a run that fails lets go of it in main)
     return report
 

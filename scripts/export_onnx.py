@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import make_batch, read_table  # noqa: E402
 from predict import Predictor  # noqa: E402
+from side import files  # noqa: E402
 from side.calibrate import KEY  # noqa: E402
 from side.infer import int8_agreement  # noqa: E402
 from side.onnx_export import export_onnx, input_names, ort_session, quantize_int8, refusal  # noqa: E402
@@ -44,18 +45,10 @@ SAMPLE_TEXTS = [
 
 
 def write_beside(path, write):
-    """write(tmp) into a file beside path, then rename it onto path: path is whole or untouched, never half
-    written. (The one writer, side/files.py, takes this over where it exists.)"""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    """write(tmp) into a file beside path, then renamed onto path by the one writer (side/files.py): path is whole
+    or untouched, never half written."""
+    with files.replacing(path, "the ONNX file", suffix=".onnx") as tmp:
         write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def output_problem(output, model_dir):

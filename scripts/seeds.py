@@ -16,8 +16,15 @@ state (last/state.pt) continues with train.py --resume, one killed before its fi
 
 The table: <out-dir>/seeds.md (markdown) and seeds.json; standard deviations are the sample's (n - 1). The baseline
 (needs scikit-learn; --no-baseline skips it) is cached per seed in <out-dir>/baseline-seed-N.json.
+
+K-fold cross-validation: --folds K cuts the training file into K folds (stratified by label; multi-label data needs
+`pip install iterative-stratification`, scripts/folds.py) and runs the job once per fold and seed, in
+<out-dir>/fold-k-seed-N, training on the other folds (validation split off them as usual, or --val-file) and
+testing on fold k; the table has a column per run and the baseline on the same folds. The job's --test-file is not
+used. python scripts/seeds.py --folds 5 --seeds 0 --out-dir runs/abstracts-5fold
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--devices", help="GPUs to run on, one seed per GPU at a time (e.g. 0,1); default: every "
                    "visible GPU, none on a machine without one")
     p.add_argument("--no-baseline", action="store_true", help="leave the linear baseline out of the table")
+    p.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over the training file: fold k's "
+                   "rows are that run's test set (default 0: no folds, the job's --test-file)")
+    p.add_argument("--fold-seed", type=int, default=0, help="the seed that deals rows into folds (default 0)")
     args = p.parse_args(ours)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -53,6 +63,8 @@ def parse_args(argv):
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, such as 0,1,2")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         p.error(f"--seeds {args.seeds}: give distinct seeds >= 0")
+    if args.folds == 1 or args.folds < 0:
+        p.error(f"--folds {args.folds}: give 2 or more (or 0 for none)")
     taken = [a for a in train_args if a.split("=")[0] in SEEDS_SETS]
     if taken:
         p.error(f"{', '.join(taken)}: seeds.py sets --seed and --out-dir for each run (and --resume when it "
@@ -60,10 +72,10 @@ def parse_args(argv):
     return args, train_args
 
 
-def check_job(train_args):
-    """train.py's options as it reads them; the job must be a classifier with a test file."""
+def check_job(train_args, folds=0):
+    """train.py's options as it reads them; the job must be a classifier with a test file (or folds)."""
     cfg = train.parse_config(train_args)
-    if cfg.task == "mlm" or not cfg.test_file:
+    if cfg.task == "mlm" or not (cfg.test_file or folds):
         raise SystemExit("seeds.py tabulates a classifier's test metrics: it needs a --test-file and no --task mlm")
     return cfg
 
@@ -111,8 +123,8 @@ def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):
             while waiting and free:
                 seed, command, log_path = waiting.pop(0)
                 device = free.pop(0)
-                print(f"seed {seed}: running{f' on GPU {device}' if device is not None else ''} (log: {log_path})",
-                      flush=True)
+                print(f"{run_name(seed)}: running{f' on GPU {device}' if device is not None else ''} "
+                      f"(log: {log_path})", flush=True)
                 running[seed] = (start(command, log_path, device), device)
             time.sleep(poll_seconds)
             for seed, (process, device) in list(running.items()):
@@ -120,13 +132,41 @@ def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):
                     codes[seed] = process.returncode
                     free.append(device)
                     del running[seed]
-                    print(f"seed {seed}: {'done' if codes[seed] == 0 else f'failed (exit code {codes[seed]})'}",
+                    print(f"{run_name(seed)}: {'done' if codes[seed] == 0 else f'failed (exit code {codes[seed]})'}",
                           flush=True)
     finally:  # stopped (Ctrl-C, a kill): its runs stop too, so a second seeds.py never writes beside them
         for process, _ in running.values():
             process.terminate()
             process.wait()
     return codes
+
+
+def run_name(key):
+    """A run's name in messages and the table: its seed (`seed 3`), or with --folds its fold and seed."""
+    return f"seed {key}" if isinstance(key, int) else key
+
+
+def planned_runs(args, train_args, cfg):
+    """[(key, seed, folder, train.py options, the job's options for the baseline)]: one per seed, or with --folds
+    one per fold and seed on that fold's files (written first, by scripts/folds.py)."""
+    if not args.folds:
+        return [(s, s, os.path.join(args.out_dir, f"seed-{s}"), train_args, cfg) for s in args.seeds]
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import folds
+    try:
+        paths, multi = folds.write_folds(cfg, args.folds, args.fold_seed, args.out_dir)
+    except train.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    runs = []
+    for k, (train_file, test_file) in enumerate(paths):
+        on_fold = {"train_file": os.path.abspath(train_file), "test_file": os.path.abspath(test_file),
+                   "task": "multi" if multi else "single"}
+        fold_args = [*train_args, *(x for name, v in on_fold.items() for x in ("--" + name.replace("_", "-"), v))]
+        for s in args.seeds:
+            key = f"fold {k} seed {s}" if len(args.seeds) > 1 else f"fold {k}"
+            runs.append((key, s, os.path.join(args.out_dir, f"fold-{k}-seed-{s}"), fold_args,
+                         dataclasses.replace(cfg, **on_fold)))
+    return runs
 
 
 def baseline_metrics(cfg, seed, path):
@@ -188,7 +228,7 @@ def number(value):
 
 def markdown(table, seeds):
     """The table as markdown: a row per metric, a column per seed, mean ± std, min-max, the baseline's mean ± std."""
-    header = ["metric", *(f"seed {s}" for s in seeds), "mean ± std", "min-max", "baseline mean ± std"]
+    header = ["metric", *map(run_name, seeds), "mean ± std", "min-max", "baseline mean ± std"]
     rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, row in table.items():
         base = row.get("baseline")
@@ -199,43 +239,48 @@ def markdown(table, seeds):
     return "\n".join(rows)
 
 
-def write_tables(args, cfg, train_args, done):
-    """seeds.json and seeds.md (and each seed's baseline) from the finished seeds' test metrics."""
-    per_seed = {s: json.load(open(os.path.join(args.out_dir, f"seed-{s}", "test_metrics.json"))) for s in done}
+def write_tables(args, train_args, done):
+    """seeds.json and seeds.md (and each run's baseline) from the finished runs' test metrics."""
+    per_seed = {key: json.load(open(os.path.join(folder, "test_metrics.json"))) for key, _, folder, _ in done}
     baselines = {} if args.no_baseline else {
-        s: baseline_metrics(cfg, s, os.path.join(args.out_dir, f"baseline-seed-{s}.json")) for s in done}
+        key: baseline_metrics(job, seed, os.path.join(args.out_dir, f"baseline-{os.path.basename(folder)}.json"))
+        for key, seed, folder, job in done}
     table = summarise(per_seed, baselines)
-    files.write_json(os.path.join(args.out_dir, "seeds.json"), {"seeds": done, "train_options": train_args,
-                                                              "metrics": table}, "the table")
-    text = markdown(table, done)
+    names = [key for key, _, _, _ in done]
+    files.write_json(os.path.join(args.out_dir, "seeds.json"), {"seeds": names, "folds": args.folds,
+                                                              "train_options": train_args, "metrics": table},
+                     "the table")
+    text = markdown(table, names)
     files.write_text(os.path.join(args.out_dir, "seeds.md"), text + "\n", "the table")
     return table, text
 
 
 def main(argv=None):
     args, train_args = parse_args(argv)
-    cfg = check_job(train_args)
+    cfg = check_job(train_args, args.folds)
     os.makedirs(args.out_dir, exist_ok=True)
-    folder = lambda seed: os.path.join(args.out_dir, f"seed-{seed}")
+    runs = planned_runs(args, train_args, cfg)
     jobs = []
-    for seed in args.seeds:
-        state = seed_state(folder(seed))
-        print(f"seed {seed}: " + {"done": "finished before, skipped", "resume": "interrupted, continues (--resume)",
-                                  "again": "killed before its first evaluation, starts again", "new": "to run"}[state])
+    for key, seed, folder, run_args, _ in runs:
+        state = seed_state(folder)
+        print(f"{run_name(key)}: " + {"done": "finished before, skipped", "resume": "interrupted, continues (--resume)",
+                                      "again": "killed before its first evaluation, starts again",
+                                      "new": "to run"}[state])
         if state != "done":
-            jobs.append((seed, seed_command(train_args, seed, folder(seed), state),
-                         os.path.join(args.out_dir, f"seed-{seed}.log")))
+            jobs.append((key, seed_command(run_args, seed, folder, state), folder + ".log"))
     devices = args.devices.split(",") if args.devices else visible_gpus()
     codes = run_jobs(jobs, devices)
-    done = [s for s in args.seeds if seed_state(folder(s)) == "done"]
+    done = [(key, seed, folder, job) for key, seed, folder, _, job in runs if seed_state(folder) == "done"]
+    names = [key for key, _, _, _ in done]
     try:
-        table, text = write_tables(args, cfg, train_args, done)
+        table, text = write_tables(args, train_args, done)
     except files.WriteFailed as e:  # the runs are whole: a rerun skips them and writes the tables
-        raise SystemExit(f"{e}. Once that is fixed, run the same command again: the finished seeds are skipped")
+        raise SystemExit(f"{e}. Once that is fixed, run the same command again: the finished runs are skipped")
     print(f"\n{text}\n\nwritten to {args.out_dir}/seeds.md and seeds.json")
-    failed = sorted(s for s, code in codes.items() if code != 0)
+    failed = [run_name(key) for key, code in codes.items() if code != 0]
     if failed:
-        raise SystemExit(f"seeds {failed} failed: see {args.out_dir}/seed-N.log; the table holds seeds {done}")
+        raise SystemExit(f"{', '.join(failed)} failed: see their logs in {args.out_dir}; the table holds "
+                         f"{', '.join(map(run_name, names))}")
     return table
 
 

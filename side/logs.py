@@ -1,6 +1,7 @@
 """What a run reports while it trains: metrics.jsonl, the progress line, a table row per evaluation, the curves.
 
-TrainLog   metrics.jsonl (rank 0 appends to it through side/files.py), training loss summed on the device, tokens/s
+TrainLog   metrics.jsonl (rank 0 appends to it through side/files.py), training loss summed on the device, tokens/s;
+    with --report-to, the same rows to TensorBoard / MLflow and the report as artifacts (side/trackers.py)
 ProgressBar / evaluation_row   the lines a person watches
 trim_log   --resume: the log's rows after the resumed step go (they are run again)
 plot_curves -> training_curves.png, plot_reliability -> calibration.png (with matplotlib, when installed)
@@ -17,6 +18,7 @@ from metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bi
 from side.distributed import global_mean, is_main_rank
 from side import files
 from side.files import writing
+from side.trackers import open_trackers
 
 
 class TrainLog:
@@ -24,8 +26,10 @@ class TrainLog:
     evaluation. It sums the training loss since the last evaluation on the device, and counts the tokens
     trained on since then for the throughput. columns: the evaluation row's metrics after the losses."""
 
-    def __init__(self, out_dir, resume, progress, total_steps, steps_per_epoch, metric, columns, device):
+    def __init__(self, out_dir, resume, progress, total_steps, steps_per_epoch, metric, columns, device,
+                 report_to="none", run_options=None):
         self.main_rank = is_main_rank()  # the other ranks write to /dev/null
+        self.out_dir = out_dir
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.metric, self.columns, self.steps_per_epoch = metric, columns, steps_per_epoch
         resumed = progress.evals > 0  # a saved state always comes after an evaluation
@@ -38,6 +42,9 @@ class TrainLog:
                 trim_log(self.path, progress.step)
             self.file = (files.Appender(self.path, "the log", start="end" if resumed else None, durable=False)
                          if self.main_rank else open(os.devnull, "w"))
+        # --report-to: each row also goes to TensorBoard / MLflow (side/trackers.py), from rank 0 only
+        self.trackers = open_trackers(report_to, out_dir, run_options or {}, progress.step if resumed else None) \
+            if self.main_rank else []
         self.bar = ProgressBar(total_steps, progress.step)
         self.running = torch.zeros(2, device=device)  # [sum of losses, batches]
         self.restart_clock()
@@ -70,10 +77,20 @@ class TrainLog:
             self.file.write(json.dumps(row) + "\n")
             if flush:
                 self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def close(self):
         with writing(self.path, "the log"):
             self.file.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+    def publish(self):
+        """--report-to: the run's report files as artifacts (once they are written); the tracked run ends."""
+        names = ("report.txt", "test_metrics.json", "calibration.png", "training_curves.png", "metrics.jsonl")
+        for tracker in self.trackers:
+            tracker.publish([os.path.join(self.out_dir, name) for name in names])
 
 
 def real_tokens(batch):

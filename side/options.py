@@ -29,6 +29,7 @@ from side import files
 from side.checkpoints import TOKENIZER_FILES, remove_debris
 from side.infer import device_problem
 from side.weights import read_json_object
+from side.trackers import check_report_to
 
 # ----------------------------------------------------------------------------- reading options
 
@@ -169,6 +170,7 @@ def check_options(cfg, objective_rules=None):
            for name, (ok, what) in allowed.items() if not ok]
     if bad:
         raise SystemExit("; ".join(bad))
+    check_report_to(cfg.report_to)  # a name it knows, its package installed: before anything is written
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     if not cfg.teacher and any(getattr(cfg, name) != defaults[name] for name in ("distill_weight",
                                                                                   "distill_temperature")):
@@ -293,7 +295,8 @@ def hold_out_dir(out_dir, create=True):
 LOCK = ".lock"  # held by the running run: not an output another run could take for its own
 # everything a run writes into out_dir: another run's copy of any of them marks the folder as taken
 RUN_OUTPUTS = ("model.safetensors", "metrics.jsonl", "last", "test_metrics.json", "report.txt", "train_config.json",
-               "checkpoints", "training_curves.png", "calibration.png", "config.json", *TOKENIZER_FILES)
+               "checkpoints", "training_curves.png", "calibration.png", "config.json", "tensorboard", "mlflow_run.json",
+               *TOKENIZER_FILES)
 
 
 def old_run_outputs(out_dir, resume):
@@ -304,8 +307,8 @@ def old_run_outputs(out_dir, resume):
                                                                                   LOCK)):
         return []
     old = [name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, name))]
-    # a run killed before its first evaluation left only its log: --resume starts it again
-    return [name for name in old if name != "metrics.jsonl"] if resume else old
+    # a run killed before its first evaluation left only its logs: --resume starts it again
+    return [name for name in old if name not in ("metrics.jsonl", "tensorboard", "mlflow_run.json")] if resume else old
 
 
 def clear_old_run(out_dir, old):
