@@ -5,8 +5,9 @@ to files of millions of notes: the file is read, tokenized, scored and written i
 The file, in order: Predictor (the model and its tokenizer; predict, stream); Job and label_chunk (one chunk of
 rows -> its output bytes, rejects, or logits to score); the sinks (a file through side/output.py's ChunkWriter,
 stdout, metrics); run (chunks over the ranks of torchrun or one --shard, side/shards.py); main and its arguments.
-Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line, side/infer.py batches,
-side/inputs.py checks the options and the API's arguments by one set of rules, side/files.py writes every file.
+Side rooms: side/stream.py reads the rows, side/progress.py prints the progress line and the speed, side/infer.py
+batches, side/inputs.py checks the options and the API's arguments by one set of rules, side/files.py writes every
+file, side/signals.py ends a run on Ctrl-C, SIGTERM or a closed stdout.
 
     python predict.py --model out --text "CT shows a spiculated nodule." --text "Normal study."
     python predict.py --model out --input notes.csv --output predictions.csv    # one row per note, id columns kept

@@ -19,7 +19,8 @@ Classification   the objective: labels (single- or multi-label) -> splits, model
 Learner / build_learner / linear_schedule   AdamW with warmup and decay, the grad scaler, DDP/FSDP, compile
 epoch_steps -> train_step -> optimizer_step   a training step (tests/test_train.py checks it against the reference)
 Progress / evaluate_and_checkpoint   how far a run is, saved at each evaluation for --resume
-train()   the job, read top to bottom; main() turns expected failures into one-line messages (side/failures.py)
+train()   the job, read top to bottom; main() turns expected failures into one-line messages (side/failures.py),
+    and Ctrl-C or SIGTERM too (side/signals.py: a save in progress is finished first)
 Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM, the final
 report and calibration.
 """
