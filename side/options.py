@@ -260,7 +260,7 @@ def check_out_dir(out, model_dir, overwrite, resume, main_rank, reads=None):
     outputs = {f"--out-dir {out}'s {name}": os.path.join(out, name) for name in (*RUN_OUTPUTS, LOCK)}
     # the model folder is not among the reads: an out-dir inside it (models/bert/finetuned) replaces none of its files
     collision = files.collisions(outputs, reads or {},
-                                 folders=[f"--out-dir {out}'s {name}" for name in ("last", "checkpoints")],
+                                 folders=[f"--out-dir {out}'s {name}" for name in ("last", "checkpoints", "tensorboard")],
                                  advice="pass another --out-dir, or keep the files the run reads elsewhere")
     if collision:
         raise SystemExit(collision)
