@@ -82,7 +82,8 @@ class Predictor:
         if int8 and self.device.type != "cpu":
             raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
-        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)  # before the copy
+        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)
+        self.model.aggregation = window_aggregation(self.encoder.strategy)  # windows as cut here; before the copy
         self.fp32, self.model = (self.model, int8_copy(self.model)) if int8 else (None, self.model)
         self.model_dir = model_dir
         config = self.model.config
@@ -162,15 +163,14 @@ def decoded(logits, names, thresholds, multi_label):
 
 def text_encoder(model, model_dir, max_length=None, long_docs=None, window_stride=None):
     """The checkpoint's tokenizer, cutting and windowing long documents as in training (config.json's long_document;
-    a checkpoint not from train.py: head at its maximum) unless the options say otherwise. Sets the model's window
-    aggregation to match."""
+    a checkpoint not from train.py: head at its maximum) unless the options say otherwise. The model is read, not
+    changed: its window aggregation must then follow the encoder's strategy (Predictor sets it)."""
     config = model.config
     trained = config.long_document or {}
     strategy = long_docs or trained.get("strategy", "head")
     if window_aggregation(strategy) == "attention" and not hasattr(model, "window_attention"):
         raise ValueError(f"{model_dir} was trained with {trained.get('strategy', 'head')!r}, without window "
                          "attention weights; use windows_max or windows_mean")
-    model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
     positions = config.max_position_embeddings
     if max_length and max_length > positions and strategy != "native":
         print(f"note: max_length {max_length} is more than the model's {positions} positions: texts are cut at "
