@@ -8,7 +8,7 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
     side/packing.py checks before packed batches use it), or padded_attention (packed, off the flash path)
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
-pool_tokens (cls, mean, max, label_attention); per_document: a long document's windows (doc_index) -> one row
+POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES: one function and one table entry per pooling, per loss; per_document: a long document's windows (doc_index) -> one row
 first_token / at_first   cls pooling of padded texts: the last layer computes only each text's [CLS] row
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
@@ -25,7 +25,6 @@ import torch.utils.checkpoint
 from side.hf import BertConfig, ModernBertConfig
 from side.weights import hf_tensors, load_hf_weights, read_config, read_weights, save_folder
 
-POOLINGS = ("cls", "mean", "max", "label_attention")
 ACTIVATIONS = {
     "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -382,6 +381,16 @@ def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, margin=0.05):
     return -(targets * positive + (1 - targets) * negative).mean()
 
 
+def bce_loss(logits, targets):
+    """Binary cross-entropy of each label, averaged over texts and labels."""
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+# multi-label losses: config.json's multi_label_loss, train.py --loss (its -h and checks) and EncoderClassifier.loss
+# all read this table; the first is the default. A loss maps (logits [B, L], float multi-hot targets) to the mean
+MULTI_LABEL_LOSSES = {"bce": bce_loss, "asl": asymmetric_loss}
+
+
 def packed_mean(hidden, cu_seqlens):
     """Mean of each packed sequence's token vectors [N, H] -> [B, H]."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -416,9 +425,11 @@ def head_options(c):
     """The classifier's pooling and window aggregation (window_aggregation: how a long document's windows make one
     prediction), refused when config c asks for what this model cannot do."""
     if c.classifier_pooling not in POOLINGS:
-        raise ValueError(f"classifier_pooling {c.classifier_pooling!r} is not supported; use one of {POOLINGS}")
-    if c.multi_label_loss not in ("bce", "asl"):
-        raise ValueError(f"multi_label_loss {c.multi_label_loss!r} is not supported; use 'bce' or 'asl'")
+        raise ValueError(f"classifier_pooling {c.classifier_pooling!r} is not supported; use one of "
+                         f"{tuple(POOLINGS)}")
+    if c.multi_label_loss not in MULTI_LABEL_LOSSES:
+        raise ValueError(f"multi_label_loss {c.multi_label_loss!r} is not supported; use one of "
+                         f"{tuple(MULTI_LABEL_LOSSES)}")
     aggregation = window_aggregation((c.long_document or {}).get("strategy", "head"))
     if aggregation == "attention" and c.classifier_pooling == "label_attention":
         raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
@@ -434,28 +445,64 @@ def segment_reduce(values, doc_index, num_docs, how):
     return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
 
 
-def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqlen=None, label_attention=None):
-    """Token vectors -> [B, H] per text, or [B, L, H] per label (pooling label_attention: label_attention scores
-    each token for each label, a Linear of one query per label)."""
-    if cu_seqlens is not None:
-        if pooling == "cls":
-            return hidden[cu_seqlens[:-1].long()]
-        if pooling == "mean":
-            return packed_mean(hidden, cu_seqlens)
-        hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
-    if attention_mask is None:
-        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    mask = attention_mask.bool()
-    if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(mask)]
-    if pooling == "mean":
-        m = mask.to(hidden.dtype)[..., None]
-        return (hidden * m).sum(dim=1) / m.sum(dim=1)
-    if pooling == "max":
-        return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
-    # label_attention: each label's softmax over the text's tokens weighs their vectors
-    weights = label_weights(label_attention(hidden), mask)
+@dataclass
+class Tokens:
+    """The encoder's last token vectors, as a pooling reads them: padded hidden [B, T, H] with mask [B, T] bool, or
+    packed hidden [N, H] with cu_seqlens [B+1] (and max_seqlen); label_attention: the model's Linear of one query per
+    label, when it has one."""
+    hidden: torch.Tensor
+    mask: torch.Tensor = None
+    cu_seqlens: torch.Tensor = None
+    max_seqlen: int = 0
+    label_attention: nn.Module = None
+
+    def padded(self):
+        """(hidden [B, T, H], mask [B, T]) of either layout."""
+        if self.cu_seqlens is None:
+            return self.hidden, self.mask
+        return unpack(self.hidden, self.cu_seqlens, self.max_seqlen)
+
+
+def cls_pooling(tokens):
+    """Each text's first real token, its [CLS]: position 0 when right padded, not when left padded."""
+    if tokens.cu_seqlens is not None:
+        return tokens.hidden[tokens.cu_seqlens[:-1].long()]
+    hidden = tokens.hidden
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(tokens.mask)]
+
+
+def mean_pooling(tokens):
+    """The mean of each text's real token vectors."""
+    if tokens.cu_seqlens is not None:
+        return packed_mean(tokens.hidden, tokens.cu_seqlens)
+    m = tokens.mask.to(tokens.hidden.dtype)[..., None]
+    return (tokens.hidden * m).sum(dim=1) / m.sum(dim=1)
+
+
+def max_pooling(tokens):
+    """The largest value of each feature over a text's real tokens."""
+    hidden, mask = tokens.padded()
+    return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
+
+
+def label_attention_pooling(tokens):
+    """[B, L, H]: one vector per label, each label's softmax over the text's tokens weighing their vectors."""
+    hidden, mask = tokens.padded()
+    weights = label_weights(tokens.label_attention(hidden), mask)
     return torch.einsum("btl,bth->blh", weights.to(hidden.dtype), hidden)
+
+
+# how token vectors become the head's input: config.json's classifier_pooling, train.py --pooling (its -h and
+# checks), the model: all read this table. A pooling is a function of Tokens -> [B, H] (or [B, L, H], one per label)
+POOLINGS = {"cls": cls_pooling, "mean": mean_pooling, "max": max_pooling, "label_attention": label_attention_pooling}
+
+
+def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqlen=None, label_attention=None):
+    """Token vectors -> [B, H] per text, or [B, L, H] per label, by the POOLINGS entry named pooling."""
+    if cu_seqlens is None and attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    mask = None if attention_mask is None else attention_mask.bool()
+    return POOLINGS[pooling](Tokens(hidden, mask, cu_seqlens, max_seqlen, label_attention))
 
 
 def label_weights(scores, mask):
@@ -652,8 +699,7 @@ class EncoderClassifier(EncoderModel):
 
     def loss(self, logits, labels):
         if self.config.multi_label:
-            multi = asymmetric_loss if self.config.multi_label_loss == "asl" else F.binary_cross_entropy_with_logits
-            return multi(logits, labels.to(logits.dtype))
+            return MULTI_LABEL_LOSSES[self.config.multi_label_loss](logits, labels.to(logits.dtype))
         return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
 
     def modernbert_init_std(self, module):

@@ -317,7 +317,7 @@ def test_15_max_length_too_short_for_the_special_tokens(tiny, tmp_path, no_model
     ("--warmup-ratio", "1.5", "--warmup-ratio 1.5 must be between 0 and 1"),
     ("--classifier-dropout", "1", r"--classifier-dropout 1.0 must be in \[0, 1\)"),
     ("--threshold", "2", "--threshold '2' must be global, per_label or a number between 0 and 1"),
-    ("--task", "multilabel", "--task 'multilabel' must be auto, single or multi"),
+    ("--task", "multilabel", "--task 'multilabel' must be auto, single, multi or mlm"),
     ("--long-docs", "middle", "--long-docs 'middle' must be head, tail, head_tail, native"),
     ("--amp", "fp8", "--amp 'fp8' must be auto, bf16, fp16 or off"),
     ("--device", "gpu", r"--device 'gpu' must be cpu, cuda or cuda:N"),

@@ -148,7 +148,7 @@ def test_head_lr_applies_to_everything_above_the_encoder():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--pooling", "attention"], "--pooling 'attention' must be auto, cls, mean, max, label_attention"),
+    (["--pooling", "attention"], "--pooling 'attention' must be auto, cls, mean, max or label_attention"),
     (["--pooling", "label_attention", "--long-docs", "windows_attention"], "not with --long-docs windows_attention"),
     (["--head-lr", "0"], "--head-lr 0.0 must be a number > 0"),
 ])
