@@ -9,7 +9,6 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
 POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES: one function and one table entry per pooling, per loss; per_document: a long document's windows (doc_index) -> one row
-first_token / at_first   cls pooling of padded texts: the last layer computes only each text's [CLS] row
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -143,7 +142,7 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
 class SelfAttention(nn.Module):
     """Multi-head self-attention; optional RoPE and sliding window (ModernBERT). Query, key and value are three
     matmuls, not one of thrice the width: MKL runs three [M, H] x [H, H] faster than one [M, H] x [H, 3H] on a CPU
-    (docs/benchmarks.md), and the last layer's queries can then be projected for [CLS] alone."""
+    (docs/benchmarks.md)."""
 
     def __init__(self, hidden, heads, bias, dropout, window=None):
         super().__init__()
@@ -151,38 +150,22 @@ class SelfAttention(nn.Module):
         self.heads, self.dropout, self.window = heads, dropout, window
         self.query, self.key, self.value = (nn.Linear(hidden, hidden, bias=bias) for _ in range(3))
 
-    def forward(self, x, layout, rope=None, first=None):
-        """first (padded only): [B] one query per text, at that position (see first_token), instead of all."""
+    def forward(self, x, layout, rope=None):
         *lead, hidden = x.shape
         if len(lead) == 1:  # packed: one long "batch" of N tokens
             x = x[None]
-        early = first if rope is None else None  # RoPE turns each query by its position: pick after turning
-        q, k, v = (project(t).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for project, t in ((self.query, at_first(x, early, 1)), (self.key, x), (self.value, x)))
+        q, k, v = (project(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for project in (self.query, self.key, self.value))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
-            q = at_first(q, first, 2)
-        if first is not None:  # the key mask [B, 1, 1, T] has one row already, a window's not
-            local = layout.local_mask
-            layout = AttentionLayout(layout.mask, None if local is None else at_first(local, first, 2))
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, layout, self.window, dropout)
         return y.transpose(1, 2).reshape(*lead[:-1], y.shape[2], hidden)
 
 
 def first_token(attention_mask):
-    """[B]: each text's first real token, its [CLS] (0 if right padded): with cls pooling the last layer computes
-    its queries, attention output and feed-forward for that token alone, the only row the head reads."""
+    """[B]: each text's first real token, its [CLS] (0 if right padded)."""
     return attention_mask.long().argmax(dim=1)
-
-
-def at_first(t, first, dim):
-    """t [B or 1, ...] at position first[b] along dim, for each text b; dim kept, of size 1. first None: t."""
-    if first is None:
-        return t
-    t = t.expand(len(first), *t.shape[1:])
-    shape = [*t.shape[:dim], 1, *t.shape[dim + 1:]]
-    return t.gather(dim, first.view(-1, *[1] * (t.dim() - 1)).expand(shape))
 
 
 def rope_cos_sin(position_ids, head_dim, theta):
@@ -224,9 +207,9 @@ class BertLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_act]
         self.drop = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, x, layout, rope=None, first=None):
-        attended = self.attn_out(self.attn(x, layout, first=first))
-        x = self.attn_norm(at_first(x, first, 1) + self.drop(attended))
+    def forward(self, x, layout, rope=None):
+        attended = self.attn_out(self.attn(x, layout))
+        x = self.attn_norm(x + self.drop(attended))
         return self.mlp_norm(x + self.drop(self.down(self.act(self.up(x)))))
 
 
@@ -242,13 +225,13 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None, first=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
         x = self.drop(self.embed_norm(x))
-        for layer in self.layers:  # first: the last layer's queries (first_token), else every token's
-            x = run_layer(layer, self.grad_checkpointing, x, layout, None, first if layer is self.layers[-1] else None)
+        for layer in self.layers:
+            x = run_layer(layer, self.grad_checkpointing, x, layout, None)
         return x
 
 
@@ -300,9 +283,9 @@ class ModernBertLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_activation]
         self.mlp_drop = nn.Dropout(c.mlp_dropout)
 
-    def forward(self, x, layout, rope, first=None):
-        attended = self.attn_out(self.attn(self.attn_norm(x), layout, rope, first))
-        x = at_first(x, first, 1) + self.attn_drop(attended)
+    def forward(self, x, layout, rope):
+        attended = self.attn_out(self.attn(self.attn_norm(x), layout, rope))
+        x = x + self.attn_drop(attended)
         h, gate = self.wi(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.wo(self.mlp_drop(self.act(h) * gate))
 
@@ -318,15 +301,14 @@ class ModernBertEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None, first=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
         rope_global = rope_cos_sin(position_ids, head_dim, c.global_rope_theta)
         rope_local = rope_cos_sin(position_ids, head_dim, c.local_rope_theta)
         x = self.drop(self.embed_norm(self.word(input_ids)))
         for layer in self.layers:
-            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global,
-                          first if layer is self.layers[-1] else None)
+            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global)
         return self.final_norm(x)
 
 
@@ -391,15 +373,6 @@ def bce_loss(logits, targets):
 MULTI_LABEL_LOSSES = {"bce": bce_loss, "asl": asymmetric_loss}
 
 
-def packed_mean(hidden, cu_seqlens):
-    """Mean of each packed sequence's token vectors [N, H] -> [B, H]."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
-                                     output_size=hidden.shape[0])  # known size: no host sync
-    sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
-
-
 def unpack(hidden, cu_seqlens, max_seqlen):
     """Packed token vectors [N, H] -> right-padded [B, max_seqlen, H] and their mask [B, max_seqlen]."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -445,64 +418,43 @@ def segment_reduce(values, doc_index, num_docs, how):
     return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
 
 
-@dataclass
-class Tokens:
-    """The encoder's last token vectors, as a pooling reads them: padded hidden [B, T, H] with mask [B, T] bool, or
-    packed hidden [N, H] with cu_seqlens [B+1] (and max_seqlen); label_attention: the model's Linear of one query per
-    label, when it has one."""
-    hidden: torch.Tensor
-    mask: torch.Tensor = None
-    cu_seqlens: torch.Tensor = None
-    max_seqlen: int = 0
-    label_attention: nn.Module = None
-
-    def padded(self):
-        """(hidden [B, T, H], mask [B, T]) of either layout."""
-        if self.cu_seqlens is None:
-            return self.hidden, self.mask
-        return unpack(self.hidden, self.cu_seqlens, self.max_seqlen)
-
-
-def cls_pooling(tokens):
+def cls_pooling(hidden, mask, label_attention=None):
     """Each text's first real token, its [CLS]: position 0 when right padded, not when left padded."""
-    if tokens.cu_seqlens is not None:
-        return tokens.hidden[tokens.cu_seqlens[:-1].long()]
-    hidden = tokens.hidden
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(tokens.mask)]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(mask)]
 
 
-def mean_pooling(tokens):
+def mean_pooling(hidden, mask, label_attention=None):
     """The mean of each text's real token vectors."""
-    if tokens.cu_seqlens is not None:
-        return packed_mean(tokens.hidden, tokens.cu_seqlens)
-    m = tokens.mask.to(tokens.hidden.dtype)[..., None]
-    return (tokens.hidden * m).sum(dim=1) / m.sum(dim=1)
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(dim=1) / m.sum(dim=1)
 
 
-def max_pooling(tokens):
+def max_pooling(hidden, mask, label_attention=None):
     """The largest value of each feature over a text's real tokens."""
-    hidden, mask = tokens.padded()
     return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
 
 
-def label_attention_pooling(tokens):
-    """[B, L, H]: one vector per label, each label's softmax over the text's tokens weighing their vectors."""
-    hidden, mask = tokens.padded()
-    weights = label_weights(tokens.label_attention(hidden), mask)
+def label_attention_pooling(hidden, mask, label_attention):
+    """[B, L, H]: one vector per label, each label's softmax over the text's tokens weighing their vectors
+    (label_attention: the model's Linear of one query per label)."""
+    weights = label_weights(label_attention(hidden), mask)
     return torch.einsum("btl,bth->blh", weights.to(hidden.dtype), hidden)
 
 
 # how token vectors become the head's input: config.json's classifier_pooling, train.py --pooling (its -h and
-# checks), the model: all read this table. A pooling is a function of Tokens -> [B, H] (or [B, L, H], one per label)
+# checks) and the model all read this table. A pooling maps padded token vectors [B, T, H], their mask [B, T] bool
+# and the model's label_attention (or None) to [B, H], or [B, L, H] with one vector per label
 POOLINGS = {"cls": cls_pooling, "mean": mean_pooling, "max": max_pooling, "label_attention": label_attention_pooling}
 
 
 def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqlen=None, label_attention=None):
-    """Token vectors -> [B, H] per text, or [B, L, H] per label, by the POOLINGS entry named pooling."""
-    if cu_seqlens is None and attention_mask is None:
+    """Token vectors (padded, or packed with cu_seqlens) -> [B, H] per text, or [B, L, H] per label, by the POOLINGS
+    entry named pooling."""
+    if cu_seqlens is not None:
+        hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
+    if attention_mask is None:
         attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    mask = None if attention_mask is None else attention_mask.bool()
-    return POOLINGS[pooling](Tokens(hidden, mask, cu_seqlens, max_seqlen, label_attention))
+    return POOLINGS[pooling](hidden, attention_mask.bool(), label_attention)
 
 
 def label_weights(scores, mask):
@@ -567,8 +519,8 @@ class EncoderModel(nn.Module):
     FRESH_NOTE = ""
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               cu_seqlens=None, max_seqlen=None, first_only=False):
-        """Last hidden states: [B, T, H] padded, or [N, H] packed; first_only (padded): [B, 1, H] (first_token)."""
+               cu_seqlens=None, max_seqlen=None):
+        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
@@ -585,8 +537,7 @@ class EncoderModel(nn.Module):
         if longest is not None and longest > c.max_position_embeddings:
             raise ValueError(f"sequence of {longest} tokens is longer than the model's "
                              f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
-        first = first_token(attention_mask) if first_only else None
-        return self.encoder(input_ids, layout, position_ids, token_type_ids, first)
+        return self.encoder(input_ids, layout, position_ids, token_type_ids)
 
     def modernbert_init_std(self, module):
         """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
@@ -691,8 +642,6 @@ class EncoderClassifier(EncoderModel):
     def pool(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen, pooling=None):
         """encode, then pool_tokens: [B, H] per text, or [B, L, H] per label. pooling: None = the model's."""
         pooling = pooling or self.pooling
-        if pooling == "cls" and cu_seqlens is None:
-            return self.encode(input_ids, attention_mask, token_type_ids, position_ids, first_only=True)[:, 0]
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         return pool_tokens(hidden, pooling, attention_mask, cu_seqlens, max_seqlen,
                            getattr(self, "label_attention", None))

@@ -38,8 +38,7 @@ def focal(logits, targets):
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) * 2
 
 
-def second_token(tokens):
-    hidden, _ = tokens.padded()
+def second_token(hidden, mask, label_attention=None):
     return hidden[:, 1]
 
 
