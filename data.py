@@ -33,9 +33,8 @@ DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson"
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
 # make_batch(packed=None), off the flash kernel (CPU): packing saves the layers' matmuls on padding and adds
-# copies around attention: worth it above this share of padding (bench.py on this CPU, batches with 26% and
-# 40% padding: packed 1.09-1.30x transformers, padded 0.89-1.09x). Length-bucketed batches (train.py,
-# predict.py) seldom have that much and stay padded.
+# copies around attention, so it pays only above this share of padding (measured: docs/benchmarks.md).
+# Length-bucketed batches (train.py, predict.py) seldom have that much and stay padded.
 PACK_ABOVE_PADDING = 0.2
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
 # label cells that spell a missing value (pandas' str(NaN), JSON's null, Python's None): an error like a blank cell,

@@ -8,7 +8,8 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
     side/packing.py checks before packed batches use it), or padded_attention (packed, off the flash path)
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
-POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES: one function and one table entry per pooling, per loss; per_document: a long document's windows (doc_index) -> one row
+POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES   one function and one table entry per pooling, per loss
+per_document   a long document's windows (doc_index) -> one row
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -124,16 +125,14 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
     keys j of its own sequence, only those with |i - j| <= window unless window is None (flash's window is
     inclusive on both sides, like ModernBERT's), with scores scaled by 1/sqrt(D) and dropout on the weights.
     Returns [N, H, D]. Written against torch 2.13: flash_check() (side/packing.py) runs it before the first packed
-    batch, so a torch that changed these calls costs a warning and padded batches, not a wrong model."""
-    if dropout == 0:
-        # the public API, for ModernBERT (no attention dropout) and all inference. Its window_size replaced
-        # is_causal in January 2026 (pytorch#172238, #172245): an older torch fails the self-check
+    batch, so a torch that changed these calls costs a warning and padded batches, not a wrong model (the calls'
+    history: docs/gpu.md)."""
+    if dropout == 0:  # the public API, for ModernBERT (no attention dropout) and all inference
         from torch.nn.attention.varlen import varlen_attn
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                            window_size=(-1, -1) if window is None else (window, window))
-    # BERT trains with attention dropout (0.1), which varlen_attn lacks: the private aten op, as of torch
-    # 2.13 (its window keywords are recent). Autograd knows its backward, which replays the forward's dropout
-    # mask from the rng state the op returns.
+    # BERT trains with attention dropout, which varlen_attn lacks: the private aten op. Autograd knows its
+    # backward, which replays the forward's dropout mask from the rng state the op returns.
     return torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, False, False,
         window_size_left=window, window_size_right=window)[0]  # window None = global

@@ -183,7 +183,9 @@ def text_encoder(model, model_dir, max_length=None, long_docs=None, window_strid
 def trained_option(model_dir, name):
     """An option of the train.py run that wrote the folder (train_config.json), or None."""
     path = os.path.join(model_dir, "train_config.json")
-    with open(path) if os.path.isfile(path) else io.StringIO("{}") as f:
+    if not os.path.isfile(path):  # a folder not written by train.py
+        return None
+    with open(path) as f:
         return json.load(f).get(name)
 
 
@@ -372,7 +374,8 @@ def out_of_memory_retry(predictor, score, seqs):
                 raise SystemExit("out of memory with one text per batch: lower --max-length or use a larger "
                                  "device") from None
             predictor.batch_size = max(predictor.batch_size // 2, 1)
-            predictor.batch_tokens = predictor.batch_tokens and max(predictor.batch_tokens // 2, 1)
+            if predictor.batch_tokens:  # None (the CPU's default cap) and 0 (no cap) stay as they are
+                predictor.batch_tokens = max(predictor.batch_tokens // 2, 1)
             torch.cuda.empty_cache()
             print(f"note: out of memory; batches of at most {predictor.batch_size} texts from here on",
                   file=sys.stderr)
@@ -547,8 +550,12 @@ def open_sink(args, job, stream, rank, world):
     sink, problem = None, None
     if rank == 0:
         try:
-            sink = (MetricsSink(job.predictor) if args.label_column else
-                    FileSink(args, job, fingerprint(args, stream)) if args.output or args.embeddings else StdoutSink())
+            if args.label_column:
+                sink = MetricsSink(job.predictor)
+            elif args.output or args.embeddings:
+                sink = FileSink(args, job, fingerprint(args, stream))
+            else:
+                sink = StdoutSink()
         except OutputError as e:
             problem = e
     problem = from_first(problem, rank, world)

@@ -131,7 +131,10 @@ def load_splits(cfg, encoder):
     columns = cfg.label_column.split(",") if "," in cfg.label_column else (cfg.label_column or None)
     multi = {"auto": None, "single": False, "multi": True}[cfg.task]
     pair_column = cfg.text_pair_column or None
-    read = lambda path, multi=multi: read_table(path, cfg.text_column, columns, multi, cfg.label_sep, pair_column)
+
+    def read(path, multi=multi):
+        return read_table(path, cfg.text_column, columns, multi, cfg.label_sep, pair_column)
+
     train = read(cfg.train_file)
     if train.labels is None:
         raise DataError(f"{cfg.train_file}: no label column (looked for 'label' and 'labels'); "
@@ -140,7 +143,9 @@ def load_splits(cfg, encoder):
     if not train.multi_label and labels.num_labels < 2:
         raise DataError(f"{cfg.train_file}: every row has the label {labels.names[0]!r}: a classifier needs "
                         "rows of at least 2 classes")
-    split = lambda table, rows=None: encoded_split(table, rows, labels, encoder, cfg.unknown_labels)
+
+    def split(table, rows=None):
+        return encoded_split(table, rows, labels, encoder, cfg.unknown_labels)
 
     def read_other(path):
         table = read(path)
@@ -371,8 +376,11 @@ def evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, d
     metrics, threshold, _ = objective.evaluate(model, objective.splits["val"])  # the same on every rank
     log.evaluation(progress, metrics)
     score = float(metrics[log.metric])
-    improved = progress.best is None or (score > progress.best if options.greater_is_better(
-        cfg.greater_is_better, log.metric) else score < progress.best)
+    higher_is_better = options.greater_is_better(cfg.greater_is_better, log.metric)
+    if progress.best is None:
+        improved = True
+    else:
+        improved = score > progress.best if higher_is_better else score < progress.best
     progress.last_eval, progress.evals = progress.step, progress.evals + 1
     if improved:
         progress.best, progress.bad_evals = score, 0

@@ -13,9 +13,8 @@ from metrics import sigmoid, softmax
 from model import autocast
 from side.packing import use_packing
 
-# On a CPU a batch of long texts is cut to at most this many (padded) tokens: smaller matmuls stay in cache.
-# Model time on this 2-core CPU, MiniLM, texts sorted by length, 64 texts a batch against this cap: -23% on
-# abstracts (mean 279 tokens), -13% on captions (36). Throughput on a GPU wants the largest batches: no cap.
+# On a CPU a batch of long texts is cut to at most this many (padded) tokens: smaller matmuls stay in cache
+# (measured: docs/benchmarks.md). Throughput on a GPU wants the largest batches: no cap.
 CPU_BATCH_TOKENS = 2048
 
 
