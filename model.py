@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from side.hf import BertConfig, ModernBertConfig
-from side.weights import hf_tensors, load_hf_weights, read_config, read_weights, save_folder
+from side.weights import brief_name, hf_tensors, load_hf_weights, read_config, read_weights, save_folder
 
 ACTIVATIONS = {
     "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
@@ -574,8 +574,8 @@ class EncoderModel(nn.Module):
         model = cls(config)
         fresh = load_hf_weights(model, state)
         model.fresh_head = bool(fresh)
-        if fresh and verbose:
-            print(f"{model_dir}: {cls.FRESH_NOTE} ({', '.join(fresh)}); train it before use")
+        if fresh and verbose:  # a fact of the run, said once: which model, and which of its weights start afresh
+            print(f"model: {brief_name(model_dir)} with {cls.FRESH_NOTE} ({', '.join(fresh)})")
         return model.to(device=device, dtype=dtype)
 
     def hf_state_dict(self):
@@ -593,7 +593,7 @@ class EncoderClassifier(EncoderModel):
     # when the model is loaded with another long-document strategy or pooling
     LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.")
     NEW_WHEN_MISSING = ("head.", "label_attention.")
-    FRESH_NOTE = "new classifier head initialised"
+    FRESH_NOTE = "a new classifier head initialised for this run"
 
     def __init__(self, config):
         super().__init__()
@@ -696,7 +696,7 @@ class MaskedLM(EncoderModel):
     LEFT_BEHIND = ("classifier.", "cls.seq_relationship.", "cls.predictions.decoder.", "decoder.weight",
                    "window_attention.", "label_attention.")
     NEW_WHEN_MISSING = ("head.", "pooler.")
-    FRESH_NOTE = "MLM head (or pooler) not in the checkpoint, initialised as the reference does"
+    FRESH_NOTE = "its MLM head (or pooler) initialised as the reference does: the checkpoint has none"
 
     def __init__(self, config):
         super().__init__()
