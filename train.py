@@ -435,7 +435,7 @@ def train(cfg):
             count_bad_step(progress.bad_steps, bad)
             log.add_step(sums, bad, batches)
             progress.step, progress.position = progress.step + 1, progress.position + 1
-            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+            if log.due(progress.step, cfg.log_every):
                 skipped = check_bad_steps(progress.bad_steps, cfg, progress.step)
                 log.training(progress.step, learner.scheduler.get_last_lr()[0], skipped)
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
