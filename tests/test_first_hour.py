@@ -1,5 +1,5 @@
 """A new user's first hour (issue 38): the first progress line within seconds of the first step, an ETA that does
-not swing."""
+not swing, a many-label report that fits a terminal."""
 import io
 from contextlib import redirect_stdout
 
@@ -42,3 +42,21 @@ def test_the_eta_is_smoothed_and_leaves_evaluations_out():
     clock.now += 10
     after = bar.eta(70)
     assert after < etas[-1]  # the evaluation's 300 s are not a step's time
+
+
+def test_a_report_of_236_labels_fits_a_terminal_and_report_txt_keeps_every_label(tmp_path, capsys):
+    from side.reports import TERMINAL_LABELS, terminal_table, write_report
+    from metrics import format_report
+    rows = [{"name": f"C{i:07d}", "precision": (i % 7) / 7, "recall": (i % 5) / 5, "f1": (i % 11) / 11,
+             "support": i % 4} for i in range(236)]
+    full = format_report(rows)
+    shown = terminal_table(rows)
+    write_report(str(tmp_path), "test metrics\n\n" + full, "test metrics\n\n" + shown)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) <= TERMINAL_LABELS + 12  # the summary, the weakest labels, the averages
+    assert all(line in printed for line in full.splitlines()[-2:])  # macro and weighted averages over all 236
+    weakest = [line.split()[0] for line in shown.splitlines()[3:3 + TERMINAL_LABELS]]
+    assert all(rows[int(name[1:])]["f1"] == 0 and rows[int(name[1:])]["support"] > 0 for name in weakest)
+    saved = (tmp_path / "report.txt").read_text()
+    assert all(r["name"] in saved for r in rows)
+    assert terminal_table(rows[:TERMINAL_LABELS]) == format_report(rows[:TERMINAL_LABELS])  # a few labels: whole
