@@ -455,7 +455,9 @@ def train(cfg):
         return None
     plot_curves(log.path, os.path.join(cfg.out_dir, "training_curves.png"))
     with failures.writing(cfg.out_dir, "the report to"):
-        return objective.report(device, progress.best)
+        result = objective.report(device, progress.best)
+    print(checkpoints.finished_state(cfg.out_dir, cfg.keep_state))  # after the report: a kill before it resumes to the report
+    return result
 
 
 def describe(cfg, objective, device):

@@ -115,6 +115,9 @@ class Evaluation(Distillation):
     log_every: int = option(10, "optimizer steps between progress lines (the first comes after the first step)")
     resume: bool = option(False, "continue from out_dir/last (written at every evaluation); none there = start "
                           "afresh")
+    keep_state: bool = option(False, "keep out_dir/last/state.pt whole once the run has finished (its final weights "
+                              "and optimizer moments, to inspect them); by default they are dropped then, and "
+                              "--resume --calibrate temperature still works")
     max_bad_steps: int = option(10, "stop after this many optimizer steps in a row with a non-finite gradient; "
                                 "0 = never")
 

@@ -119,7 +119,7 @@ def test_04_resume_refuses_changed_data(tiny, tmp_path):
 
 def test_04b_resume_refuses_weights_of_another_model_py(tiny, tmp_path):
     out = tmp_path / "out"
-    train.main(job(tiny, out, "--eval-every", "1"))
+    train.main(job(tiny, out, "--eval-every", "1", "--keep-state"))  # a state with its weights, as a kill leaves
     path = out / "last" / "state.pt"
     state = torch.load(path, weights_only=True)
     for key in [k for k in state["model"] if ".attn.query." in k]:  # the fused layout of earlier versions
