@@ -80,21 +80,26 @@ def bands(colours):
     return f"background:linear-gradient({stops})"
 
 
+def nth_colour(k):
+    """The page's k-th colour: the palette's, then light hues a golden angle apart (neighbours far apart on the
+    wheel), in three lightnesses; never one given before, so no two labels of a text share one."""
+    if k < len(PALETTE):
+        return PALETTE[k]
+    k -= len(PALETTE)
+    return f"hsl({k * 137.508 % 360:.2f} 70% {(80, 88, 72)[k // 7 % 3]}%)"
+
+
 class Colours:
-    """One colour per label name throughout the page, given in order of first appearance, cycling the palette; a label
-    new to the page skips the colours of the text's other labels, so that a text's labels differ where they can."""
+    """One colour per label name throughout the page, a new one (nth_colour) for each label in order of first
+    appearance: a label keeps its colour from text to text, and a text's labels never share one."""
 
     def __init__(self):
-        self.of, self.turn = {}, 0
+        self.of = {}
 
     def for_text(self, names):
-        taken = {self.of[name] for name in names if name in self.of}
         for name in names:
             if name not in self.of:
-                cycle = [PALETTE[(self.turn + i) % len(PALETTE)] for i in range(len(PALETTE))]
-                self.of[name] = next((c for c in cycle if c not in taken), cycle[0])
-                self.turn = PALETTE.index(self.of[name]) + 1
-                taken.add(self.of[name])
+                self.of[name] = nth_colour(len(self.of))
         return self.of
 
 
