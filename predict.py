@@ -54,8 +54,9 @@ from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, i
 from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
 from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem, option_problems
-from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, int8_report,
-                        int8_sample_check, predict_embeddings, predict_logits)
+from side.infer import (CPU_BATCH_TOKENS, device_problem, int8_agreement, int8_copy, int8_sample_check,
+                        predict_embeddings, predict_logits, speed_report)
+from side.label_names import gold_labels, read_label_names, with_names
 from side.output import (NPY_HEADER_BYTES, ChunkWriter, OutputError, ResumeRefused, fingerprint_of_file, npy_header,
                          rejects_path)
 from side.progress import Progress
@@ -253,6 +254,7 @@ class Job:
         self.tokenizing, self.scoring, self.scored, self.explaining = 0.0, 0.0, 0, 0.0
         title = f"Evidence of {args.model} on {args.input or 'the --text texts'}"
         self.page = HtmlItems(args.explain_html, title) if args.explain_html else None
+        self.label_names = read_label_names(args.label_names, predictor.names) if args.label_names else None
         self.row_shape = None  # of a vector (--embeddings), once one is made
         self.int8_check = None  # --int8: int8_sample_check on the first chunk's first texts
 
@@ -261,7 +263,7 @@ class Job:
         if self.format in ("jsonl", "npy"):
             return ""
         multi = self.predictor.model.config.multi_label
-        return self.csv_text([[*self.given, *prediction_columns(multi, self.args.explain)]])
+        return self.csv_text([[*self.given, *prediction_columns(multi, self.args.explain, self.label_names)]])
 
     def csv_text(self, rows):
         buffer = io.StringIO()
@@ -302,35 +304,37 @@ class Job:
         fields = [{**given_fields(r.record, self.dropped), **p} for r, p in zip(rows, predictions)]
         if self.format == "jsonl":
             return "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields)
-        body = [[cell(f.get(name)) for name in self.given] + prediction_cells(p, self.args.explain)
+        body = [[cell(f.get(name)) for name in self.given] + prediction_cells(p, self.args.explain, self.label_names)
                 for f, p in zip(fields, predictions)]
         self.unwritten.update(name for f in fields for name in f if name not in self.given)
         return (self.header() if index == 0 else "") + self.csv_text(body)
 
 
-def prediction_columns(multi_label, explain):
-    """The CSV columns of a prediction: its label(s) and probability(ies), and with --explain their evidence."""
-    columns = ("labels", "probabilities") if multi_label else ("label", "probability")
-    return columns + ("evidence",) * bool(explain)
+def prediction_columns(multi_label, explain, named=False):
+    """The CSV columns of a prediction: its label(s), their name(s) with --label-names, probability(ies), and with
+    --explain their evidence."""
+    columns = ("labels", "names" * bool(named), "probabilities") if multi_label else (
+        "label", "name" * bool(named), "probability")
+    return tuple(c for c in columns if c) + ("evidence",) * bool(explain)
 
 
-def prediction_cells(p, explain):
+def prediction_cells(p, explain, named=False):
     """A prediction's CSV cells: multi-label's labels and probabilities `;`-joined; evidence_cell with --explain."""
-    if "labels" in p:
-        cells = [";".join(x["label"] for x in p["labels"]), ";".join(f"{x['probability']:.4f}" for x in p["labels"])]
-    else:
-        cells = [p["label"], f"{p['probability']:.4f}"]
+    labels = p["labels"] if "labels" in p else [p]  # single-label: the one
+    cells = [";".join(x[key] for x in labels) for key in (("label", "name") if named else ("label",))]
+    cells.append(";".join(f"{x['probability']:.4f}" for x in labels))
     return cells + ([evidence_cell(p)] if explain else [])
 
 
-def explained(job, rows, predictions):
-    """--explain: the predictions of rows with their evidence; the first ones kept for --explain-html's page."""
+def explained(job, rows, predictions, gold=None):
+    """--explain: the predictions of rows with their evidence; the first ones kept for --explain-html's page (with
+    gold: each row's true labels)."""
     texts = [r.record[job.text_column] for r in rows]
     start = time.perf_counter()
     predictions = job.predictor.explain(texts, job.args.explain_top, job.args.explain_method, predictions)
     job.explaining += time.perf_counter() - start
     if job.page:
-        job.page.add([r.record for r in rows], texts, predictions)
+        job.page.add([r.record for r in rows], texts, predictions, gold)
     return predictions
 
 
@@ -350,8 +354,11 @@ def label_chunk(job, index, rows):
         chunk.output = vectors.tobytes()
     elif job.labels:
         chunk.logits = values
+        if job.page and good:  # the page shows each text's true labels beside the predicted ones
+            gold = gold_labels(chunk.targets, job.predictor.names, job.label_names)
+            explained(job, good, with_names(job.predictor.decode(values), job.label_names), gold)
     else:
-        predictions = job.predictor.decode(values)
+        predictions = with_names(job.predictor.decode(values), job.label_names)
         predictions = explained(job, good, predictions) if job.args.explain and good else predictions
         chunk.output = job.render(good, predictions, index).encode()
     return chunk
@@ -498,7 +505,7 @@ def run(job, stream, plan, sink, progress_every):
     report_speed(job)
     if job.page:
         print(f"wrote the evidence of {len(job.page.items)} texts to {job.page.write()}", file=sys.stderr)
-    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
+    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS) - {"name"})  # --label-names: its own column
     if unwritten:
         print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
               "them; write .jsonl to keep every field", file=sys.stderr)
@@ -506,16 +513,9 @@ def run(job, stream, plan, sink, progress_every):
 
 
 def report_speed(job):
-    seconds, n = max(job.scoring, 1e-9), job.scored
-    int8 = job.predictor.fp32 is not None
-    print(f"scored {n} texts in {seconds:.2f} s: {n / seconds:.1f} texts/s{' (int8)' * int8} on "
-          f"{job.predictor.device} (tokenizing took {job.tokenizing:.2f} s)", file=sys.stderr)
-    if job.args.explain:
-        print(f"evidence took {job.explaining:.2f} s ({n / max(job.explaining, 1e-9):.1f} texts/s)", file=sys.stderr)
-    if job.int8_check:
-        count, agreement, fp32_seconds, int8_seconds = job.int8_check
-        multi = job.predictor.model.config.multi_label
-        print(int8_report(count, n, agreement, fp32_seconds, int8_seconds, multi), file=sys.stderr)
+    explaining = job.explaining if job.args.explain else None
+    print(speed_report(job.scored, job.scoring, job.tokenizing, job.predictor.device, explaining, job.int8_check,
+                       job.predictor.model.config.multi_label), file=sys.stderr)
 
 
 def fingerprint(args, stream):
@@ -663,7 +663,9 @@ def parse_arguments(argv):
     p.add_argument("--explain-method", choices=METHODS, help="--explain: how words are scored; default: attention "
                    "for a label_attention head, else gradient (input x gradient)")
     p.add_argument("--explain-html", help="also write a page of the first 5000 texts with their evidence marked "
-                   "(HTML; implies --explain)")
+                   "(HTML; implies --explain); with --label-column, their true labels beside the predicted ones")
+    p.add_argument("--label-names", help="a CSV of code,name rows: each label's name beside its code in the output "
+                   "and on the --explain-html page")
     args = p.parse_args(argv)
     args.explain = args.explain or bool(args.explain_html)
     if not args.explain and (args.explain_top is not None or args.explain_method):
@@ -724,7 +726,8 @@ def combination_problems(args):
                        "with --label-column, nor under torchrun (which splits the file itself)")
     if args.label_column and torchrun_world() > 1:
         bad.append("--label-column scores in one process: run it without torchrun")
-    return bad + option_problems(args.explain, args.explain_html, args.embeddings or args.label_column,
+    not_predictions = args.embeddings or (args.label_column and not args.explain_html)  # metrics, and a page
+    return bad + option_problems(args.explain, args.explain_html, not_predictions,
                                  args.text_pair_column, args.resume or args.shard or torchrun_world() > 1)
 
 

@@ -105,6 +105,20 @@ def int8_sample_check(score, int8_model, fp32_model, seqs, multi_label, threshol
     return len(sample), int8_agreement(int8, fp32, multi_label, thresholds), fp32_seconds, int8_seconds
 
 
+def speed_report(scored, seconds, tokenizing, device, explaining=None, int8_check=None, multi_label=False):
+    """predict.py's lines about its speed: scored texts in seconds of scoring (tokenizing apart); with --explain,
+    the evidence's time; with --int8, its check (int8_sample_check)."""
+    seconds = max(seconds, 1e-9)
+    lines = [f"scored {scored} texts in {seconds:.2f} s: {scored / seconds:.1f} texts/s{' (int8)' * bool(int8_check)} "
+             f"on {device} (tokenizing took {tokenizing:.2f} s)"]
+    if explaining is not None:
+        lines.append(f"evidence took {explaining:.2f} s ({scored / max(explaining, 1e-9):.1f} texts/s)")
+    if int8_check:
+        count, agreement, fp32_seconds, int8_seconds = int8_check
+        lines.append(int8_report(count, scored, agreement, fp32_seconds, int8_seconds, multi_label))
+    return "\n".join(lines)
+
+
 def int8_report(count, scored, agreement, fp32_seconds, int8_seconds, multi_label):
     """The line predict.py prints about an int8_sample_check of count texts, in a run of scored texts."""
     which = f"these {count}" if count == scored else f"the first {count} (of {scored})"
