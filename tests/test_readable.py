@@ -93,7 +93,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPINE = ("model.py", "data.py", "metrics.py", "train.py", "predict.py")
 MODULES = r"(?:model|data|metrics|train|predict|bench|side\.[a-z_]+)"
 # `module.Name` (a class or a constant: capitalised), or any `module.name` in backticks; then .attribute chains
-DOTTED = re.compile(rf"(`?)\b({MODULES})\.([A-Z][a-z]\w*|[A-Z][A-Z0-9_]+\b|(?<=`)[a-z_][a-z0-9_]*)((?:\.[A-Za-z_]\w*)*)")
+NAME = r"[A-Z][a-z]\w*|[A-Z][A-Z0-9_]+\b|(?<=`)[a-z_][a-z0-9_]*"  # a class, a CONSTANT, a `name` in backticks
+DOTTED = re.compile(rf"(`?)\b({MODULES})\.({NAME})((?:\.[A-Za-z_]\w*)*)")
 FILE_NAME = re.compile(r"\b((?:side/|scripts/)?[a-z_]+\.py)'s `?([A-Z][a-z]\w*|[a-z_]\w*(?=`))")  # not CPU, FLOPs
 HYPOTHETICAL = {"side/tokens.py"}  # docs/objectives.md: the file a third objective would add
 FILE = re.compile(r"\b((?:side|scripts|tests)/[a-z_]+\.py)\b")
