@@ -123,8 +123,7 @@ def peak_above(device, before):
 
 def flops_per_token(model, seq_len):
     """Training FLOPs (forward + backward) per real token of a classifier: 6 per weight plus attention scores. The
-    reference's, every token through every layer, for both implementations (ours computes the last layer for
-    [CLS] alone under cls pooling: model.first_token)."""
+    reference's, every token through every layer, as both implementations compute it."""
     c = model.config
     lookups = ("encoder.word.weight", "encoder.position.weight", "encoder.token_type.weight")
     matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and n not in lookups)

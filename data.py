@@ -12,6 +12,7 @@ batch_indices -> make_batch: pad_batch (B x T) or pack_batch (varlen layout), + 
 Any problem with the user's data raises DataError naming the file, the row and the problem.
 Rows are 1-based data rows (the header is not counted); CSV/TSV messages also give the line.
 """
+import contextlib
 import csv
 import gzip
 import io
@@ -27,14 +28,13 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-csv.field_size_limit(2**31 - 1)  # clinical notes easily pass csv's 128 KiB default
+LONGEST_CSV_FIELD = 2**31 - 1  # clinical notes easily pass csv's 128 KiB default (see long_csv_fields)
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".ndjson": None, ".txt": "lines"}
 IGNORE_INDEX = -100  # torch CrossEntropyLoss's default ignore_index: rows with an ignored label
 BUCKET_CHUNK_BATCHES = 64  # length bucketing sorts within chunks of this many batches
 # make_batch(packed=None), off the flash kernel (CPU): packing saves the layers' matmuls on padding and adds
-# copies around attention: worth it above this share of padding (bench.py on this CPU, batches with 26% and
-# 40% padding: packed 1.09-1.30x transformers, padded 0.89-1.09x). Length-bucketed batches (train.py,
-# predict.py) seldom have that much and stay padded.
+# copies around attention, so it pays only above this share of padding (measured: docs/benchmarks.md).
+# Length-bucketed batches (train.py, predict.py) seldom have that much and stay padded.
 PACK_ABOVE_PADDING = 0.2
 LONG_DOCS = ("head", "tail", "head_tail", "native", "windows_max", "windows_mean", "windows_attention")
 # label cells that spell a missing value (pandas' str(NaN), JSON's null, Python's None): an error like a blank cell,
@@ -122,12 +122,24 @@ def _read_utf8(path: Path, compressed=False) -> str:
 # line the row starts on, problem is None or what is wrong with the row ("row 3 (line 4): ...", record None).
 # read_table stops at the first problem; predict.py's stream (side/stream.py) sets the row aside and goes on.
 
+@contextlib.contextmanager
+def long_csv_fields():
+    """csv's field size limit raised to LONGEST_CSV_FIELD while the block runs, then put back. The limit is one
+    setting of the whole process: reading a row with it raised leaves every other csv user as it was."""
+    old = csv.field_size_limit(LONGEST_CSV_FIELD)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
 def csv_rows(path, lines, delimiter):
     """(header, rows) of CSV/TSV lines (each with its line ending, as a file gives them)."""
     # strict: a stray quote raises instead of silently swallowing the rest of the file into one field
     reader = csv.reader(lines, delimiter=delimiter, strict=True)
     try:
-        header = next((fields for fields in reader if fields), None)
+        with long_csv_fields():
+            header = next((fields for fields in reader if fields), None)
     except csv.Error as e:
         raise DataError(f"{path}: line {reader.line_num}: malformed header ({e}); check its quotes") from None
     header = [f.strip() for f in header or []]
@@ -141,7 +153,8 @@ def _csv_data(reader, header, delimiter):
     while True:
         start = last_line + 1
         try:
-            fields = next(reader)
+            with long_csv_fields():  # per row: a paused reader leaves the limit as it found it
+                fields = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
@@ -556,7 +569,7 @@ class TextEncoder:
       encode() gives one list of ids per text.
     - windows_max / windows_mean / windows_attention split it into windows of max_length whose texts start
       `stride` tokens apart (default: half a window's text, i.e. 50% overlap); encode() gives a list of windows
-      per text, and the model turns them into one prediction (model.EncoderClassifier.aggregate).
+      per text, and the model turns them into one prediction (model.per_document).
     Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP]).
     encode(texts, pairs) encodes text pairs as the reference does (PairIds); pieces(texts) cuts every text into
     consecutive sequences, for pretraining."""

@@ -8,8 +8,8 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
     side/packing.py checks before packed batches use it), or padded_attention (packed, off the flash path)
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
-pool_tokens (cls, mean, max, label_attention); per_document: a long document's windows (doc_index) -> one row
-first_token / at_first   cls pooling of padded texts: the last layer computes only each text's [CLS] row
+POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES   one function and one table entry per pooling, per loss
+per_document   a long document's windows (doc_index) -> one row
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -23,9 +23,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from side.hf import BertConfig, ModernBertConfig
-from side.weights import hf_tensors, load_hf_weights, read_config, read_weights, save_folder
+from side.weights import brief_name, hf_tensors, load_hf_weights, read_config, read_weights, save_folder
 
-POOLINGS = ("cls", "mean", "max", "label_attention")
 ACTIVATIONS = {
     "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -126,16 +125,14 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
     keys j of its own sequence, only those with |i - j| <= window unless window is None (flash's window is
     inclusive on both sides, like ModernBERT's), with scores scaled by 1/sqrt(D) and dropout on the weights.
     Returns [N, H, D]. Written against torch 2.13: flash_check() (side/packing.py) runs it before the first packed
-    batch, so a torch that changed these calls costs a warning and padded batches, not a wrong model."""
-    if dropout == 0:
-        # the public API, for ModernBERT (no attention dropout) and all inference. Its window_size replaced
-        # is_causal in January 2026 (pytorch#172238, #172245): an older torch fails the self-check
+    batch, so a torch that changed these calls costs a warning and padded batches, not a wrong model (the calls'
+    history: docs/gpu.md)."""
+    if dropout == 0:  # the public API, for ModernBERT (no attention dropout) and all inference
         from torch.nn.attention.varlen import varlen_attn
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                            window_size=(-1, -1) if window is None else (window, window))
-    # BERT trains with attention dropout (0.1), which varlen_attn lacks: the private aten op, as of torch
-    # 2.13 (its window keywords are recent). Autograd knows its backward, which replays the forward's dropout
-    # mask from the rng state the op returns.
+    # BERT trains with attention dropout, which varlen_attn lacks: the private aten op. Autograd knows its
+    # backward, which replays the forward's dropout mask from the rng state the op returns.
     return torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, False, False,
         window_size_left=window, window_size_right=window)[0]  # window None = global
@@ -144,7 +141,7 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen, window, dropout):
 class SelfAttention(nn.Module):
     """Multi-head self-attention; optional RoPE and sliding window (ModernBERT). Query, key and value are three
     matmuls, not one of thrice the width: MKL runs three [M, H] x [H, H] faster than one [M, H] x [H, 3H] on a CPU
-    (docs/benchmarks.md), and the last layer's queries can then be projected for [CLS] alone."""
+    (docs/benchmarks.md)."""
 
     def __init__(self, hidden, heads, bias, dropout, window=None):
         super().__init__()
@@ -152,38 +149,22 @@ class SelfAttention(nn.Module):
         self.heads, self.dropout, self.window = heads, dropout, window
         self.query, self.key, self.value = (nn.Linear(hidden, hidden, bias=bias) for _ in range(3))
 
-    def forward(self, x, layout, rope=None, first=None):
-        """first (padded only): [B] one query per text, at that position (see first_token), instead of all."""
+    def forward(self, x, layout, rope=None):
         *lead, hidden = x.shape
         if len(lead) == 1:  # packed: one long "batch" of N tokens
             x = x[None]
-        early = first if rope is None else None  # RoPE turns each query by its position: pick after turning
-        q, k, v = (project(t).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for project, t in ((self.query, at_first(x, early, 1)), (self.key, x), (self.value, x)))
+        q, k, v = (project(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for project in (self.query, self.key, self.value))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
-            q = at_first(q, first, 2)
-        if first is not None:  # the key mask [B, 1, 1, T] has one row already, a window's not
-            local = layout.local_mask
-            layout = AttentionLayout(layout.mask, None if local is None else at_first(local, first, 2))
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, layout, self.window, dropout)
         return y.transpose(1, 2).reshape(*lead[:-1], y.shape[2], hidden)
 
 
 def first_token(attention_mask):
-    """[B]: each text's first real token, its [CLS] (0 if right padded): with cls pooling the last layer computes
-    its queries, attention output and feed-forward for that token alone, the only row the head reads."""
+    """[B]: each text's first real token, its [CLS] (0 if right padded)."""
     return attention_mask.long().argmax(dim=1)
-
-
-def at_first(t, first, dim):
-    """t [B or 1, ...] at position first[b] along dim, for each text b; dim kept, of size 1. first None: t."""
-    if first is None:
-        return t
-    t = t.expand(len(first), *t.shape[1:])
-    shape = [*t.shape[:dim], 1, *t.shape[dim + 1:]]
-    return t.gather(dim, first.view(-1, *[1] * (t.dim() - 1)).expand(shape))
 
 
 def rope_cos_sin(position_ids, head_dim, theta):
@@ -225,9 +206,9 @@ class BertLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_act]
         self.drop = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, x, layout, rope=None, first=None):
-        attended = self.attn_out(self.attn(x, layout, first=first))
-        x = self.attn_norm(at_first(x, first, 1) + self.drop(attended))
+    def forward(self, x, layout, rope=None):
+        attended = self.attn_out(self.attn(x, layout))
+        x = self.attn_norm(x + self.drop(attended))
         return self.mlp_norm(x + self.drop(self.down(self.act(self.up(x)))))
 
 
@@ -243,13 +224,13 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None, first=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
         x = self.drop(self.embed_norm(x))
-        for layer in self.layers:  # first: the last layer's queries (first_token), else every token's
-            x = run_layer(layer, self.grad_checkpointing, x, layout, None, first if layer is self.layers[-1] else None)
+        for layer in self.layers:
+            x = run_layer(layer, self.grad_checkpointing, x, layout, None)
         return x
 
 
@@ -301,9 +282,9 @@ class ModernBertLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_activation]
         self.mlp_drop = nn.Dropout(c.mlp_dropout)
 
-    def forward(self, x, layout, rope, first=None):
-        attended = self.attn_out(self.attn(self.attn_norm(x), layout, rope, first))
-        x = at_first(x, first, 1) + self.attn_drop(attended)
+    def forward(self, x, layout, rope):
+        attended = self.attn_out(self.attn(self.attn_norm(x), layout, rope))
+        x = x + self.attn_drop(attended)
         h, gate = self.wi(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.wo(self.mlp_drop(self.act(h) * gate))
 
@@ -319,15 +300,14 @@ class ModernBertEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None, first=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
         rope_global = rope_cos_sin(position_ids, head_dim, c.global_rope_theta)
         rope_local = rope_cos_sin(position_ids, head_dim, c.local_rope_theta)
         x = self.drop(self.embed_norm(self.word(input_ids)))
         for layer in self.layers:
-            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global,
-                          first if layer is self.layers[-1] else None)
+            x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global)
         return self.final_norm(x)
 
 
@@ -382,13 +362,14 @@ def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, margin=0.05):
     return -(targets * positive + (1 - targets) * negative).mean()
 
 
-def packed_mean(hidden, cu_seqlens):
-    """Mean of each packed sequence's token vectors [N, H] -> [B, H]."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
-                                     output_size=hidden.shape[0])  # known size: no host sync
-    sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    return sums.index_add_(0, seq_id, hidden) / lengths[:, None].to(hidden.dtype)
+def bce_loss(logits, targets):
+    """Binary cross-entropy of each label, averaged over texts and labels."""
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+# multi-label losses: config.json's multi_label_loss, train.py --loss (its -h and checks) and EncoderClassifier.loss
+# all read this table; the first is the default. A loss maps (logits [B, L], float multi-hot targets) to the mean
+MULTI_LABEL_LOSSES = {"bce": bce_loss, "asl": asymmetric_loss}
 
 
 def unpack(hidden, cu_seqlens, max_seqlen):
@@ -416,9 +397,11 @@ def head_options(c):
     """The classifier's pooling and window aggregation (window_aggregation: how a long document's windows make one
     prediction), refused when config c asks for what this model cannot do."""
     if c.classifier_pooling not in POOLINGS:
-        raise ValueError(f"classifier_pooling {c.classifier_pooling!r} is not supported; use one of {POOLINGS}")
-    if c.multi_label_loss not in ("bce", "asl"):
-        raise ValueError(f"multi_label_loss {c.multi_label_loss!r} is not supported; use 'bce' or 'asl'")
+        raise ValueError(f"classifier_pooling {c.classifier_pooling!r} is not supported; use one of "
+                         f"{tuple(POOLINGS)}")
+    if c.multi_label_loss not in MULTI_LABEL_LOSSES:
+        raise ValueError(f"multi_label_loss {c.multi_label_loss!r} is not supported; use one of "
+                         f"{tuple(MULTI_LABEL_LOSSES)}")
     aggregation = window_aggregation((c.long_document or {}).get("strategy", "head"))
     if aggregation == "attention" and c.classifier_pooling == "label_attention":
         raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
@@ -434,28 +417,43 @@ def segment_reduce(values, doc_index, num_docs, how):
     return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
 
 
+def cls_pooling(hidden, mask, label_attention=None):
+    """Each text's first real token, its [CLS]: position 0 when right padded, not when left padded."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(mask)]
+
+
+def mean_pooling(hidden, mask, label_attention=None):
+    """The mean of each text's real token vectors."""
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(dim=1) / m.sum(dim=1)
+
+
+def max_pooling(hidden, mask, label_attention=None):
+    """The largest value of each feature over a text's real tokens."""
+    return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
+
+
+def label_attention_pooling(hidden, mask, label_attention):
+    """[B, L, H]: one vector per label, each label's softmax over the text's tokens weighing their vectors
+    (label_attention: the model's Linear of one query per label)."""
+    weights = label_weights(label_attention(hidden), mask)
+    return torch.einsum("btl,bth->blh", weights.to(hidden.dtype), hidden)
+
+
+# how token vectors become the head's input: config.json's classifier_pooling, train.py --pooling (its -h and
+# checks) and the model all read this table. A pooling maps padded token vectors [B, T, H], their mask [B, T] bool
+# and the model's label_attention (or None) to [B, H], or [B, L, H] with one vector per label
+POOLINGS = {"cls": cls_pooling, "mean": mean_pooling, "max": max_pooling, "label_attention": label_attention_pooling}
+
+
 def pool_tokens(hidden, pooling, attention_mask=None, cu_seqlens=None, max_seqlen=None, label_attention=None):
-    """Token vectors -> [B, H] per text, or [B, L, H] per label (pooling label_attention: label_attention scores
-    each token for each label, a Linear of one query per label)."""
+    """Token vectors (padded, or packed with cu_seqlens) -> [B, H] per text, or [B, L, H] per label, by the POOLINGS
+    entry named pooling."""
     if cu_seqlens is not None:
-        if pooling == "cls":
-            return hidden[cu_seqlens[:-1].long()]
-        if pooling == "mean":
-            return packed_mean(hidden, cu_seqlens)
         hidden, attention_mask = unpack(hidden, cu_seqlens, max_seqlen)
     if attention_mask is None:
         attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    mask = attention_mask.bool()
-    if pooling == "cls":  # the first real token: position 0 when right padded, not when left padded
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_token(mask)]
-    if pooling == "mean":
-        m = mask.to(hidden.dtype)[..., None]
-        return (hidden * m).sum(dim=1) / m.sum(dim=1)
-    if pooling == "max":
-        return hidden.masked_fill(~mask[..., None], -math.inf).amax(dim=1)
-    # label_attention: each label's softmax over the text's tokens weighs their vectors
-    weights = label_weights(label_attention(hidden), mask)
-    return torch.einsum("btl,bth->blh", weights.to(hidden.dtype), hidden)
+    return POOLINGS[pooling](hidden, attention_mask.bool(), label_attention)
 
 
 def label_weights(scores, mask):
@@ -520,8 +518,8 @@ class EncoderModel(nn.Module):
     FRESH_NOTE = ""
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               cu_seqlens=None, max_seqlen=None, first_only=False):
-        """Last hidden states: [B, T, H] padded, or [N, H] packed; first_only (padded): [B, 1, H] (first_token)."""
+               cu_seqlens=None, max_seqlen=None):
+        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
@@ -538,8 +536,7 @@ class EncoderModel(nn.Module):
         if longest is not None and longest > c.max_position_embeddings:
             raise ValueError(f"sequence of {longest} tokens is longer than the model's "
                              f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
-        first = first_token(attention_mask) if first_only else None
-        return self.encoder(input_ids, layout, position_ids, token_type_ids, first)
+        return self.encoder(input_ids, layout, position_ids, token_type_ids)
 
     def modernbert_init_std(self, module):
         """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
@@ -577,8 +574,8 @@ class EncoderModel(nn.Module):
         model = cls(config)
         fresh = load_hf_weights(model, state)
         model.fresh_head = bool(fresh)
-        if fresh and verbose:
-            print(f"{model_dir}: {cls.FRESH_NOTE} ({', '.join(fresh)}); train it before use")
+        if fresh and verbose:  # a fact of the run, said once: which model, and which of its weights start afresh
+            print(f"model: {brief_name(model_dir)} with {cls.FRESH_NOTE} ({', '.join(fresh)})")
         return model.to(device=device, dtype=dtype)
 
     def hf_state_dict(self):
@@ -596,7 +593,7 @@ class EncoderClassifier(EncoderModel):
     # when the model is loaded with another long-document strategy or pooling
     LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.")
     NEW_WHEN_MISSING = ("head.", "label_attention.")
-    FRESH_NOTE = "new classifier head initialised"
+    FRESH_NOTE = "a new classifier head initialised for this run"
 
     def __init__(self, config):
         super().__init__()
@@ -644,16 +641,13 @@ class EncoderClassifier(EncoderModel):
     def pool(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen, pooling=None):
         """encode, then pool_tokens: [B, H] per text, or [B, L, H] per label. pooling: None = the model's."""
         pooling = pooling or self.pooling
-        if pooling == "cls" and cu_seqlens is None:
-            return self.encode(input_ids, attention_mask, token_type_ids, position_ids, first_only=True)[:, 0]
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         return pool_tokens(hidden, pooling, attention_mask, cu_seqlens, max_seqlen,
                            getattr(self, "label_attention", None))
 
     def loss(self, logits, labels):
         if self.config.multi_label:
-            multi = asymmetric_loss if self.config.multi_label_loss == "asl" else F.binary_cross_entropy_with_logits
-            return multi(logits, labels.to(logits.dtype))
+            return MULTI_LABEL_LOSSES[self.config.multi_label_loss](logits, labels.to(logits.dtype))
         return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
 
     def modernbert_init_std(self, module):
@@ -702,7 +696,7 @@ class MaskedLM(EncoderModel):
     LEFT_BEHIND = ("classifier.", "cls.seq_relationship.", "cls.predictions.decoder.", "decoder.weight",
                    "window_attention.", "label_attention.")
     NEW_WHEN_MISSING = ("head.", "pooler.")
-    FRESH_NOTE = "MLM head (or pooler) not in the checkpoint, initialised as the reference does"
+    FRESH_NOTE = "its MLM head (or pooler) initialised as the reference does: the checkpoint has none"
 
     def __init__(self, config):
         super().__init__()

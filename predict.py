@@ -61,11 +61,13 @@ from metrics import compute_metrics, sigmoid, softmax
 from model import EncoderClassifier, window_aggregation
 from side import files, signals
 from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem
-from side.infer import CPU_BATCH_TOKENS, int8_agreement, int8_copy, predict_embeddings, predict_logits
+from side.infer import (CPU_BATCH_TOKENS, int8_copy, int8_sample_check, predict_embeddings, predict_logits,
+                        speed_report)
 from side.inputs import check_arguments, check_numbers, checked_items, checked_texts
+from side.label_names import gold_labels, read_label_names, with_names
 from side.output import (NPY_HEADER_BYTES, ChunkWriter, ResumeRefused, fingerprint_of_file, npy_header,
                          output_format, rejects_path)
-from side.progress import Progress, report_speed
+from side.progress import Progress
 from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
 from side.stream import RowStream, TextRows
 from side.weights import check_vocab, read_json_object
@@ -90,7 +92,8 @@ class Predictor:
         if int8 and self.device.type != "cpu":
             raise ValueError(f"int8 inference runs on the CPU only, not on {self.device}")
         self.model = EncoderClassifier.from_pretrained(model_dir, device=self.device, verbose=False).eval()
-        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)  # before the copy
+        self.encoder = text_encoder(self.model, model_dir, max_length, long_docs, window_stride)
+        self.model.aggregation = window_aggregation(self.encoder.strategy)  # windows as cut here; before the copy
         self.fp32, self.model = (self.model, int8_copy(self.model)) if int8 else (None, self.model)
         self.model_dir = model_dir
         config = self.model.config
@@ -182,15 +185,14 @@ def decoded(logits, names, thresholds, multi_label):
 
 def text_encoder(model, model_dir, max_length=None, long_docs=None, window_stride=None):
     """The checkpoint's tokenizer, cutting and windowing long documents as in training (config.json's long_document;
-    a checkpoint not from train.py: head at its maximum) unless the options say otherwise. Sets the model's window
-    aggregation to match."""
+    a checkpoint not from train.py: head at its maximum) unless the options say otherwise. The model is read, not
+    changed: its window aggregation must then follow the encoder's strategy (Predictor sets it)."""
     config = model.config
     trained = config.long_document or {}
     strategy = long_docs or trained.get("strategy", "head")
     if window_aggregation(strategy) == "attention" and not hasattr(model, "window_attention"):
         raise ValueError(f"{model_dir} was trained with {trained.get('strategy', 'head')!r}, without window "
                          "attention weights; use windows_max or windows_mean")
-    model.aggregation = window_aggregation(strategy)  # max / mean need no weights: any model can
     positions = config.max_position_embeddings
     if max_length and max_length > positions and strategy != "native":
         print(f"note: max_length {max_length} is more than the model's {positions} positions: texts are cut at "
@@ -258,15 +260,16 @@ class Job:
         self.tokenizing, self.scoring, self.scored, self.explaining = 0.0, 0.0, 0, 0.0
         title = f"Evidence of {args.model} on {args.input or 'the --text texts'}"
         self.page = HtmlItems(args.explain_html, title) if args.explain_html else None
+        self.label_names = read_label_names(args.label_names, predictor.names) if args.label_names else None
         self.row_shape = None  # of a vector (--embeddings), once one is made
-        self.int8_check = None  # (texts, agreement, fp32 seconds) on the first chunk, with --int8
+        self.int8_check = None  # --int8: int8_sample_check on the first chunk's first texts
 
     def header(self):
         """The CSV/TSV header (chunk 0 writes it), or nothing."""
         if self.format == "jsonl":
             return ""
         multi = self.predictor.model.config.multi_label
-        return self.csv_text([[*self.given, *prediction_columns(multi, self.args.explain)]])
+        return self.csv_text([[*self.given, *prediction_columns(multi, self.args.explain, self.label_names)]])
 
     def csv_text(self, rows):
         buffer = io.StringIO()
@@ -296,51 +299,48 @@ class Job:
         self.scoring += time.perf_counter() - tokenized
         self.scored += len(rows)
         self.row_shape = self.row_shape or (values.shape[1:] if len(values) else None)
-        if self.predictor.fp32 is not None and self.int8_check is None and seqs:
-            self.int8_check = self.compare_int8(seqs, values)
+        predictor = self.predictor
+        if predictor.fp32 is not None and self.int8_check is None and seqs:
+            self.int8_check = int8_sample_check(predictor.score, predictor.model, predictor.fp32, seqs,
+                                                predictor.model.config.multi_label, predictor.thresholds)
         return values
-
-    def compare_int8(self, seqs, values):
-        start = time.perf_counter()
-        reference = self.predictor.score(seqs, self.predictor.fp32)
-        seconds = time.perf_counter() - start
-        config = self.predictor.model.config
-        return len(seqs), int8_agreement(values, reference, config.multi_label, self.predictor.thresholds), seconds
 
     def render(self, rows, predictions, index):
         """The output text of a chunk's labelled rows (the header with chunk 0)."""
         fields = [{**given_fields(r.record, self.dropped), **p} for r, p in zip(rows, predictions)]
         if self.format == "jsonl":
             return "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields)
-        body = [[cell(f.get(name)) for name in self.given] + prediction_cells(p, self.args.explain)
+        body = [[cell(f.get(name)) for name in self.given] + prediction_cells(p, self.args.explain, self.label_names)
                 for f, p in zip(fields, predictions)]
         self.unwritten.update(name for f in fields for name in f if name not in self.given)
         return (self.header() if index == 0 else "") + self.csv_text(body)
 
 
-def prediction_columns(multi_label, explain):
-    """The CSV columns of a prediction: its label(s) and probability(ies), and with --explain their evidence."""
-    columns = ("labels", "probabilities") if multi_label else ("label", "probability")
-    return columns + ("evidence",) * bool(explain)
+def prediction_columns(multi_label, explain, named=False):
+    """The CSV columns of a prediction: its label(s), their name(s) with --label-names, probability(ies), and with
+    --explain their evidence."""
+    columns = ("labels", "names" * bool(named), "probabilities") if multi_label else (
+        "label", "name" * bool(named), "probability")
+    return tuple(c for c in columns if c) + ("evidence",) * bool(explain)
 
 
-def prediction_cells(p, explain):
+def prediction_cells(p, explain, named=False):
     """A prediction's CSV cells: multi-label's labels and probabilities `;`-joined; evidence_cell with --explain."""
-    if "labels" in p:
-        cells = [";".join(x["label"] for x in p["labels"]), ";".join(f"{x['probability']:.4f}" for x in p["labels"])]
-    else:
-        cells = [p["label"], f"{p['probability']:.4f}"]
+    labels = p["labels"] if "labels" in p else [p]  # single-label: the one
+    cells = [";".join(x[key] for x in labels) for key in (("label", "name") if named else ("label",))]
+    cells.append(";".join(f"{x['probability']:.4f}" for x in labels))
     return cells + ([evidence_cell(p)] if explain else [])
 
 
-def explained(job, rows, predictions):
-    """--explain: the predictions of rows with their evidence; the first ones kept for --explain-html's page."""
+def explained(job, rows, predictions, gold=None):
+    """--explain: the predictions of rows with their evidence; the first ones kept for --explain-html's page (with
+    gold: each row's true labels)."""
     texts = [r.record[job.text_column] for r in rows]
     start = time.perf_counter()
     predictions = job.predictor.explain(texts, job.args.explain_top, job.args.explain_method, predictions)
     job.explaining += time.perf_counter() - start
     if job.page:
-        job.page.add([r.record for r in rows], texts, predictions)
+        job.page.add([r.record for r in rows], texts, predictions, gold)
     return predictions
 
 
@@ -360,8 +360,11 @@ def label_chunk(job, index, rows):
         chunk.output = vectors.tobytes()
     elif job.labels:
         chunk.logits = values
+        if job.page and good:  # the page shows each text's true labels beside the predicted ones
+            gold = gold_labels(chunk.targets, job.predictor.names, job.label_names)
+            explained(job, good, with_names(job.predictor.decode(values), job.label_names), gold)
     else:
-        predictions = job.predictor.decode(values)
+        predictions = with_names(job.predictor.decode(values), job.label_names)
         predictions = explained(job, good, predictions) if job.args.explain and good else predictions
         chunk.output = job.render(good, predictions, index).encode()
     return chunk
@@ -384,7 +387,8 @@ def out_of_memory_retry(predictor, score, seqs):
                 raise SystemExit("out of memory with one text per batch: lower --max-length or use a larger "
                                  "device") from None
             predictor.batch_size = max(predictor.batch_size // 2, 1)
-            predictor.batch_tokens = predictor.batch_tokens and max(predictor.batch_tokens // 2, 1)
+            if predictor.batch_tokens:  # None (the CPU's default cap) and 0 (no cap) stay as they are
+                predictor.batch_tokens = max(predictor.batch_tokens // 2, 1)
             torch.cuda.empty_cache()
             print(f"note: out of memory; batches of at most {predictor.batch_size} texts from here on",
                   file=sys.stderr)
@@ -499,9 +503,8 @@ def run(job, stream, plan, sink, progress_every):
         progress.update(done, stream.bytes_read())
     progress.update(done, stream.size, force=True)
     progress.done()
-    report_speed(job.scored, job.scoring, job.tokenizing, job.predictor.device, job.predictor.fp32 is not None,
-                 job.explaining if job.args.explain else None, job.int8_check, job.predictor.model.config.multi_label)
-    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS))
+    report_speed(job)
+    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS) - {"name"})  # --label-names: its own column
     if unwritten:
         print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
               "them; write .jsonl to keep every field", file=sys.stderr)
@@ -517,6 +520,12 @@ def write_page(page, predictions):
     except files.WriteFailed as e:
         raise SystemExit(f"{e}; the predictions are complete in {predictions}: once that is fixed, run the same "
                          "command again for the page (it labels the texts again)") from None
+
+
+def report_speed(job):
+    explaining = job.explaining if job.args.explain else None
+    print(speed_report(job.scored, job.scoring, job.tokenizing, job.predictor.device, explaining, job.int8_check,
+                       job.predictor.model.config.multi_label), file=sys.stderr)
 
 
 def fingerprint(args, stream):
@@ -550,8 +559,12 @@ def open_sink(args, job, stream, rank, world):
     sink, problem = None, None
     if rank == 0:
         try:
-            sink = (MetricsSink(job.predictor) if args.label_column else
-                    FileSink(args, job, fingerprint(args, stream)) if args.output or args.embeddings else StdoutSink())
+            if args.label_column:
+                sink = MetricsSink(job.predictor)
+            elif args.output or args.embeddings:
+                sink = FileSink(args, job, fingerprint(args, stream))
+            else:
+                sink = StdoutSink()
         except (ResumeRefused, files.WriteFailed) as e:
             problem = e
     problem = from_first(problem, rank, world)
@@ -675,14 +688,19 @@ def parse_arguments(argv):
     p.add_argument("--label-column", help="score the --input file against this label column: print its "
                    "metrics as JSON instead of predictions (labels the checkpoint does not know are an error)")
     p.add_argument("--int8", action="store_true", help="CPU: the encoder's linear layers in int8 (dynamic "
-                   "quantization); prints how closely the fp32 model agrees on the first chunk, and its speed")
+                   "quantization). It pays on long runs of 3 or more layers: 1.6x as fast for MiniLM and its "
+                   "3-layer student on abstracts and on captions (docs/benchmarks.md); a model of 1-2 layers or a "
+                   "few texts may gain nothing. Prints how closely fp32 agrees on the first 100 texts, and the "
+                   "speed of both on them")
     p.add_argument("--explain", action="store_true", help="give each predicted label its evidence: its best spans "
                    "of the text (start and end character offsets, text, score); docs/explain.md")
     p.add_argument("--explain-top", type=int, help="--explain: spans per label (default 3)")
     p.add_argument("--explain-method", choices=METHODS, help="--explain: how words are scored; default: attention "
                    "for a label_attention head, else gradient (input x gradient)")
     p.add_argument("--explain-html", help="also write a page of the first 5000 texts with their evidence marked "
-                   "(HTML; implies --explain)")
+                   "(HTML; implies --explain); with --label-column, their true labels beside the predicted ones")
+    p.add_argument("--label-names", help="a CSV of code,name rows: each label's name beside its code in the output "
+                   "and on the --explain-html page")
     args = p.parse_args(argv)
     args.output = None if args.output == "-" else args.output  # `-`: stdout, as without --output
     args.explain = args.explain or bool(args.explain_html)

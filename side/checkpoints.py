@@ -25,7 +25,7 @@ from side.files import TEMP_PREFIX, writing
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 RESUME_MAY_CHANGE = {"resume", "out_dir", "log_every", "device", "compile", "keep_checkpoints", "max_bad_steps",
                      "test_file", "config", "grad_checkpointing", "pack", "overwrite",
-                     "calibrate"}  # they leave the training trajectory as it was (calibrate acts after training)
+                     "calibrate", "keep_state"}  # they leave the training as it was (calibrate acts after it)
 
 
 def save_checkpoint(model, folder, model_dir, options):
@@ -155,6 +155,9 @@ def load_training_state(out_dir, options, id2label, data):
 def restore_training_state(state, learner, sharded, rank):
     """Put weights, optimizer moments, schedule, grad scale and this rank's random generators back."""
     model, optimizer = learner.model, learner.optimizer
+    if state["model"] is None:  # a finished run's (finished_state): nothing is left to train, the report reloads
+        model.config.thresholds = state["thresholds"]  # the best model from the out-dir
+        return
     saved, now = set(state["model"]), set(model.state_dict())
     if saved != now:  # written by another model.py, e.g. the fused attn.qkv before query, key and value
         raise SystemExit(f"--resume: the saved state holds other weights than this model.py's (saved: "
@@ -189,3 +192,22 @@ def file_fingerprint(path):
 
 def describe_file(fingerprint):
     return f"{fingerprint['size']} bytes, sha256 {fingerprint['sha256'][:12]}" if fingerprint else "none"
+
+
+def finished_state(out_dir, keep):
+    """Once a run has finished: out_dir/last/state.pt without the weights and optimizer moments, which only more
+    training would read (a finished run's --resume trains no step, and the best model is out_dir's own), unless
+    keep (--keep-state); its options, progress and fingerprints stay, so --resume --calibrate temperature still
+    reports again. Returns the line that says what became of it, with its size."""
+    path = os.path.join(out_dir, "last", "state.pt")
+    if not os.path.isfile(path):
+        return f"{out_dir}: no last/state.pt"
+    before = os.path.getsize(path)
+    if keep:
+        return f"{path}: {before / 2**20:,.1f} MiB kept whole (--keep-state); remove it once you are done with it"
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights are not read
+    if state["model"] is not None:
+        atomic_torch_save({**state, "model": None, "optimizer": None}, path)
+    return (f"{path}: {before / 2**20:,.1f} MiB -> {os.path.getsize(path) / 2**10:,.0f} KiB: the finished run's "
+            "weights and optimizer moments are dropped (the best model is in the out-dir); --resume "
+            "--calibrate temperature still works")

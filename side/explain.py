@@ -333,11 +333,12 @@ class HtmlItems:
     def __init__(self, path, title, limit=None):
         self.path, self.title, self.limit, self.items, self.total = path, title, limit or HTML_ITEMS, [], 0
 
-    def add(self, records, texts, predictions):
-        for record, text, p in zip(records, texts, predictions):
+    def add(self, records, texts, predictions, gold=None):
+        """gold: each text's true labels (--label-column), or None."""
+        for i, (record, text, p) in enumerate(zip(records, texts, predictions)):
             self.total += 1
             if len(self.items) < self.limit:
-                self.items.append(page_item(p, text, record_id(record)))
+                self.items.append(page_item(p, text, record_id(record), None if gold is None else gold[i]))
 
     def write(self):
         note = None if self.total <= self.limit else f"showing the first {self.limit} of {self.total} texts"

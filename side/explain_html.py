@@ -27,6 +27,8 @@ body { font: 15px/1.5 system-ui, sans-serif; max-width: 60em; margin: 1em auto; 
 .legend { list-style: none; padding: 0; margin: .2em 0 .4em; }
 .legend li { display: inline-block; margin: 0 .4em .2em 0; padding: 0 .4em; border-radius: 3px; font-size: .9em; }
 .legend .none { background: #eee; color: #666; }
+.gold li { border: 1px solid #888; }
+.gold .missed { border-style: dashed; color: #a00; }
 .text { white-space: pre-wrap; overflow-wrap: anywhere; }
 mark { color: inherit; padding: 0; }
 * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
@@ -39,13 +41,22 @@ def escape(value):
     return html.escape(str(value), quote=True).replace("\r", "&#13;")
 
 
-def page_item(prediction, text, id=None):
+def page_item(prediction, text, id=None, gold=None):
     """An item of the page from one of predict.py's predictions with evidence: single-label {"label", "probability",
-    "evidence", ...} or multi-label {"labels": [{"label", "probability", "evidence"}, ...]}."""
+    "evidence", ...} or multi-label {"labels": [{"label", "probability", "evidence"}, ...]}; a label's "name"
+    (--label-names) comes along. gold: the text's true labels ({"label"[, "name"]} each), or None."""
     labels = prediction["labels"] if "labels" in prediction else [prediction]
-    return {"id": None if id is None else str(id), "text": text,
+    item = {"id": None if id is None else str(id), "text": text,
             "labels": [{"label": str(x["label"]), "probability": float(x["probability"]),
-                        "evidence": list(x.get("evidence") or [])} for x in labels]}
+                        "evidence": list(x.get("evidence") or []), **({"name": x["name"]} if "name" in x else {})}
+                       for x in labels]}
+    return item if gold is None else {**item, "gold": gold}
+
+
+def shown(label):
+    """A label as a reader sees it: its name and code (--label-names), or its code."""
+    name = label.get("name")
+    return label["label"] if not name or name == label["label"] else f"{name} ({label['label']})"
 
 
 def checked_spans(item, number):
@@ -79,27 +90,32 @@ def bands(colours):
     return f"background:linear-gradient({stops})"
 
 
+def nth_colour(k):
+    """The page's k-th colour: the palette's, then light hues a golden angle apart (neighbours far apart on the
+    wheel), in three lightnesses; never one given before, so no two labels of a text share one."""
+    if k < len(PALETTE):
+        return PALETTE[k]
+    k -= len(PALETTE)
+    return f"hsl({k * 137.508 % 360:.2f} 70% {(80, 88, 72)[k // 7 % 3]}%)"
+
+
 class Colours:
-    """One colour per label name throughout the page, given in order of first appearance, cycling the palette; a label
-    new to the page skips the colours of the text's other labels, so that a text's labels differ where they can."""
+    """One colour per label name throughout the page, a new one (nth_colour) for each label in order of first
+    appearance: a label keeps its colour from text to text, and a text's labels never share one."""
 
     def __init__(self):
-        self.of, self.turn = {}, 0
+        self.of = {}
 
     def for_text(self, names):
-        taken = {self.of[name] for name in names if name in self.of}
         for name in names:
             if name not in self.of:
-                cycle = [PALETTE[(self.turn + i) % len(PALETTE)] for i in range(len(PALETTE))]
-                self.of[name] = next((c for c in cycle if c not in taken), cycle[0])
-                self.turn = PALETTE.index(self.of[name]) + 1
-                taken.add(self.of[name])
+                self.of[name] = nth_colour(len(self.of))
         return self.of
 
 
 def render_text(item, spans, colour):
     """The text's HTML: plain escaped text outside the evidence, a <mark> per cut inside it."""
-    names = [x["label"] for x in item["labels"]]
+    codes, names = [x["label"] for x in item["labels"]], [shown(x) for x in item["labels"]]
     parts = []
     for a, b, covering in segments(item["text"], spans):
         words = escape(item["text"][a:b])
@@ -109,7 +125,7 @@ def render_text(item, spans, colour):
         numbers = sorted({k for k, _ in covering})
         hover = "\n".join(f"{names[k]} {score:.3f}" for k, score in covering)
         parts.append(f'<mark data-start="{a}" data-end="{b}" data-l="{" ".join(map(str, numbers))}" '
-                     f'style="{bands([colour[names[k]] for k in numbers])}" title="{escape(hover)}">{words}</mark>')
+                     f'style="{bands([colour[codes[k]] for k in numbers])}" title="{escape(hover)}">{words}</mark>')
     return "".join(parts)
 
 
@@ -119,11 +135,22 @@ def render_item(item, number, colours):
     colour = colours.for_text([x["label"] for x in item["labels"]])
     heading = escape(item["id"]) if item.get("id") is not None else f"#{number}"
     legend = "".join(f'<li data-i="{k}" data-label="{escape(x["label"])}" style="background:{colour[x["label"]]}">'
-                     f'{escape(x["label"])} {float(x["probability"]):.2f}</li>' for k, x in enumerate(item["labels"]))
+                     f'{escape(shown(x))} {float(x["probability"]):.2f}</li>' for k, x in enumerate(item["labels"]))
     legend = legend or '<li class="none">no label</li>'
     data_id = f' data-id="{escape(item["id"])}"' if item.get("id") is not None else ""
     return (f'<article class="item" data-n="{number}"{data_id}>\n<h2>{heading}</h2>\n<ul class="legend">{legend}</ul>\n'
-            f'<div class="text">{render_text(item, spans, colour)}</div>\n</article>\n')
+            f'{gold_legend(item)}<div class="text">{render_text(item, spans, colour)}</div>\n</article>\n')
+
+
+def gold_legend(item):
+    """With --label-column: the text's true labels under the predicted ones, each marked found (predicted too) or
+    missed; nothing without them."""
+    if item.get("gold") is None:
+        return ""
+    predicted = {x["label"] for x in item["labels"]}
+    chips = "".join(f'<li class="{"found" if g["label"] in predicted else "missed"}" data-gold="{escape(g["label"])}">'
+                    f'{escape(shown(g))}{"" if g["label"] in predicted else " (missed)"}</li>' for g in item["gold"])
+    return f'<ul class="legend gold"><li class="none">true labels</li>{chips or "<li>none</li>"}</ul>\n'
 
 
 def head(title, note):

@@ -24,10 +24,10 @@ class LabelsConfig:
     problem_type: str = SINGLE_LABEL
     thresholds: list = None  # multi-label decision thresholds, one per label (tuned on validation data)
     long_document: dict = None  # {"strategy", "max_length"[, "stride"]}: see data.TextEncoder; train.py records it
-    # how the token vectors become the head's input (POOLINGS); "cls" is the reference's for both architectures.
-    # ModernBERT's config.json has this key; for BERT it is ours (transformers ignores it and uses [CLS])
+    # how the token vectors become the head's input: a name in model.POOLINGS; "cls" is the reference's for both
+    # architectures. ModernBERT's config.json has this key; for BERT it is ours (transformers ignores it: [CLS])
     classifier_pooling: str = "cls"
-    multi_label_loss: str = "bce"  # bce | asl (asymmetric_loss); ours, as the pooling options beyond cls/mean
+    multi_label_loss: str = "bce"  # a name in model.MULTI_LABEL_LOSSES; ours, as the poolings beyond cls/mean
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @property

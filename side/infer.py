@@ -2,6 +2,7 @@
 length-sorted batches, put back in input order; the int8 copy of a model for the CPU and how closely it follows
 the fp32 one; and the check of a --device name before anything loads."""
 import copy
+import time
 import warnings
 
 import numpy as np
@@ -12,9 +13,8 @@ from metrics import sigmoid, softmax
 from model import autocast
 from side.packing import use_packing
 
-# On a CPU a batch of long texts is cut to at most this many (padded) tokens: smaller matmuls stay in cache.
-# Model time on this 2-core CPU, MiniLM, texts sorted by length, 64 texts a batch against this cap: -23% on
-# abstracts (mean 279 tokens), -13% on captions (36). Throughput on a GPU wants the largest batches: no cap.
+# On a CPU a batch of long texts is cut to at most this many (padded) tokens: smaller matmuls stay in cache
+# (measured: docs/benchmarks.md). Throughput on a GPU wants the largest batches: no cap.
 CPU_BATCH_TOKENS = 2048
 
 
@@ -87,6 +87,46 @@ def int8_agreement(int8_logits, fp32_logits, multi_label, thresholds):
         p, q = softmax(int8_logits), softmax(fp32_logits)
         same = p.argmax(axis=1) == q.argmax(axis=1)
     return {"same_prediction": float(same.mean()), "max_probability_difference": float(np.abs(p - q).max())}
+
+
+# --int8 scores this many texts of the first chunk in fp32 as well (and again in int8), to report agreement and
+# speed: a bounded cost, whatever the chunk size
+INT8_SAMPLE = 100
+
+
+def int8_sample_check(score, int8_model, fp32_model, seqs, multi_label, thresholds):
+    """--int8's check on the first INT8_SAMPLE encoded texts: (texts, int8_agreement, fp32 seconds, int8 seconds).
+    score(seqs, model) -> logits. Each model scores the sample once, fp32 first."""
+    sample, results = seqs[:INT8_SAMPLE], []
+    for model in (fp32_model, int8_model):
+        start = time.perf_counter()
+        results.append((score(sample, model), time.perf_counter() - start))
+    (fp32, fp32_seconds), (int8, int8_seconds) = results
+    return len(sample), int8_agreement(int8, fp32, multi_label, thresholds), fp32_seconds, int8_seconds
+
+
+def speed_report(scored, seconds, tokenizing, device, explaining=None, int8_check=None, multi_label=False):
+    """predict.py's lines about its speed: scored texts in seconds of scoring (tokenizing apart); with --explain,
+    the evidence's time; with --int8, its check (int8_sample_check)."""
+    seconds = max(seconds, 1e-9)
+    lines = [f"scored {scored} texts in {seconds:.2f} s: {scored / seconds:.1f} texts/s{' (int8)' * bool(int8_check)} "
+             f"on {device} (tokenizing took {tokenizing:.2f} s)"]
+    if explaining is not None:
+        lines.append(f"evidence took {explaining:.2f} s ({scored / max(explaining, 1e-9):.1f} texts/s)")
+    if int8_check:
+        count, agreement, fp32_seconds, int8_seconds = int8_check
+        lines.append(int8_report(count, scored, agreement, fp32_seconds, int8_seconds, multi_label))
+    return "\n".join(lines)
+
+
+def int8_report(count, scored, agreement, fp32_seconds, int8_seconds, multi_label):
+    """The line predict.py prints about an int8_sample_check of count texts, in a run of scored texts."""
+    which = f"these {count}" if count == scored else f"the first {count} (of {scored})"
+    same = "set of labels" if multi_label else "label"
+    return (f"int8 against fp32 on {which} texts: the same {same} for {agreement['same_prediction']:.2%}, "
+            f"probabilities at most {agreement['max_probability_difference']:.4f} apart; on them fp32 took "
+            f"{fp32_seconds:.2f} s, int8 {int8_seconds:.2f} s: {fp32_seconds / max(int8_seconds, 1e-9):.2f}x as fast "
+            "(a few texts, or a model of 1-2 layers, may gain nothing: docs/benchmarks.md)")
 
 
 def device_problem(name):

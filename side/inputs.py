@@ -108,7 +108,10 @@ def check_arguments(args):
                                                                                        args.explain_html)):
         problem = path and output_problem(path, flag)
         bad += [f"{flag} {path}: {problem}"] if problem else []
-    collision = files.collisions(every_output(args), {"--input file": args.input, "--model folder": args.model})
+    if args.label_names and not os.path.isfile(args.label_names):
+        bad.append(f"--label-names {args.label_names}: no such file (a CSV of code,name rows)")
+    collision = files.collisions(every_output(args), {"--input file": args.input, "--model folder": args.model,
+                                                      "--label-names file": args.label_names})
     bad += [collision] if collision else []
     bad += combination_problems(args)
     if bad:
@@ -129,7 +132,8 @@ def combination_problems(args):
                        "with --label-column, nor under torchrun (which splits the file itself)")
     if args.label_column and torchrun_world() > 1:
         bad.append("--label-column scores in one process: run it without torchrun")
-    return bad + option_problems(args.explain, args.explain_html, args.embeddings or args.label_column,
+    not_predictions = args.embeddings or (args.label_column and not args.explain_html)  # metrics, and a page
+    return bad + option_problems(args.explain, args.explain_html, not_predictions,
                                  args.text_pair_column, args.resume or args.shard or torchrun_world() > 1)
 
 

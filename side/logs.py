@@ -6,6 +6,7 @@ ProgressBar / evaluation_row   the lines a person watches
 trim_log   --resume: the log's rows after the resumed step go (they are run again)
 plot_curves -> training_curves.png, plot_reliability -> calibration.png (with matplotlib, when installed)
 """
+import collections
 import json
 import os
 import sys
@@ -51,6 +52,12 @@ class TrainLog:
 
     def restart_clock(self):
         self.tokens, self.clock = 0, time.time()  # the throughput of training alone
+        self.bar.restart(getattr(self, "evaluated_at", None))  # an evaluation's time is no step's
+
+    def due(self, step, every):
+        """Whether step shows progress: the first step this run trains (a line within seconds of the start), every
+        `every` optimizer steps, and the last."""
+        return step == self.bar.first + 1 or step % every == 0 or step == self.bar.total
 
     def add_step(self, sums, bad, batches):
         self.running += torch.where(bad, 0.0, sums)  # a skipped step's nan stays out of the logged loss
@@ -63,6 +70,7 @@ class TrainLog:
             self.bar.update(step, loss, lr, self.tokens / (time.time() - self.clock))
 
     def evaluation(self, progress, metrics):
+        self.evaluated_at = progress.step
         train_loss = global_mean(self.running)
         self.running.zero_()
         epoch = progress.step / self.steps_per_epoch
@@ -99,14 +107,35 @@ def real_tokens(batch):
 
 
 class ProgressBar:
-    """One line of progress: a live bar on a terminal, a plain line every log_every steps in a log."""
+    """One line of progress: a live bar on a terminal, a plain line per update in a log. The ETA's pace is the time
+    per step over the last WINDOW updates, so that one slow or quick stretch moves it by a share, not all the way;
+    the first step's time (warm-up) counts only until another interval is measured, and an evaluation's time
+    (restart) not at all."""
+    WINDOW = 5
 
-    def __init__(self, total, first=0):  # first: the step a resumed run starts from
-        self.total, self.first, self.start, self.tty = total, first, time.time(), sys.stdout.isatty()
+    def __init__(self, total, first=0, clock=time.monotonic):  # first: the step a resumed run starts from
+        self.total, self.first, self.clock, self.tty = total, first, clock, sys.stdout.isatty()
+        self.recent, self.since_step = collections.deque(maxlen=self.WINDOW), first  # (seconds, steps) per update
+        self.restart()
+
+    def restart(self, step=None):
+        """The next interval of steps starts now, at step (None: where the last one ended)."""
+        self.since = self.clock()
+        self.since_step = self.since_step if step is None else step
+
+    def eta(self, step):
+        """Seconds left at the recent pace, with the interval that ends at step."""
+        now = self.clock()
+        if step > self.since_step:
+            if len(self.recent) == 1 and self.since_step == self.first + 1:  # the warm-up step had its turn
+                self.recent.clear()
+            self.recent.append((now - self.since, step - self.since_step))
+        self.since, self.since_step = now, step
+        seconds, steps = (sum(x) for x in zip(*self.recent)) if self.recent else (0.0, 1)
+        return seconds / steps * (self.total - step)
 
     def update(self, step, loss, lr, tokens_per_s):
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step - self.first, 1) * (self.total - step)
+        eta = self.eta(step)
         done = int(30 * step / self.total)
         line = (f"step {step}/{self.total} [{'#' * done}{'.' * (30 - done)}] loss {loss:.4f} lr {lr:.2e} "
                 f"{tokens_per_s / 1e3:.1f}k tok/s eta {eta / 60:.1f} min")

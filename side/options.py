@@ -1,8 +1,8 @@
 """The job's options and every check that can run before data or model load.
 
-parse_config   TrainConfig from a .toml/.json file, then the command line; -h explains each option from the
-    comments written beside its field in train.py (the one place an option is documented)
-check_options  each option against its allowed values, one line per option
+parse_config   TrainConfig from a .toml/.json file, then the command line; -h explains each option from its field's
+    metadata (side/config.py: the one place an option is documented), and lists its choices
+check_options  each option against its allowed values: its field's choices, else one line per option here
 resolve_model / read_model_folder   --model: a folder, the packaged MiniLM, or a hub id; its files present
 check_out_dir / clear_old_run   a run owns its --out-dir (refused, --overwrite, or --resume); it writes nothing
     onto a file it reads (side/files.py's collision guard)
@@ -11,7 +11,6 @@ with_task_defaults / selection_metric / greater_is_better   what the auto option
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -22,9 +21,8 @@ import typing
 
 import numpy as np
 
-from data import LONG_DOCS
 from metrics import compute_metrics
-from model import POOLINGS
+from model import MULTI_LABEL_LOSSES
 from side import files
 from side.checkpoints import TOKENIZER_FILES, remove_debris
 from side.infer import device_problem
@@ -33,46 +31,38 @@ from side.trackers import check_report_to
 
 # ----------------------------------------------------------------------------- reading options
 
-FIELD_LINE = re.compile(r"    (\w+): [^=]+=[^#]*(?:#\s*(.*))?$")  # `    name: type = default  # explanation`
-
-
 def parse_config(config_class, argv=None, description=None):
-    """config_class from an optional config file (--config), then the command line."""
+    """config_class from an optional config file (--config), then the command line. -h: each field's help and
+    choices (its metadata, side/config.py), under the section of the class that declares it."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps, groups = field_docs(config_class)
     sections = {}
     for f in dataclasses.fields(config_class):
-        kind, flag = option_type(config_class, f.name), "--" + f.name.replace("_", "-")
-        if groups[f.name] not in sections:
-            sections[groups[f.name]] = parser.add_argument_group(groups[f.name])
-        text = f"{helps[f.name]} (default: {f.default!r})".lstrip().replace("%", "%%")
-        if kind is bool:
-            sections[groups[f.name]].add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            sections[groups[f.name]].add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                                  help=text)
+        section = section_of(config_class, f.name)
+        if section not in sections:
+            sections[section] = parser.add_argument_group(section)
+        add_option(sections[section], f, option_type(config_class, f.name))
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     values = read_config_file(config_class, args["config"]) if args.get("config") else {}
     values.update(args)
     return config_class(**values)
 
 
-def field_docs(config_class):
-    """({field: its explanation}, {field: its section}) from the class's source: the comment lines just above a
-    field and the comment after it explain it; a line `# -- name` starts a section."""
-    helps, groups, above, section = {}, {}, [], "options"
-    for line in inspect.getsource(config_class).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("# --"):
-            section, above = stripped.removeprefix("# --").strip(), []
-        elif stripped.startswith("#"):
-            above.append(stripped.removeprefix("#").strip())
-        elif match := FIELD_LINE.match(line):
-            helps[match.group(1)] = " ".join([*above, match.group(2) or ""]).strip()
-            groups[match.group(1)], above = section, []
-        else:
-            above = []
-    return helps, groups
+def add_option(group, f, kind):
+    """--name for field f: its help and default, and {its,choices} (or its metavar) where the value is one."""
+    flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+    text = f"{meta.get('help', '')} (default: {f.default!r})".lstrip().replace("%", "%%")
+    if kind is bool:
+        return group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    # choices are shown, not enforced here: check_options says what is wrong with every option at once
+    metavar = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else meta.get("metavar")
+    group.add_argument(flag, type=kind, default=None, metavar=metavar or kind.__name__.upper(), help=text)
+
+
+def section_of(config_class, name):
+    """The -h section of a field: the first line of the docstring of the class in config_class's bases that
+    declares it (side/config.py: one class per section)."""
+    owner = next(c for c in reversed(config_class.__mro__) if name in vars(c).get("__annotations__", {}))
+    return (owner.__doc__ or "options").strip().splitlines()[0]
 
 
 def option_type(config_class, name):
@@ -119,20 +109,20 @@ TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: 
 
 def check_options(cfg, objective_rules=None):
     """Every numeric and choice option against its allowed values, before anything is read or loaded: a bad
-    value ends the job at once, with what is allowed, never after an epoch. A new option adds its line here;
-    objective_rules (option: (allowed, what is)) replace lines where an objective allows less."""
+    value ends the job at once, with what is allowed, never after an epoch. An option with choices (its field's
+    metadata) is checked against them; another adds its line here. objective_rules (option: (allowed, what is))
+    replace lines where an objective allows less."""
+    choices = choice_rules(cfg)
+    pooling_ok, pooling_choices = choices.pop("pooling")
     allowed = {  # option: (its value is allowed, what is)
+        **choices,
         "text_column": (cfg.text_column != "", "a column name"),
         "text_pair_column": (not cfg.text_pair_column or cfg.long_docs in ("head", "native"),
                              "a column name, with --long-docs head or native (pairs are truncated longest first)"),
-        "task": (cfg.task in ("auto", "single", "multi", "mlm"),
-                 "auto, single or multi (a classifier), or mlm (masked-LM pretraining)"),
         "mlm_probability": (cfg.mlm_probability is None or 0 < cfg.mlm_probability < 1, "between 0 and 1 (exclusive)"),
         "label_sep": (cfg.label_sep != "", "a separator, such as ;"),
-        "unknown_labels": (cfg.unknown_labels in ("error", "ignore"), "error or ignore"),
         "val_fraction": (0 < cfg.val_fraction < 1, "between 0 and 1 (exclusive)"),
         "max_length": (cfg.max_length >= 0, ">= 0 (0 = the model's maximum)"),
-        "long_docs": (cfg.long_docs in LONG_DOCS, ", ".join(LONG_DOCS)),
         "window_stride": (cfg.window_stride >= 0, ">= 0 (0 = half a window)"),
         "epochs": (cfg.epochs >= 1, ">= 1"),
         "max_steps": (cfg.max_steps >= 0, ">= 0 (0 = as many as --epochs make)"),
@@ -146,11 +136,9 @@ def check_options(cfg, objective_rules=None):
         "hidden_dropout": (cfg.hidden_dropout is None or 0 <= cfg.hidden_dropout < 1, "in [0, 1)"),
         "attention_dropout": (cfg.attention_dropout is None or 0 <= cfg.attention_dropout < 1, "in [0, 1)"),
         "classifier_dropout": (cfg.classifier_dropout is None or 0 <= cfg.classifier_dropout < 1, "in [0, 1)"),
-        "pooling": (cfg.pooling in ("auto", *POOLINGS) and (cfg.pooling, cfg.long_docs) != WINDOWS_PER_LABEL,
-                    "auto, " + ", ".join(POOLINGS) + " (label_attention not with --long-docs windows_attention)"),
+        "pooling": (pooling_ok and (cfg.pooling, cfg.long_docs) != WINDOWS_PER_LABEL,
+                    pooling_choices + " (label_attention not with --long-docs windows_attention)"),
         "head_lr": (cfg.head_lr is None or 0 < cfg.head_lr < math.inf, "a number > 0"),
-        "loss": (cfg.loss in ("bce", "asl"), "bce or asl"),
-        "calibrate": (cfg.calibrate in ("off", "temperature"), "off or temperature"),
         "num_layers": (cfg.num_layers >= 0, ">= 0 (0 = all of the checkpoint's layers)"),
         "distill_weight": (0 <= cfg.distill_weight <= 1, "between 0 and 1"),
         "distill_temperature": (0 < cfg.distill_temperature < math.inf, "a number > 0"),
@@ -162,12 +150,12 @@ def check_options(cfg, objective_rules=None):
         "log_every": (cfg.log_every >= 1, ">= 1"),
         "max_bad_steps": (cfg.max_bad_steps >= 0, ">= 0 (0 = never stop)"),
         "device": (device_problem(cfg.device) is None, "cpu, cuda or cuda:N (cuda where a GPU is visible)"),
-        "amp": (cfg.amp in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
         "seed": (cfg.seed >= 0, ">= 0"),
         **(objective_rules or {}),
     }
+    order = [f.name for f in dataclasses.fields(cfg)]  # the messages in the order of -h
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r} must be {what}"
-           for name, (ok, what) in allowed.items() if not ok]
+           for name, (ok, what) in sorted(allowed.items(), key=lambda rule: order.index(rule[0])) if not ok]
     if bad:
         raise SystemExit("; ".join(bad))
     check_report_to(cfg.report_to)  # a name it knows, its package installed: before anything is written
@@ -175,6 +163,17 @@ def check_options(cfg, objective_rules=None):
     if not cfg.teacher and any(getattr(cfg, name) != defaults[name] for name in ("distill_weight",
                                                                                   "distill_temperature")):
         raise SystemExit("--distill-weight and --distill-temperature weigh a teacher's predictions: give --teacher")
+
+
+def choice_rules(cfg):
+    """check_options' line of every option whose field lists its choices."""
+    rules = {}
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices:
+            listed = ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+            rules[f.name] = (getattr(cfg, f.name) in choices, listed)
+    return rules
 
 
 def as_number(text):
@@ -192,8 +191,8 @@ def check_metric(metric, loss, labels):
     if selection_metric(metric, labels.multi_label) not in names:
         raise SystemExit(f"--metric {metric!r} is not computed for {'multi' if labels.multi_label else 'single'}"
                          f"-label data; use auto or one of {names}")
-    if loss == "asl" and not labels.multi_label:
-        raise SystemExit("--loss asl is for multi-label data; single-label training uses cross-entropy")
+    if loss != next(iter(MULTI_LABEL_LOSSES)) and not labels.multi_label:
+        raise SystemExit(f"--loss {loss} is for multi-label data; single-label training uses cross-entropy")
 
 
 # ----------------------------------------------------------------------------- the model folder and the out-dir

@@ -1,7 +1,6 @@
 """The progress line of a long predict.py run, on stderr: rows done, rows per second, how much of the file is read
 and the time left at that pace (from the file's size: cheap, no counting pass). On a terminal one line rewritten
-in place; into a log file a line every `every` seconds. At the end, report_speed: texts per second, tokenizing,
-the evidence, and int8 against fp32."""
+in place; into a log file a line every `every` seconds. (The closing speed lines: side/infer.speed_report.)"""
 import sys
 import time
 
@@ -60,20 +59,3 @@ class Progress:
             self.out.write(text + "\n")
         self.out.flush()
 
-
-def report_speed(scored, seconds, tokenizing, device, int8, explaining=None, int8_check=None, multi_label=False):
-    """scored texts in seconds (tokenizing of them); explaining: the seconds --explain took; int8_check: (texts,
-    int8_agreement's dict, fp32 seconds) of the first chunk with --int8."""
-    seconds, n = max(seconds, 1e-9), scored
-    print(f"scored {n} texts in {seconds:.2f} s: {n / seconds:.1f} texts/s{' (int8)' * int8} on {device} "
-          f"(tokenizing took {tokenizing:.2f} s)", file=sys.stderr)
-    if explaining is not None:
-        print(f"evidence took {explaining:.2f} s ({n / max(explaining, 1e-9):.1f} texts/s)", file=sys.stderr)
-    if int8_check:
-        count, agreement, fp32_seconds = int8_check
-        which = "these" if count == n else "the first"
-        int8_seconds = seconds * count / max(n, 1)
-        print(f"int8 against fp32 on {which} {count} texts: the same {'set of labels' if multi_label else 'label'} for "
-              f"{agreement['same_prediction']:.2%}, probabilities at most {agreement['max_probability_difference']:.4f}"
-              f" apart; fp32 took {fp32_seconds:.2f} s ({count / fp32_seconds:.1f} texts/s): int8 is "
-              f"{fp32_seconds / int8_seconds:.2f}x as fast", file=sys.stderr)

@@ -16,6 +16,7 @@ from side import calibrate, files
 from side.logs import plot_reliability
 
 CALIBRATION_KEYS = ("ece", "brier")
+TERMINAL_LABELS = 15  # a per-label table longer than this is printed as its weakest labels (report.txt has it all)
 
 
 def final_report(objective, out_dir, calibration, device, best):
@@ -43,10 +44,12 @@ def final_report(objective, out_dir, calibration, device, best):
                 metrics["by_label_frequency"])]
         rows = per_class_report(logits, raw["test"][1], model.config.multi_label, objective.labels.names,
                                 model.config.thresholds if model.config.multi_label else 0.5)
+        shown = len(lines) + 1  # the terminal gets the report up to here, then terminal_table
         lines += ["", format_report(rows)]
         result["test"] = metrics
         files.write_json(os.path.join(out_dir, "test_metrics.json"), {**metrics, "validation": validation})
-    write_report(out_dir, "\n".join(lines))
+    on_screen = lines if "test" not in scored else lines[:shown] + [terminal_table(rows)]
+    write_report(out_dir, "\n".join(lines), "\n".join(on_screen))
     plot_reliability(os.path.join(out_dir, "calibration.png"), reliability_curves(model, raw, calibration != "off"))
     return result
 
@@ -100,9 +103,24 @@ def train_counts(objective):
     return (objective.splits["train"].targets > 0.5).sum(axis=0)
 
 
-def write_report(out_dir, report):
+def terminal_table(rows):
+    """The per-label table as the terminal shows it: whole for up to TERMINAL_LABELS labels; else the labels with
+    the lowest F1 among those in the test data, and the averages over every label (the whole table: report.txt)."""
+    table = format_report(rows).splitlines()
+    if len(rows) <= TERMINAL_LABELS:
+        return "\n".join(table)
+    header, body, averages = table[0], table[2:2 + len(rows)], table[2 + len(rows):]
+    present = [i for i, r in enumerate(rows) if r["support"] > 0]
+    weakest = sorted(present, key=lambda i: rows[i]["f1"])[:TERMINAL_LABELS]
+    title = (f"the {len(weakest)} labels with the lowest test F1 (of {len(present)} in the test data, "
+             f"{len(rows)} in all: every one is in report.txt)")
+    return "\n".join([title, header, "", *(body[i] for i in weakest), *averages])
+
+
+def write_report(out_dir, report, on_screen=None):
+    """report.txt gets the whole report; the terminal on_screen (None: the same)."""
     files.write_text(os.path.join(out_dir, "report.txt"), report + "\n")
-    print("\n" + report + f"\n\nsaved to {out_dir}/")
+    print("\n" + (report if on_screen is None else on_screen) + f"\n\nsaved to {out_dir}/ (report.txt)")
 
 
 def threshold_list(threshold, num_labels):

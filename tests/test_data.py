@@ -392,3 +392,22 @@ def test_packed_layout_reproduces_padded_batch(tables, minilm_dir):
         for b in range(len(rows)):  # each segment is exactly that row's tokens
             start, end = packed["cu_seqlens"][b], packed["cu_seqlens"][b + 1]
             assert packed["input_ids"][start:end].tolist() == seqs[rows[b]]
+
+
+def test_reading_a_long_csv_field_leaves_the_process_csv_limit_alone(tmp_path):
+    """Importing data.py changes nothing in the csv module; a field longer than csv's 128 KiB default is read,
+    and the limit is back to what it was afterwards."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    code = "import csv; before = csv.field_size_limit(); import data; print(before == csv.field_size_limit())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True).stdout == "True\n"
+    note = "word " * 40_000  # 200 kB, over csv's default of 131072 characters
+    path = tmp_path / "long.csv"
+    path.write_text(f"text,label\n\"{note}\",a\nshort,b\n")
+    limit = csv.field_size_limit()
+    table = data.read_table(str(path))
+    assert table.texts[0].strip() == note.strip() and table.labels == ["a", "b"]
+    assert csv.field_size_limit() == limit

@@ -16,7 +16,7 @@ from side.hf import global_every, student_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from test_robustness import tiny_checkpoint, write_texts
-from side import distill
+from side import distill, infer
 
 
 def reference():
@@ -255,21 +255,35 @@ def test_int8_copy_quantizes_the_encoder_and_agrees_with_fp32(tiny, capsys):
 
     predict.main(["--model", tiny["teacher"], "--int8", *sum((["--text", t] for t in texts), [])])
     report = capsys.readouterr().err
-    agreement = predict.int8_agreement(int8, fp32, False, predictor.thresholds)
+    agreement = infer.int8_agreement(int8, fp32, False, predictor.thresholds)
     assert f"scored 40 texts in" in report and "texts/s (int8) on cpu" in report
     assert f"int8 against fp32 on these 40 texts: the same label for {agreement['same_prediction']:.2%}" in report
     with pytest.raises(SystemExit, match="--int8 runs on the CPU only"):
         predict.main(["--model", tiny["teacher"], "--int8", "--device", "cuda", "--text", "w1"])
 
 
+def test_int8_checks_agreement_on_a_bounded_sample(tiny, capsys, monkeypatch):
+    """--int8 scores the first INT8_SAMPLE texts in fp32 (and again in int8), not its whole first chunk."""
+    import side.infer
+    monkeypatch.setattr(side.infer, "INT8_SAMPLE", 8)
+    scored = []
+    original = predict.Predictor.score
+    monkeypatch.setattr(predict.Predictor, "score", lambda self, seqs, model=None: scored.append(
+        (len(seqs), model is self.fp32)) or original(self, seqs, model))
+    texts = [f"w{i} w{i + 1} w{(7 * i) % 60}" for i in range(40)]
+    predict.main(["--model", tiny["teacher"], "--int8", *sum((["--text", t] for t in texts), [])])
+    assert scored == [(40, False), (8, True), (8, False)]  # the run, then the sample in fp32 and in int8
+    assert "int8 against fp32 on the first 8 (of 40) texts: the same label for" in capsys.readouterr().err
+
+
 def test_int8_agreement_counts_labels_and_label_sets():
     a = np.array([[2.0, 0.0, -1.0], [0.1, 0.2, 0.0]], np.float32)
     b = np.array([[2.0, 0.0, -1.0], [0.3, 0.2, 0.0]], np.float32)
-    single = predict.int8_agreement(a, b, False, 0.5)
+    single = infer.int8_agreement(a, b, False, 0.5)
     assert single["same_prediction"] == 0.5 and single["max_probability_difference"] > 0
-    multi = predict.int8_agreement(a, b, True, np.array([0.5, 0.5, 0.5]))  # row 2: 0.1 -> 0.3 stays above 0.5
+    multi = infer.int8_agreement(a, b, True, np.array([0.5, 0.5, 0.5]))  # row 2: 0.1 -> 0.3 stays above 0.5
     assert multi["same_prediction"] == 1.0
-    multi = predict.int8_agreement(a, b, True, np.array([0.56, 0.5, 0.5]))  # sigmoid 0.525 vs 0.574 straddle 0.56
+    multi = infer.int8_agreement(a, b, True, np.array([0.56, 0.5, 0.5]))  # sigmoid 0.525 vs 0.574 straddle 0.56
     assert multi["same_prediction"] == 0.5
 
 

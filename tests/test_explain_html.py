@@ -177,8 +177,21 @@ def test_a_label_keeps_its_colour_and_a_text_s_labels_differ(tmp_path):
     seen = [[x["style"] for x in shown["legend"]] for shown in page.items]
     assert [x[0] for x in seen[:n]] == [f"background:{c}" for c in PALETTE]   # the palette in order
     assert all(colour[x["data-label"]] == x["style"] for shown in page.items for x in shown["legend"])
-    assert colour["new"] == f"background:{PALETTE[1]}"          # the cycle's next, PALETTE[0], is L0's in its text
+    assert colour["new"] not in seen[:n]  # past the palette: a colour of its own
     assert colour["L3b"] not in (colour["L3"], colour["L4"]) and len(set(seen[-1])) == 3
+    assert len(set(colour.values())) == len(colour)
+
+
+def test_a_text_of_many_labels_has_as_many_colours(tmp_path):
+    """236 labels over the page, 40 in one text that comes last: no two of its labels look alike by colour."""
+    def item(*names):
+        return {"id": None, "text": "a b", "labels": [{"label": x, "probability": 0.5, "evidence": []} for x in names]}
+
+    items = [item(*(f"C{i + j}" for j in range(4))) for i in range(0, 236, 4)]
+    items.append(item(*(f"C{i}" for i in range(0, 236, 6))))
+    page = Page(written(tmp_path, items)[1])
+    last = [x["style"] for x in page.items[-1]["legend"]]
+    assert len(last) == 40 and len(set(last)) == 40
 
 
 def test_the_page_is_written_whole_or_not_at_all(tmp_path):

@@ -238,3 +238,15 @@ def test_windows_read_the_end_that_head_truncation_loses(tmp_path, strategy, ext
     rows = list(csv.DictReader(open(files[2])))
     predictions = Predictor(str(out), device="cpu").predict([r["text"] for r in rows])
     assert sum(p["label"] == r["label"] for p, r in zip(predictions, rows)) / len(rows) == accuracy
+
+
+def test_text_encoder_reads_the_model_and_the_predictor_sets_its_aggregation(tmp_path):
+    """predict.text_encoder changes nothing in the model it reads; Predictor sets the window aggregation itself,
+    from the strategy the texts are cut with."""
+    import predict
+    model = tiny_checkpoint(tmp_path, long_docs="windows_max")
+    model.aggregation = "unchanged"
+    encoder = predict.text_encoder(model, str(tmp_path), long_docs="windows_mean")
+    assert encoder.strategy == "windows_mean" and model.aggregation == "unchanged"
+    assert Predictor(str(tmp_path), device="cpu", long_docs="windows_mean").model.aggregation == "mean"
+    assert Predictor(str(tmp_path), device="cpu").model.aggregation == "max"

@@ -133,7 +133,7 @@ def test_minilm_head_is_initialised_as_the_reference_does(tmp_path, capsys):
     assert (loss - out.loss).abs() <= 1e-5
 
     fresh = MaskedLM.from_pretrained(folder)
-    assert "MLM head (or pooler) not in the checkpoint" in capsys.readouterr().out and fresh.fresh_head
+    assert "MLM head (or pooler) initialised as the reference does" in capsys.readouterr().out and fresh.fresh_head
     theirs = ref.cls.predictions
     for dense, norm, bias in ((fresh.head.dense, fresh.head.norm, fresh.head.bias),
                               (theirs.transform.dense, theirs.transform.LayerNorm, theirs.bias)):
@@ -240,7 +240,8 @@ def test_mlm_job_output_loads_in_transformers_and_fine_tunes(tmp_path, texts, ar
     capsys.readouterr()
     train.main(["--model", str(out), "--train-file", texts["labelled"], "--test-file", "", "--out-dir",
                 str(tmp_path / "classifier"), "--max-steps", "1", *FAST])
-    assert "new classifier head initialised (classifier.weight, classifier.bias)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "with a new classifier head initialised for this run (classifier.weight, classifier.bias)" in said
 
 
 def test_mlm_resumes_to_the_same_weights(tmp_path, texts, monkeypatch):
@@ -248,7 +249,7 @@ def test_mlm_resumes_to_the_same_weights(tmp_path, texts, monkeypatch):
     that ran through."""
     model = tiny_mlm_checkpoint(tmp_path / "model", "bert")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    job = lambda out, *extra: mlm_job(model, texts, out, "--epochs", "2", "--eval-every", "3", *extra)
+    job = lambda out, *extra: mlm_job(model, texts, out, "--epochs", "2", "--eval-every", "3", "--keep-state", *extra)
     train.main(job(whole))
     real_step, calls = train.optimizer_step, []
 

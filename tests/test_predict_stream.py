@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def test_long_documents_and_int8_go_through_the_stream(tiny, tmp_path, capsys):
     capsys.readouterr()
     predict.main(["--model", tiny["model"], "--input", notes, "--int8", "--chunk-rows", "4"])
     err = capsys.readouterr().err
-    assert "scored 10 texts in" in err and "int8 against fp32 on the first 4 texts: the same label for" in err
+    assert "scored 10 texts in" in err and "int8 against fp32 on the first 4 (of 10) texts: the same label for" in err
 
 
 def test_jsonl_fields_missing_from_the_csv_header_are_reported(tiny, tmp_path, capsys):
@@ -363,3 +364,28 @@ def test_progress_is_one_line_in_place_on_a_terminal():
     assert out[0].startswith("\r100 rows, ") and ", 25% of the file, ETA " in out[0]
     assert out[1].startswith("\r200 rows, ") and out[-1] == "\n" and len(out) == 3
     assert side.progress.duration(3725) == "1h02m05s" and side.progress.duration(65) == "1m05s"
+
+
+def test_label_names_in_the_output_and_the_page_with_the_true_labels(tiny, tmp_path, capsys):
+    """--label-names names each label beside its code (output and page); --label-column with --explain-html puts
+    each text's true labels under its predicted ones, a missed one marked."""
+    notes = write_notes(tmp_path / "notes.csv", 12)
+    names = tmp_path / "names.csv"
+    names.write_text("code,name\nLABEL_0,pleural effusion\nLABEL_1,pulmonary nodule\n")
+    named = {"LABEL_0": "pleural effusion", "LABEL_1": "pulmonary nodule"}
+    out = tmp_path / "out.csv"
+    assert run_predict("--model", tiny["model"], "--input", notes, "--output", out, "--label-names", names) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 12 and all(r["name"] == named.get(r["label"], r["label"]) for r in rows)
+    page = tmp_path / "page.html"
+    assert run_predict("--model", tiny["model"], "--input", notes, "--label-column", "label", "--explain-html", page,
+                       "--label-names", names) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out)  # the metrics, as without the page
+    html = page.read_text()
+    gold = re.findall(r'<li class="(found|missed)" data-gold="([^"]+)">([^<]+)</li>', html)
+    assert [code for _, code, _ in gold] == [f"LABEL_{i % 3}" for i in range(12)]
+    assert all((kind == "missed") == text.endswith("(missed)") for kind, _, text in gold)
+    assert "pleural effusion (LABEL_0)" in html
+    names.write_text("C1,a\nC2,b\n")
+    assert "none of its 2 codes is a label of the checkpoint" in str(
+        run_predict("--model", tiny["model"], "--input", notes, "--label-names", names))

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import metrics
 import train
@@ -148,6 +149,9 @@ def test_a_finished_run_is_calibrated_later_by_resume_as_if_trained_with_it(tiny
     tiny_job(tiny, "multi", calibrated, "--calibrate", "temperature")
     tiny_job(tiny, "multi", later)
     assert "calibration_temperature" not in json.load(open(later / "config.json"))
+    state = torch.load(later / "last" / "state.pt", weights_only=True)  # the finished run kept no weights
+    assert state["model"] is None and state["optimizer"] is None
+    assert (later / "last" / "state.pt").stat().st_size < 2**16
     steps = len(open(later / "metrics.jsonl").readlines())
     tiny_job(tiny, "multi", later, "--calibrate", "temperature", "--resume")
     assert len(open(later / "metrics.jsonl").readlines()) == steps  # nothing trained again

@@ -62,7 +62,7 @@ def tiny(tmp_path_factory):
 def job(tiny, out, *extra):
     return ["--model", tiny["model"], "--train-file", tiny["train"], "--val-file", tiny["val"], "--test-file", "",
             "--out-dir", str(out), "--max-length", "32", "--batch-size", "4", "--epochs", "2", "--eval-every", "2",
-            "--log-every", "1", "--lr", "2e-3", *extra]
+            "--log-every", "1", "--lr", "2e-3", "--keep-state", *extra]  # final weights compared: kept
 
 
 def log_rows(out, kind):

@@ -200,3 +200,28 @@ def test_a_loss_as_selection_metric_is_minimised_unless_told_otherwise():
     assert direction("--metric", "accuracy") is True
     assert direction("--metric", "loss", "--greater-is-better") is True
     assert direction("--no-greater-is-better") is False
+
+
+def test_the_shipped_config_file_parses_and_passes_the_checks():
+    """README's `--config example_data/roco_job.toml`: the roco job as a TOML file."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "example_data", "roco_job.toml")
+    assert "--config example_data/roco_job.toml" in open(os.path.join(root, "README.md")).read()
+    cfg = train.parse_config(["--config", path, "--epochs", "2"])
+    assert (cfg.train_file, cfg.max_length, cfg.out_dir, cfg.epochs) == (
+        "../shared/data/roco_radiology/train.csv", 128, "out/roco", 2)
+    options.check_options(cfg)
+
+
+def test_training_from_python_as_the_readme_shows(tmp_path):
+    """README: `from train import TrainConfig, train; metrics = train(TrainConfig(...))`."""
+    from test_robustness import tiny_checkpoint, write_texts
+    from train import TrainConfig
+    from train import train as run
+    model = tiny_checkpoint(tmp_path / "model")
+    data = {name: write_texts(tmp_path / f"{name}.csv", rows, seed) for name, rows, seed in
+            (("train", 24, 0), ("val", 6, 1), ("test", 6, 2))}
+    metrics = run(TrainConfig(model=model, train_file=data["train"], val_file=data["val"], test_file=data["test"],
+                              max_steps=2, max_length=32, batch_size=4, out_dir=str(tmp_path / "out")))
+    assert set(metrics) == {"best_val", "validation", "test"} and 0 <= metrics["test"]["accuracy"] <= 1
+    assert (tmp_path / "out" / "model.safetensors").is_file()
