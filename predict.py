@@ -250,7 +250,9 @@ class Job:
         keep = args.keep_text or bool(args.text)
         self.dropped = () if keep else (self.text_column, self.pair_column)
         self.format = output_format(args.output)
-        self.given = [given for c in stream.columns for given in given_fields({c: None}, self.dropped)]
+        # --label-names writes name (names) too: an input column of that name is renamed, not overwritten
+        self.reserved = PREDICTION_FIELDS + ("name", "names") * bool(args.label_names)
+        self.given = [given for c in stream.columns for given in given_fields({c: None}, self.dropped, self.reserved)]
         self.unwritten = set()  # JSONL fields that CSV output has no column for (not in the first record)
         self.labels = None
         if args.label_column:
@@ -307,7 +309,7 @@ class Job:
 
     def render(self, rows, predictions, index):
         """The output text of a chunk's labelled rows (the header with chunk 0)."""
-        fields = [{**given_fields(r.record, self.dropped), **p} for r, p in zip(rows, predictions)]
+        fields = [{**given_fields(r.record, self.dropped, self.reserved), **p} for r, p in zip(rows, predictions)]
         if self.format == "jsonl":
             return "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields)
         body = [[cell(f.get(name)) for name in self.given] + prediction_cells(p, self.args.explain, self.label_names)
@@ -504,7 +506,7 @@ def run(job, stream, plan, sink, progress_every):
     progress.update(done, stream.size, force=True)
     progress.done()
     report_speed(job)
-    unwritten = sorted(job.unwritten - set(PREDICTION_FIELDS) - {"name"})  # --label-names: its own column
+    unwritten = sorted(job.unwritten - set(job.reserved))
     if unwritten:
         print(f"note: fields {unwritten} of some rows are not among the first row's, so the CSV has no column for "
               "them; write .jsonl to keep every field", file=sys.stderr)

@@ -389,3 +389,16 @@ def test_label_names_in_the_output_and_the_page_with_the_true_labels(tiny, tmp_p
     names.write_text("C1,a\nC2,b\n")
     assert "none of its 2 codes is a label of the checkpoint" in str(
         run_predict("--model", tiny["model"], "--input", notes, "--label-names", names))
+
+
+def test_label_names_keep_an_input_column_called_name(tiny, tmp_path):
+    """With --label-names the output has a name column: an input column of that name is renamed, never lost."""
+    notes = tmp_path / "notes.csv"
+    notes.write_text("name,text\n" + "".join(f"patient {i},note number {i} about the chest\n" for i in range(5)))
+    names = tmp_path / "names.csv"
+    names.write_text("code,name\nLABEL_0,pleural effusion\nLABEL_1,pulmonary nodule\n")
+    out = tmp_path / "out.csv"
+    assert run_predict("--model", tiny["model"], "--input", notes, "--output", out, "--label-names", names) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["input_name"] for r in rows] == [f"patient {i}" for i in range(5)]
+    assert all(r["name"] != r["input_name"] for r in rows)
