@@ -21,7 +21,8 @@ from side.hf import BertConfig, remote_model_type
 
 FILE = "modeling_encoder_classify.py"
 # our functions the modeling file runs, copied from data.py and model.py: one definition of each cut and pooling
-SOURCES = (D.truncate, D.split_windows, M.first_token, M.classify, M.label_weights, M.packed_mean, M.unpack,
+# (every entry of model.POOLINGS is copied with its function, so a new pooling travels without a change here)
+SOURCES = (D.truncate, D.split_windows, M.first_token, M.classify, M.label_weights, M.unpack, *M.POOLINGS.values(),
            M.pool_tokens, M.window_aggregation, M.segment_reduce, M.weigh_windows, M.per_document)
 
 
@@ -208,6 +209,8 @@ class EncoderClassifyModernBertForSequenceClassification(PoolingHead, ModernBert
 def modeling_file():
     """The modeling file's text: the header, our functions' own source, the classes."""
     functions = "\n\n".join(inspect.getsource(f) for f in SOURCES)
+    table = ", ".join(f'"{name}": {f.__name__}' for name, f in M.POOLINGS.items())
+    functions = functions.replace("\n\ndef pool_tokens(", f"\n\nPOOLINGS = {{{table}}}\n\n\ndef pool_tokens(", 1)
     classes = CLASSES_SOURCE.format(bert_type=remote_model_type("bert"),
                                     modernbert_type=remote_model_type("modernbert"),
                                     temperature_key=KEY)
