@@ -3,6 +3,7 @@ non-finite steps, and the error messages. A tiny BERT (tests/golden/bert) on tin
 import csv
 import json
 import os
+import re
 import random
 import shutil
 import signal
@@ -168,7 +169,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny, uninterrupted, tmp_path):
     assert_same_run(out, uninterrupted)
 
 
-def test_failed_saves_keep_the_previous_checkpoints(tiny, uninterrupted, tmp_path, monkeypatch):
+def test_failed_saves_keep_the_previous_checkpoints(tiny, uninterrupted, tmp_path, monkeypatch, capsys):
     """A save that dies midway (here: raises after writing half) leaves the previous last/state.pt and
     model.safetensors whole; temp debris is never taken for a checkpoint; --resume then finishes the run."""
     out = tmp_path / "failed"
@@ -182,9 +183,11 @@ def test_failed_saves_keep_the_previous_checkpoints(tiny, uninterrupted, tmp_pat
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(SystemExit, match=r"interrupted \(Ctrl-C\)\. Run the same command with --resume: it continues "
-                                         r"from the last checkpoint, .*last/state.pt \(step 2\)"):
+    with pytest.raises(SystemExit) as stop:
         train.main(job(tiny, out))
+    assert stop.value.code == 130 and re.search(r"interrupted \(Ctrl-C\)\. Run the same command with --resume: it "
+                                                r"continues from the last checkpoint, .*last/state.pt \(step 2\)",
+                                                capsys.readouterr().err)
     monkeypatch.setattr(torch, "save", real_save)
     assert last_state(out)["step"] == 2 and os.listdir(out / "last") == ["state.pt"]
 
