@@ -203,7 +203,7 @@ def collisions(outputs, reads, folders=(), advice="name another file"):
     (unless its what is in folders: a folder the run writes into, such as train.py's checkpoints), or that is, or
     resolves to (symlinks, `..`, a hard link), a file the run reads ({what: path}; a folder read means every file
     in it, such as the model's), or that holds one, or another of its own outputs. Checked before any work."""
-    problems, seen = [], {}
+    problems, seen, clashed = [], {}, set()
     for what, path in outputs.items():
         if path is None:
             continue
@@ -212,10 +212,15 @@ def collisions(outputs, reads, folders=(), advice="name another file"):
         elif os.path.isdir(path) and what not in folders:
             problems.append(f"{what} {path} is a folder; name a file")
         else:
+            # one line per file read: the files beside an output (its rejects, .partial, lock) that meet the same
+            # one add nothing to the output's own line
+            hits = [(role, other) for role, other in reads.items()
+                    if other and role not in clashed and overlaps(path, other, both=True)]
+            clashed.update(role for role, _ in hits)
             problems += [f"{what} {path} is the {role} {other}: the run would replace it" if same(path, other) else
                          f"{what} {path} lies inside the {role} {other}: the run would write into it"
                          if overlaps(path, other) else f"{what} {path} holds the {role} {other}: the run would "
-                         "replace it" for role, other in reads.items() if other and overlaps(path, other, both=True)]
+                         "replace it" for role, other in hits]
             problems += [f"{what} {path} is also {role}: one file cannot be both" for role, other in seen.items()
                          if same(path, other)]
             seen[what] = path

@@ -442,3 +442,13 @@ def test_a_second_train_on_the_same_out_dir_is_refused(tiny, tmp_path, monkeypat
     monkeypatch.undo()
     train.main(train_job(tiny, out))
     assert (out / "model.safetensors").exists() and not (out / ".lock").exists()
+
+
+def test_collisions_say_each_file_read_once(tmp_path):
+    """An output inside the model folder is one line, not one more for each file beside it (rejects, lock)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    out = str(model / "o.csv")
+    message = files.collisions({"--output": out, "its rejects": out + ".rejects", "its lock": out + ".lock"},
+                               {"--model folder": str(model)})
+    assert message.count("lies inside the --model folder") == 1 and message.startswith(f"--output {out} lies")
