@@ -468,7 +468,8 @@ def train(cfg):
     with failures.writing(cfg.out_dir, "the report to"):
         report = objective.report(device, progress.best)
     log.publish()  # --report-to: the report as artifacts
-    print(checkpoints.finished_state(cfg.out_dir, cfg.keep_state))  # after the report: a kill before it resumes to the report
+    # after the report: a kill before the state is slimmed resumes to the report
+    print(checkpoints.finished_state(cfg.out_dir, cfg.keep_state))
     files.release(lock)  # (a run that fails lets go of it in main)
     return report
 

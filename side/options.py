@@ -258,8 +258,8 @@ def check_out_dir(out, model_dir, overwrite, resume, main_rank, reads=None):
                          "replace it; pass another --out-dir")
     outputs = {f"--out-dir {out}'s {name}": os.path.join(out, name) for name in (*RUN_OUTPUTS, LOCK)}
     # the model folder is not among the reads: an out-dir inside it (models/bert/finetuned) replaces none of its files
-    collision = files.collisions(outputs, reads or {},
-                                 folders=[f"--out-dir {out}'s {name}" for name in ("last", "checkpoints", "tensorboard")],
+    folders = [f"--out-dir {out}'s {name}" for name in ("last", "checkpoints", "tensorboard")]  # written into
+    collision = files.collisions(outputs, reads or {}, folders=folders,
                                  advice="pass another --out-dir, or keep the files the run reads elsewhere")
     if collision:
         raise SystemExit(collision)
