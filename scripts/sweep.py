@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import train  # noqa: E402
 from folds import training_table  # noqa: E402
-from side import files, options  # noqa: E402
+from side import files, options, signals  # noqa: E402
 
 SEARCH_SPACE = """\
 lr = {log = [1e-5, 1e-4]}
@@ -445,17 +445,12 @@ def check_job(train_args):
     return cfg
 
 
-def interrupted(*_):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     args, train_args = parse_args(argv)
     try:
         import optuna  # noqa: F401
     except ImportError:
         raise SystemExit("sweep.py needs Optuna: pip install optuna") from None
-    signal.signal(signal.SIGTERM, interrupted)  # a scheduler's kill: as Ctrl-C, the trial stops and reruns later
     cfg = check_job(train_args)
     set_here = [a for a in train_args if a.split("=")[0] in TRIAL_SETS]
     if set_here:
@@ -479,12 +474,11 @@ def main(argv=None):
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise SystemExit(f"--out-dir {args.out_dir} is a file, not a folder")
     os.makedirs(args.out_dir, exist_ok=True)
-    try:
-        study = run(args, train_args, space, metric, maximize)
-    except KeyboardInterrupt:
-        raise SystemExit("stopped; run the same command again to go on (the stopped trial runs again)") from None
+    study = run(args, train_args, space, metric, maximize)
     return write_results(study, cfg, args, space, metric, maximize)
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C and SIGTERM (a scheduler's kill): one line; the running trial is stopped and runs again next time
+    with signals.stopping("Run the same command again to go on: the stopped trial runs again"):
+        main()
