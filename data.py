@@ -569,7 +569,7 @@ class TextEncoder:
       encode() gives one list of ids per text.
     - windows_max / windows_mean / windows_attention split it into windows of max_length whose texts start
       `stride` tokens apart (default: half a window's text, i.e. 50% overlap); encode() gives a list of windows
-      per text, and the model turns them into one prediction (model.per_document).
+      per text, and the model turns them into one prediction (side/windows.py's per_document).
     Each truncated text or window is wrapped in the checkpoint's special tokens ([CLS] ... [SEP]).
     encode(texts, pairs) encodes text pairs as the reference does (PairIds); pieces(texts) cuts every text into
     consecutive sequences, for pretraining."""

@@ -9,7 +9,7 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
 POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES   one function and one table entry per pooling, per loss
-per_document   a long document's windows (doc_index) -> one row
+    (a long document's windows -> one row: side/windows.py)
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from side.hf import BertConfig, ModernBertConfig
+from side.windows import per_document, window_aggregation
 from side.weights import brief_name, hf_tensors, load_hf_weights, read_config, read_weights, save_folder
 
 ACTIVATIONS = {
@@ -348,7 +349,7 @@ def autocast(device, amp):
 
 
 # -----------------------------------------------------------------------------
-# the classifier: pooling and long documents' windows, the shared EncoderModel, then encoder + pooling + head + loss
+# the classifier: pooling, the shared EncoderModel, then encoder + pooling + head + loss
 
 
 def asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, margin=0.05):
@@ -383,16 +384,6 @@ def unpack(hidden, cu_seqlens, max_seqlen):
     return padded, mask.index_put_((seq_id, position), torch.ones_like(seq_id, dtype=torch.bool))
 
 
-def window_aggregation(strategy):
-    """windows_max / windows_mean / windows_attention -> "max" / "mean" / "attention"; None for the
-    strategies that truncate (one sequence per text)."""
-    if not strategy.startswith("windows_"):
-        return None
-    if strategy not in ("windows_max", "windows_mean", "windows_attention"):
-        raise ValueError(f"long-document strategy {strategy!r} is not supported")
-    return strategy.removeprefix("windows_")
-
-
 def head_options(c):
     """The classifier's pooling and window aggregation (window_aggregation: how a long document's windows make one
     prediction), refused when config c asks for what this model cannot do."""
@@ -407,14 +398,6 @@ def head_options(c):
         raise ValueError("windows_attention weighs one vector per window; label_attention pools one per label: "
                          "use windows_max or windows_mean with it")
     return c.classifier_pooling, aggregation
-
-
-def segment_reduce(values, doc_index, num_docs, how):
-    """Rows of values [W, ...] -> [num_docs, ...]: the max ("max") or mean ("mean") of each document's rows, with a
-    segment op (no loop over documents)."""
-    out = values.new_zeros(num_docs, *values.shape[1:])
-    index = doc_index.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
-    return out.scatter_reduce(0, index, values, "amax" if how == "max" else "mean", include_self=False)
 
 
 def cls_pooling(hidden, mask, label_attention=None):
@@ -460,28 +443,6 @@ def label_weights(scores, mask):
     """Each label's softmax over a text's real tokens: scores [B, T, L] (label_attention's) and mask [B, T] bool
     -> float32 weights [B, T, L] (float: a stable softmax under autocast). side/explain.py shows them as evidence."""
     return scores.float().masked_fill(~mask[..., None], -math.inf).softmax(dim=1)
-
-
-def weigh_windows(window_attention, pooled, doc_index, num_docs):
-    """A softmax over each document's windows weighs their vectors: [W, H] -> [num_docs, H]. window_attention
-    scores each window (a Linear to one score)."""
-    scores = window_attention(pooled).squeeze(-1).float()  # float: a stable softmax under autocast
-    top = scores.new_full((num_docs,), -math.inf).scatter_reduce(0, doc_index, scores.detach(), "amax")
-    e = (scores - top[doc_index]).exp()
-    weights = e / e.new_zeros(num_docs).index_add(0, doc_index, e)[doc_index]
-    weighted = weights[:, None].to(pooled.dtype) * pooled
-    return pooled.new_zeros(num_docs, pooled.shape[-1]).index_add(0, doc_index, weighted)
-
-
-def per_document(pooled, doc_index, num_docs, how, window_attention=None, head=None):
-    """Window vectors [W, H] -> one row per document, with segment ops (no loop over documents), as head reads them
-    (None: the vectors themselves). how max / mean: of the windows' head outputs (logits). attention: head of the
-    windows' vectors weighed by weigh_windows. num_docs None: doc_index[-1] + 1, which waits for the device."""
-    num_docs = int(doc_index[-1]) + 1 if num_docs is None else num_docs
-    if how == "attention":
-        pooled = weigh_windows(window_attention, pooled, doc_index, num_docs)
-        return pooled if head is None else head(pooled)
-    return segment_reduce(pooled if head is None else head(pooled), doc_index, num_docs, how)
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ import torch
 
 from data import LONG_DOCS, DataError, LabelEncoder, OptionError, TextEncoder, row_labels
 from metrics import compute_metrics, sigmoid, softmax
-from model import EncoderClassifier, window_aggregation
+from model import EncoderClassifier
 from side import files, signals
 from side.explain import METHODS, HtmlItems, add_evidence, evidence_cell, method_problem
 from side.infer import (CPU_BATCH_TOKENS, int8_copy, int8_sample_check, predict_embeddings, predict_logits,
@@ -71,6 +71,7 @@ from side.progress import Progress
 from side.shards import Plan, from_first, gather_step, join_ranks, leave_ranks, parse_shard, shard_chunks
 from side.stream import RowStream, TextRows
 from side.weights import check_vocab, read_json_object
+from side.windows import window_aggregation
 
 CHUNK_ROWS = 4096  # rows read, scored and written at a time: memory is bounded by a chunk, resume resumes one
 PREDICTION_FIELDS = ("label", "probability", "probabilities", "labels", "evidence")
