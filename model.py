@@ -500,8 +500,13 @@ class EncoderModel(nn.Module):
         return self.encoder(input_ids, layout, position_ids, token_type_ids)
 
     def modernbert_init_std(self, module):
-        """ModernBERT's init std of a Linear or Embedding: initializer_range unless a subclass says otherwise."""
-        return self.config.initializer_range
+        """ModernBERT's init std of a Linear or Embedding, as the reference's: its "out" std for the projections
+        that write into the residual stream and for the head's dense layer, else initializer_range."""
+        c = self.config
+        outs = [m for layer in self.encoder.layers for m in (layer.attn_out, layer.wo)]
+        if any(module is m for m in outs) or module is getattr(self.head, "dense", None):
+            return c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
+        return c.initializer_range
 
     def _init_weights(self, module):
         """Fresh weights as the reference initialises them (used for a new head): init_weights."""
@@ -510,20 +515,40 @@ class EncoderModel(nn.Module):
     # --- training helpers, as in nanoGPT
 
     def configure_optimizers(self, weight_decay, learning_rate, head_lr=None, betas=(0.9, 0.999), eps=1e-8,
-                             device_type="cpu"):
+                             device_type="cpu", layer_decay=1.0):
         """AdamW with decay on matrices and embeddings only: biases and norm weights are not decayed.
         head_lr: the peak lr of everything above the encoder (head, label or window attention), which starts
-        from scratch; None = learning_rate."""
+        from scratch; None = learning_rate. layer_decay < 1: each encoder layer's lr is that many times the one
+        above's, from learning_rate at the top layer down to the embeddings (layer-wise lr decay)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        head_lr = learning_rate if head_lr is None else head_lr
+        lr_of = {n: learning_rate * layer_decay ** self.layers_above(n) if n.startswith("encoder.") else head_lr
+                 for n, _ in named}
+        encoder_lrs = sorted({lr for n, lr in lr_of.items() if n.startswith("encoder.")}, reverse=True)
         groups = []
-        for part, lr in (("encoder", learning_rate), ("head", learning_rate if head_lr is None else head_lr)):
-            mine = [p for n, p in named if n.startswith("encoder.") == (part == "encoder")]
+        for in_encoder, lr in [(True, lr) for lr in encoder_lrs] + [(False, head_lr)]:  # the top layer's first
+            mine = [p for n, p in named if n.startswith("encoder.") == in_encoder and lr_of[n] == lr]
             groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
                        {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
         # fused also takes a found_inf flag: train.py skips non-finite steps on the device with it
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps,
                                  fused=fused)
+
+    def layers_above(self, name):
+        """How many encoder layers lie above the encoder parameter `name`: 0 for the top layer (and ModernBERT's
+        final norm), the number of layers for the embeddings."""
+        parts = name.split(".")
+        if parts[1] == "layers":
+            return self.config.num_hidden_layers - 1 - int(parts[2])
+        return 0 if parts[1] == "final_norm" else self.config.num_hidden_layers
+
+    def reinit_top_layers(self, count):
+        """Give the top `count` encoder layers fresh weights, as the reference initialises a new model: the
+        pretraining objective shaped the top layers most, and a classifier may do better relearning them
+        (Zhang et al., Revisiting Few-sample BERT Fine-tuning, ICLR 2021)."""
+        for layer in self.encoder.layers[len(self.encoder.layers) - count:]:
+            layer.apply(self._init_weights)
 
     # --- checkpoints: Hugging Face folders (read_config, load_hf_weights, hf_names: side/weights.py)
 
@@ -614,7 +639,7 @@ class EncoderClassifier(EncoderModel):
     def modernbert_init_std(self, module):
         if module is self.head.classifier:
             return self.config.hidden_size ** -0.5  # the reference's classifier init
-        return self.config.initializer_range
+        return super().modernbert_init_std(module)
 
     @classmethod
     def from_pretrained(cls, model_dir, num_labels=None, id2label=None, problem_type=None,
@@ -690,12 +715,6 @@ class MaskedLM(EncoderModel):
         targets = labels.index_select(0, masked_index)
         # sum / count is the reference's mean; a batch with no masked token gives 0 rather than its nan (0 / 0)
         return logits, F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-
-    def modernbert_init_std(self, module):
-        c = self.config
-        if module is self.head.dense:  # the reference's "out" std for the prediction head
-            return c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
-        return c.initializer_range
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=None, device=None, overrides=None, verbose=True, num_layers=None):

@@ -198,6 +198,10 @@ def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
     calibrate.set_temperature(model.config, None)  # a calibrated checkpoint's temperature is not this model's
+    if cfg.reinit_layers > model.config.num_hidden_layers:
+        raise SystemExit(f"--reinit-layers {cfg.reinit_layers}: the model has only {model.config.num_hidden_layers} "
+                         "layers")
+    model.reinit_top_layers(cfg.reinit_layers)
     if labels.multi_label and cfg.prior_bias and model.fresh_head:
         with torch.no_grad():
             model.head.classifier.bias.copy_(prior_bias(train_targets))
@@ -240,7 +244,8 @@ def build_learner(cfg, model, total_steps, device):
     step_model = wrap_for_ranks(model, cfg.fsdp, device)  # before the optimizer: FSDP replaces the parameters
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # as the HF Trainer rounds
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.head_lr, device_type=device.type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.head_lr, device_type=device.type,
+                                           layer_decay=cfg.layer_lr_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
     fp16 = amp_dtype(device, cfg.amp) == torch.float16  # bf16 keeps fp32's range: no loss scaling
     if fp16 and is_sharded(cfg.fsdp):

@@ -61,6 +61,10 @@ class Optimisation(ModelAndData):
     warmup_ratio: float = option(0.1, "the share of the steps spent warming up linearly, then linear decay to 0")
     warmup_steps: int = option(0, "> 0 overrides --warmup-ratio")
     clip: float = option(1.0, "max gradient norm; 0 = off")
+    layer_lr_decay: float = option(1.0, "< 1: each encoder layer's peak lr is this times the one above's, from --lr at "
+                                   "the top layer down to the embeddings (layer-wise lr decay); 1 = one lr for all")
+    reinit_layers: int = option(0, "start the top N encoder layers from fresh weights instead of the checkpoint's "
+                                "(as the reference initialises them); 0 = none")
     hidden_dropout: float | None = option(None, "None = the checkpoint's value")
     attention_dropout: float | None = option(None, "None = the checkpoint's value")
     classifier_dropout: float | None = option(None, "None = the checkpoint's value")

@@ -39,7 +39,8 @@ class MaskedLanguageModelling:
                 "long_docs": (cfg.long_docs == "head", "head with --task mlm (it reads every token)"),
                 "teacher": (not cfg.teacher, "a fine-tuned classifier, for a classifier: not with --task mlm"),
                 "metric": (cfg.metric in ("auto", "loss"), "auto or loss with --task mlm"),
-                "calibrate": (cfg.calibrate == "off", "off with --task mlm (it has no labels to calibrate)")}
+                "calibrate": (cfg.calibrate == "off", "off with --task mlm (it has no labels to calibrate)"),
+                "reinit_layers": (cfg.reinit_layers == 0, "0 with --task mlm (it continues the pretraining)")}
 
     def __init__(self, cfg, model_dir, hf, encoder):
         rate = MLM_RATE.get(base_model_type(hf.get("model_type")), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability

@@ -133,6 +133,8 @@ def check_options(cfg, objective_rules=None):
         "warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "between 0 and 1"),
         "warmup_steps": (cfg.warmup_steps >= 0, ">= 0"),
         "clip": (0 <= cfg.clip < math.inf, ">= 0 (0 = off)"),
+        "layer_lr_decay": (0 < cfg.layer_lr_decay <= 1, "in (0, 1] (1 = off)"),
+        "reinit_layers": (cfg.reinit_layers >= 0, ">= 0 (0 = none)"),
         "hidden_dropout": (cfg.hidden_dropout is None or 0 <= cfg.hidden_dropout < 1, "in [0, 1)"),
         "attention_dropout": (cfg.attention_dropout is None or 0 <= cfg.attention_dropout < 1, "in [0, 1)"),
         "classifier_dropout": (cfg.classifier_dropout is None or 0 <= cfg.classifier_dropout < 1, "in [0, 1)"),
