@@ -10,6 +10,7 @@ SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / Mo
 amp_dtype / autocast   the precision a device runs in
 POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES   one function and one table entry per pooling, per loss
     (a long document's windows -> one row: side/windows.py)
+LayerMix   ELMo's learned scalar mix of the encoder's hidden states, which the pooling reads (config.json layer_mix)
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -225,14 +226,19 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None, all_states=False):
+        """The last layer's output; all_states: a list of the embedding output and every layer's, as
+        transformers' BertModel gives them (hidden_states)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
         x = self.drop(self.embed_norm(x))
+        states = [x] if all_states else None  # kept only when asked: each holds a whole [.., T, H]
         for layer in self.layers:
             x = run_layer(layer, self.grad_checkpointing, x, layout, None)
-        return x
+            if all_states:
+                states.append(x)
+        return states if all_states else x
 
 
 class BertHead(nn.Module):
@@ -301,15 +307,20 @@ class ModernBertEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
         self.grad_checkpointing = False
 
-    def forward(self, input_ids, layout, position_ids, token_type_ids=None):
+    def forward(self, input_ids, layout, position_ids, token_type_ids=None, all_states=False):
+        """The last layer's output through the final norm; all_states: a list of the embedding output and every
+        layer's, each through the final norm (the stream is pre-LN), the last one exactly the usual output."""
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
         rope_global = rope_cos_sin(position_ids, head_dim, c.global_rope_theta)
         rope_local = rope_cos_sin(position_ids, head_dim, c.local_rope_theta)
         x = self.drop(self.embed_norm(self.word(input_ids)))
+        states = [x] if all_states else None  # kept only when asked: each holds a whole [.., T, H]
         for layer in self.layers:
             x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global)
-        return self.final_norm(x)
+            if all_states:
+                states.append(x)
+        return [self.final_norm(state) for state in states] if all_states else self.final_norm(x)
 
 
 class ModernBertHead(nn.Module):
@@ -445,6 +456,23 @@ def label_weights(scores, mask):
     return scores.float().masked_fill(~mask[..., None], -math.inf).softmax(dim=1)
 
 
+class LayerMix(nn.Module):
+    """ELMo's scalar mix (Peters et al., 2018): the pooling reads scale * sum_l softmax(weights)_l * state_l over the
+    encoder's hidden states (the embedding output and each layer's), so training can lean on lower layers than the
+    last. It starts as their plain mean: weights 0, scale 1."""
+
+    def __init__(self, num_states):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(num_states))
+        self.scale = nn.Parameter(torch.ones(1))  # one element, not 0-d: FSDP2 (train.py --fsdp) refuses scalars
+
+    def forward(self, states):
+        """states: a list of [.., H] (padded or packed alike) -> their mix, shaped as each. The scale goes into the
+        coefficients (float: a stable softmax under autocast), in the states' dtype: no extra pass over them."""
+        coefficients = (self.scale * self.weights.float().softmax(0)).to(states[0].dtype)
+        return sum(c * state for c, state in zip(coefficients, states))
+
+
 @torch.no_grad()
 def init_weights(module, c, modernbert_std):
     """Fresh weights for module as the reference initialises them, for config c. modernbert_std(module): ModernBERT's
@@ -472,15 +500,19 @@ class EncoderModel(nn.Module):
     """What the classifier and the masked LM share: the encoder and its two input layouts, the reference's weight
     init, AdamW groups, and Hugging Face folders. Each subclass says which reference class it matches (HEAD), which
     checkpoint weights it leaves behind as that class does (LEFT_BEHIND), which of its own may start afresh when a
-    checkpoint lacks them (NEW_WHEN_MISSING; every other weight must be there), and how it reports those."""
+    checkpoint lacks them (NEW_WHEN_MISSING; every other weight must be there), and how it reports those; and which
+    weights it leaves behind are said, not silently dropped (SAID_WHEN_LEFT, LEFT_NOTE)."""
     HEAD = ""
     LEFT_BEHIND = ()
     NEW_WHEN_MISSING = ("head.",)
     FRESH_NOTE = ""
+    SAID_WHEN_LEFT = ()
+    LEFT_NOTE = ""
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               cu_seqlens=None, max_seqlen=None):
-        """Last hidden states: [B, T, H] padded, or [N, H] packed."""
+               cu_seqlens=None, max_seqlen=None, all_states=False):
+        """Last hidden states: [B, T, H] padded, or [N, H] packed; all_states: a list of the embedding output's and
+        every layer's, shaped so (what LayerMix reads)."""
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:
@@ -497,7 +529,7 @@ class EncoderModel(nn.Module):
         if longest is not None and longest > c.max_position_embeddings:
             raise ValueError(f"sequence of {longest} tokens is longer than the model's "
                              f"max_position_embeddings ({c.max_position_embeddings}); truncate or split it")
-        return self.encoder(input_ids, layout, position_ids, token_type_ids)
+        return self.encoder(input_ids, layout, position_ids, token_type_ids, all_states)
 
     def modernbert_init_std(self, module):
         """ModernBERT's init std of a Linear or Embedding, as the reference's: its "out" std for the projections
@@ -558,10 +590,12 @@ class EncoderModel(nn.Module):
         initialised fresh and reported. num_layers: a student of that many of the layers (keep_layers)."""
         config, state = read_weights(model_dir, config, num_layers, verbose)
         model = cls(config)
-        fresh = load_hf_weights(model, state)
+        fresh, left = load_hf_weights(model, state)
         model.fresh_head = bool(fresh)
         if fresh and verbose:  # a fact of the run, said once: which model, and which of its weights start afresh
             print(f"model: {brief_name(model_dir)} with {cls.FRESH_NOTE} ({', '.join(fresh)})")
+        if left and verbose:
+            print(f"model: {brief_name(model_dir)}'s {', '.join(left)} {cls.LEFT_NOTE}")
         return model.to(device=device, dtype=dtype)
 
     def hf_state_dict(self):
@@ -576,10 +610,12 @@ class EncoderModel(nn.Module):
 class EncoderClassifier(EncoderModel):
     HEAD = "SequenceClassification"
     # pretraining heads a classifier leaves behind, as the reference does; and window or label attention weights
-    # when the model is loaded with another long-document strategy or pooling
-    LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.")
-    NEW_WHEN_MISSING = ("head.", "label_attention.")
+    # when the model is loaded with another long-document strategy or pooling, or a layer mix without one (said)
+    LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.", "layer_mix.")
+    NEW_WHEN_MISSING = ("head.", "label_attention.", "layer_mix.")
     FRESH_NOTE = "a new classifier head initialised for this run"
+    SAID_WHEN_LEFT = ("layer_mix.",)
+    LEFT_NOTE = "left behind: this model has no layer mix (train.py --layer-mix keeps it)"
 
     def __init__(self, config):
         super().__init__()
@@ -592,6 +628,8 @@ class EncoderClassifier(EncoderModel):
             self.label_attention = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         if self.aggregation == "attention":  # one score per window; no bias: a softmax ignores it
             self.window_attention = nn.Linear(config.hidden_size, 1, bias=False)
+        if config.layer_mix:  # the embedding output and each layer's
+            self.layer_mix = LayerMix(config.num_hidden_layers + 1)
         self.apply(self._init_weights)
         if self.aggregation == "attention":  # equal weights at first: training starts from the windows' mean
             nn.init.zeros_(self.window_attention.weight)
@@ -625,9 +663,13 @@ class EncoderClassifier(EncoderModel):
         return per_document(pooled, doc_index, num_docs, self.aggregation, getattr(self, "window_attention", None))
 
     def pool(self, input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen, pooling=None):
-        """encode, then pool_tokens: [B, H] per text, or [B, L, H] per label. pooling: None = the model's."""
+        """encode (then LayerMix), pool_tokens: [B, H] per text, or [B, L, H] per label. pooling: None = the model's."""
         pooling = pooling or self.pooling
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        mix = getattr(self, "layer_mix", None)
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen,
+                             all_states=mix is not None)
+        if mix is not None:
+            hidden = mix(hidden)
         return pool_tokens(hidden, pooling, attention_mask, cu_seqlens, max_seqlen,
                            getattr(self, "label_attention", None))
 
@@ -680,7 +722,7 @@ class MaskedLM(EncoderModel):
     HEAD = "MaskedLM"
     # a classifier's head, BERT's next-sentence head, and the decoder's copies of tied weights
     LEFT_BEHIND = ("classifier.", "cls.seq_relationship.", "cls.predictions.decoder.", "decoder.weight",
-                   "window_attention.", "label_attention.")
+                   "window_attention.", "label_attention.", "layer_mix.")
     NEW_WHEN_MISSING = ("head.", "pooler.")
     FRESH_NOTE = "its MLM head (or pooler) initialised as the reference does: the checkpoint has none"
 

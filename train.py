@@ -186,7 +186,8 @@ def encoded_split(table, rows, labels, encoder, unknown_labels):
 def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device):
     """A folder without weights, weights that do not fit its config.json or a tokenizer from another model end the
     job with the reason."""
-    head = {"multi_label_loss": cfg.loss, **({} if cfg.pooling == "auto" else {"classifier_pooling": cfg.pooling})}
+    head = {"multi_label_loss": cfg.loss, "layer_mix": cfg.layer_mix,
+            **({} if cfg.pooling == "auto" else {"classifier_pooling": cfg.pooling})}
     dropout = dropout_overrides(hf.get("model_type"), cfg.hidden_dropout, cfg.attention_dropout,
                                         cfg.classifier_dropout)
     try:

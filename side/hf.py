@@ -28,6 +28,7 @@ class LabelsConfig:
     # architectures. ModernBERT's config.json has this key; for BERT it is ours (transformers ignores it: [CLS])
     classifier_pooling: str = "cls"
     multi_label_loss: str = "bce"  # a name in model.MULTI_LABEL_LOSSES; ours, as the poolings beyond cls/mean
+    layer_mix: bool = False  # ours: the pooling reads a learned mix of all hidden states (model.LayerMix)
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @property
@@ -112,6 +113,8 @@ def config_from_hf(hf):
         raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported (only 'absolute')")
     id2label = {int(k): v for k, v in hf["id2label"].items()} if hf.get("id2label") else None
     num_labels = len(id2label) if id2label else hf.get("num_labels", 2)
+    if not isinstance(hf.get("layer_mix", False), bool):
+        raise ValueError(f"layer_mix {hf['layer_mix']!r} in config.json must be true or false")
     problem_type = hf.get("problem_type") or SINGLE_LABEL
     if problem_type not in (SINGLE_LABEL, MULTI_LABEL):
         raise ValueError(f"problem_type {problem_type!r} is not supported; use {SINGLE_LABEL!r} or {MULTI_LABEL!r}")
@@ -210,6 +213,8 @@ def keep_layers(config, hf_state, keep):
         index, rest = key[len(prefix):].split(".", 1)
         if int(index) in new_index:
             state[f"{prefix}{new_index[int(index)]}.{rest}"] = tensor
+    if "layer_mix.weights" in state:  # a classifier's layer mix: the embedding output's weight and the kept layers'
+        state["layer_mix.weights"] = state["layer_mix.weights"][[0] + [i + 1 for i in kept]]
     changes = {"num_hidden_layers": keep}
     if isinstance(config, ModernBertConfig):
         changes["layer_types"] = [config.layer_types[i] for i in kept]

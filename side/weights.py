@@ -67,6 +67,8 @@ def hf_names(c, model_keys):
                 table[ours + f"attn.{p}.*"] = (hf + "attn.Wqkv.*", (part, 3))
     table["window_attention.*"] = "window_attention.*"  # windows_attention only; transformers ignores it
     table["label_attention.*"] = "label_attention.*"  # classifier_pooling label_attention only; likewise
+    table["layer_mix.weights"] = "layer_mix.weights"  # layer_mix only (model.LayerMix); likewise
+    table["layer_mix.scale"] = "layer_mix.scale"
     names = {}  # a pattern without "*" names one tensor
     for pattern, hf in table.items():
         hf, part = hf if isinstance(hf, tuple) else (hf, None)
@@ -79,7 +81,8 @@ def hf_names(c, model_keys):
 
 def load_hf_weights(model, hf_state):
     """Copy a checkpoint's tensors (Hugging Face names) into model; returns the head weights that were
-    initialised fresh instead (none in the checkpoint, or another number of labels: model.NEW_WHEN_MISSING)."""
+    initialised fresh instead (none in the checkpoint, or another number of labels: model.NEW_WHEN_MISSING), and the
+    checkpoint's weights left behind that the model says it reports (model.SAID_WHEN_LEFT)."""
     ours = model.state_dict()
     names = hf_names(model.config, ours)
     state = normalise_keys(hf_state, model.config)
@@ -100,7 +103,8 @@ def load_hf_weights(model, hf_state):
             continue
         ours[key].copy_(tensor)
     used = {source for source, _ in names.values()}
-    unexpected = sorted(k for k in state if k not in used and not ignorable(k, model.LEFT_BEHIND))
+    unused = [k for k in state if k not in used]
+    unexpected = sorted(k for k in unused if not ignorable(k, model.LEFT_BEHIND))
     problems = []
     if wrong_shape:
         problems.append("weights with the wrong shape (does config.json match the weights?):\n  "
@@ -111,7 +115,7 @@ def load_hf_weights(model, hf_state):
         problems.append("weights in the checkpoint that this model does not have:\n  " + "\n  ".join(unexpected))
     if problems:
         raise ValueError("cannot load checkpoint: " + "\n".join(problems))
-    return fresh
+    return fresh, sorted(k for k in unused if k.startswith(model.SAID_WHEN_LEFT))
 
 
 def normalise_keys(state, c):
@@ -120,7 +124,8 @@ def normalise_keys(state, c):
     out = {}
     for key, tensor in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.", "label_attention.")
+        top_level = ("classifier.", "head.", "cls.", "decoder.", "window_attention.", "label_attention.",
+                     "layer_mix.")
         bare = not key.startswith(prefix) and not key.startswith(top_level)
         out[prefix + key if bare else key] = tensor
     return out

@@ -1,22 +1,27 @@
-"""Poolings beyond the reference's (mean for BERT, max, label attention) and the head's own learning rate.
-The reference's own poolings are checked against transformers in test_model.py."""
+"""Poolings beyond the reference's (mean for BERT, max, label attention), the layer mix, and the head's own learning
+rate. The reference's own poolings are checked against transformers in test_model.py (the layer mix, in
+test_export.py)."""
+import dataclasses
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from data import pack_batch
 from make_golden import padded_batch
-from model import EncoderClassifier
+from model import EncoderClassifier, MaskedLM, pool_tokens
 from side import options
 from side.hf import BertConfig, ModernBertConfig
 
 LABELS = 4
 
 
-def tiny(arch, pooling, seed=0):
+def tiny(arch, pooling, seed=0, layer_mix=False):
     torch.manual_seed(seed)
     common = dict(vocab_size=99, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
                   max_position_embeddings=64, num_labels=LABELS, classifier_pooling=pooling,
-                  problem_type="multi_label_classification")
+                  problem_type="multi_label_classification", layer_mix=layer_mix)
     if arch == "bert":
         config = BertConfig(**common)
     else:
@@ -28,6 +33,9 @@ def tiny(arch, pooling, seed=0):
             p.normal_(0, 0.5)
         if pooling == "label_attention":
             model.label_attention.weight.normal_(0, 1.0)
+        if layer_mix:  # last: the other weights are those of the same model without a mix
+            model.layer_mix.weights.normal_(0, 1.0)
+            model.layer_mix.scale.uniform_(0.5, 2.0)
     return model
 
 
@@ -123,9 +131,10 @@ def test_windows_attention_refuses_label_attention():
 
 
 def test_head_lr_applies_to_everything_above_the_encoder():
-    model = tiny("bert", "label_attention")
+    model = tiny("bert", "label_attention", layer_mix=True)
     optimizer = model.configure_optimizers(0.01, 1e-4, head_lr=3e-3)
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.layer_mix.weights)] == lr_of[id(model.layer_mix.scale)] == (3e-3, 0.0)
     for name, p in model.named_parameters():
         lr, decay = lr_of[id(p)]
         assert lr == (1e-4 if name.startswith("encoder.") else 3e-3), name
@@ -185,3 +194,140 @@ def test_loss_option_reaches_the_model_and_single_label_refuses_asl(tmp_path):
     with pytest.raises(SystemExit, match="--loss asl is for multi-label data"):
         train.main(["--out-dir", str(tmp_path / "out"), "--loss", "asl", "--max-steps", "1"])
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- the layer mix (--layer-mix)
+
+POOLINGS = ["cls", "mean", "max", "label_attention"]
+
+
+def packed_logits(model, ids, mask):
+    packed = pack_batch([row[:n].tolist() for row, n in zip(ids, mask.sum(1).tolist())])
+    packed.pop("token_type_ids")
+    return model(**packed)[0]
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_layer_mix_on_the_last_state_alone_is_the_model_without_it(arch, pooling):
+    plain, mixed = tiny(arch, pooling), tiny(arch, pooling, layer_mix=True)
+    shared = {k: v for k, v in mixed.state_dict().items() if not k.startswith("layer_mix.")}
+    assert shared.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    ids, mask = padded_batch(1)
+    with torch.no_grad():
+        assert (mixed(ids, mask)[0] - plain(ids, mask)[0]).abs().max() > 1e-3  # a random mix: another model
+        mixed.layer_mix.weights.copy_(torch.tensor([-1e4, -1e4, 0.0]))  # all on the last layer's output
+        mixed.layer_mix.scale.fill_(1.0)
+        assert (mixed(ids, mask)[0] - plain(ids, mask)[0]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_layer_mix_is_its_definition_padded_and_packed(arch, pooling):
+    """The pooling reads scale * sum_l softmax(weights)_l * state_l over the embedding output and each layer's output
+    (ModernBERT: each through its final norm); packed texts give the padded logits."""
+    model = tiny(arch, pooling, layer_mix=True)
+    ids, mask = padded_batch(1)  # rows of 20, 13, 5 and 9 tokens: ModernBERT's window (8) is shorter
+    e = model.encoder
+    with torch.no_grad():
+        states = model.encode(ids, mask, all_states=True)
+        assert len(states) == 3 and torch.equal(states[-1], model.encode(ids, mask))
+        if arch == "bert":
+            first = e.embed_norm(e.word(ids) + e.token_type(torch.zeros_like(ids)) + e.position.weight[:ids.shape[1]])
+        else:
+            first = e.final_norm(e.embed_norm(e.word(ids)))
+        assert (states[0] - first).abs().max() <= 1e-6
+        weights = model.layer_mix.weights.softmax(0)
+        mixed = model.layer_mix.scale * sum(w * state for w, state in zip(weights, states))
+        pooled = pool_tokens(mixed, pooling, mask, label_attention=getattr(model, "label_attention", None))
+        expected = model.head(pooled)
+        logits = model(ids, mask)[0]
+        assert (logits - expected).abs().max() <= 1e-5
+        assert (packed_logits(model, ids, mask) - logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_layer_mix_learns_with_and_without_grad_checkpointing(arch):
+    model = tiny(arch, "mean", layer_mix=True)
+    ids, mask = padded_batch(2)
+    labels = (torch.rand(4, LABELS, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.encoder.grad_checkpointing = checkpointing
+        model(ids, mask, labels=labels)[1].backward()
+        grads.append({name: p.grad.clone() for name, p in model.layer_mix.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.isfinite(grad).all() and grad.abs().min() > 0, name  # each state's weight and the scale
+        assert (grads[1][name] - grad).abs().max() <= 1e-6 * grad.abs().max(), name
+
+
+def test_layer_mix_with_long_documents_read_as_windows():
+    model = tiny("bert", "mean", layer_mix=True)
+    windows = dataclasses.replace(model.config, long_document={"strategy": "windows_max", "max_length": 20})
+    windowed = EncoderClassifier(windows).eval()
+    windowed.load_state_dict(model.state_dict())
+    ids, mask = padded_batch(3)  # four windows: the first two of one document, the last two of another
+    with torch.no_grad():
+        rows = model(ids, mask)[0]
+        docs = windowed(ids, mask, doc_index=torch.tensor([0, 0, 1, 1]), num_docs=2)[0]
+    assert torch.equal(docs, torch.stack([rows[:2].amax(0), rows[2:].amax(0)]))
+
+
+def test_layer_mix_saves_reloads_starts_fresh_and_is_not_dropped_silently(tmp_path, capsys):
+    model = tiny("modernbert", "label_attention", layer_mix=True)
+    model.save_pretrained(tmp_path / "mix")
+    assert json.load(open(tmp_path / "mix" / "config.json"))["layer_mix"] is True
+    tensors = load_file(tmp_path / "mix" / "model.safetensors")
+    assert torch.equal(tensors["layer_mix.weights"], model.layer_mix.weights)
+    assert torch.equal(tensors["layer_mix.scale"], model.layer_mix.scale)
+    again = EncoderClassifier.from_pretrained(tmp_path / "mix", verbose=False).eval()
+    assert not again.fresh_head
+    ids, mask = padded_batch(4)
+    with torch.no_grad():
+        assert torch.equal(again(ids, mask)[0], model(ids, mask)[0])
+
+    tiny("modernbert", "label_attention").save_pretrained(tmp_path / "plain")
+    capsys.readouterr()
+    new = EncoderClassifier.from_pretrained(tmp_path / "plain", overrides={"layer_mix": True})
+    fresh = "a new classifier head initialised for this run (layer_mix.weights, layer_mix.scale)"
+    assert fresh in capsys.readouterr().out
+    assert new.fresh_head and torch.equal(new.layer_mix.weights, torch.zeros(3))  # equal weights, scale 1
+    assert torch.equal(new.layer_mix.scale, torch.ones(1))
+
+    dropped = EncoderClassifier.from_pretrained(tmp_path / "mix", overrides={"layer_mix": False})
+    assert ("mix's layer_mix.scale, layer_mix.weights left behind: this model has no layer mix "
+            "(train.py --layer-mix keeps it)") in capsys.readouterr().out
+    assert not hasattr(dropped, "layer_mix") and not dropped.fresh_head
+    MaskedLM.from_pretrained(tmp_path / "mix", verbose=False)  # an MLM leaves the mix behind as the classifier
+
+    student = EncoderClassifier.from_pretrained(tmp_path / "mix", num_layers=1, verbose=False)
+    assert torch.equal(student.layer_mix.weights, model.layer_mix.weights[:2])  # the embeddings' and layer 0's
+
+
+def test_layer_mix_is_read_from_config_json_and_absent_means_off(tmp_path):
+    tiny("bert", "mean").save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    hf = json.load(open(path))
+    assert hf["layer_mix"] is False
+    del hf["layer_mix"]  # a folder saved before the option
+    path.write_text(json.dumps(hf))
+    assert not hasattr(EncoderClassifier.from_pretrained(tmp_path / "m", verbose=False), "layer_mix")
+    path.write_text(json.dumps({**hf, "layer_mix": "yes"}))
+    with pytest.raises(ValueError, match="layer_mix 'yes' in config.json must be true or false"):
+        EncoderClassifier.from_pretrained(tmp_path / "m", verbose=False)
+
+
+def test_layer_mix_option_trains_the_mix_and_saves_it(tmp_path, capsys):
+    import train
+    from test_robustness import tiny_checkpoint, write_texts
+    out = tmp_path / "out"
+    train.main(["--model", tiny_checkpoint(tmp_path / "model"), "--train-file", write_texts(tmp_path / "t.csv", 12, 0),
+                "--val-file", write_texts(tmp_path / "v.csv", 6, 1), "--test-file", "", "--out-dir", str(out),
+                "--max-length", "32", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2", "--layer-mix"])
+    assert "for this run (layer_mix.weights, layer_mix.scale)" in capsys.readouterr().out  # the checkpoint's head kept
+    saved = EncoderClassifier.from_pretrained(out, verbose=False)
+    assert saved.config.layer_mix and json.load(open(out / "train_config.json"))["layer_mix"] is True
+    assert saved.layer_mix.weights.shape == (saved.config.num_hidden_layers + 1,)
+    assert saved.layer_mix.weights.abs().min() > 0 and saved.layer_mix.scale != 1  # trained
