@@ -1,5 +1,6 @@
 """A classifier folder as one ONNX file, for serving without torch (ONNX Runtime, Triton): scripts/export_onnx.py writes
-it, bench.py --ort times it. Written from our own model, so every head exports (cls, mean, max, label attention).
+it, bench.py --ort times it. Written from our own model, so every head exports (cls, mean, max, label attention, with
+or without a layer mix).
 
 GraphLogits   what the graph computes: predict.py's logits (calibration temperature included) from the tokenizer's
     tensors
@@ -15,7 +16,6 @@ import warnings
 import torch
 import torch.nn as nn
 
-from model import pool_tokens
 from side.calibrate import KEY  # the calibration temperature in config.json
 from side.hf import BertConfig
 
@@ -23,9 +23,8 @@ OPSET = 17
 
 
 class GraphLogits(nn.Module):
-    """The folder's logits, divided by its calibration temperature as predict.py divides them. It runs the whole last
-    layer (encode, then pool_tokens) rather than model.forward's [CLS]-only shortcut: the same logits (test_heads.py),
-    and a graph whose batch size is not fixed by the trace."""
+    """The folder's logits, divided by its calibration temperature as predict.py divides them: the model's own pool
+    (encode, its LayerMix if it has one, pool_tokens) and head, padded, with batch and length dynamic."""
 
     def __init__(self, model):
         super().__init__()
@@ -35,8 +34,7 @@ class GraphLogits(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         m = self.model
-        hidden = m.encode(input_ids, attention_mask, token_type_ids)
-        pooled = pool_tokens(hidden, m.pooling, attention_mask, label_attention=getattr(m, "label_attention", None))
+        pooled = m.pool(input_ids, attention_mask, token_type_ids, None, None, None)
         return m.head(pooled) / self.temperature
 
 

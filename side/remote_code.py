@@ -6,7 +6,8 @@ AutoModelForSequenceClassification and pipeline() give predict.py's logits; with
 encoder under a head that ignores the pooling.
 
 remote_code(config, hf)   the modeling file's text for a config, or None for a head transformers has (BERT cls,
-    ModernBERT cls and mean); sets model_type, architectures and auto_map in the config.json dict hf
+    ModernBERT cls and mean, without a layer mix); sets model_type, architectures and auto_map in the config.json
+    dict hf
 standard_head   the heads transformers computes itself (a long document's windows are not among them)
 
 side/weights.py's save_folder writes the file beside config.json. The modeling file imports transformers; nothing
@@ -24,11 +25,14 @@ FILE = "modeling_encoder_classify.py"
 # our functions the modeling file runs, copied from data.py, model.py and side/windows.py: one definition of each cut and pooling
 # (every entry of model.POOLINGS is copied with its function, so a new pooling travels without a change here)
 SOURCES = (D.truncate, D.split_windows, M.first_token, M.classify, M.label_weights, M.unpack, *M.POOLINGS.values(),
-           M.pool_tokens, W.window_aggregation, W.segment_reduce, W.weigh_windows, W.per_document)
+           M.pool_tokens, M.LayerMix, W.window_aggregation, W.segment_reduce, W.weigh_windows, W.per_document)
 
 
 def standard_head(config):
-    """Whether transformers' own class computes this head: [CLS] through BERT's pooler, or ModernBERT's cls / mean."""
+    """Whether transformers' own class computes this head: [CLS] through BERT's pooler, or ModernBERT's cls / mean,
+    from the last hidden state (a layer mix is ours)."""
+    if config.layer_mix:
+        return False
     if isinstance(config, BertConfig):
         return config.classifier_pooling == "cls"
     return config.classifier_pooling in ("cls", "mean")
@@ -54,8 +58,8 @@ def remote_code(config, hf):
 CLASSES = {"bert": "EncoderClassifyBert", "modernbert": "EncoderClassifyModernBert"}
 
 HEADER = '''"""Written by encoder-classify (side/remote_code.py) for a head transformers has no class for:
-classifier_pooling mean / max / label_attention over BERT, max / label_attention over ModernBERT, and long documents
-read as windows.
+classifier_pooling mean / max / label_attention over BERT, max / label_attention over ModernBERT, a learned mix of the
+encoder's layers (layer_mix), and long documents read as windows.
 Load with trust_remote_code=True:
 
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
@@ -85,12 +89,14 @@ CLASSES_SOURCE = '''
 class EncoderClassifyBertConfig(BertConfig):
     model_type = "{bert_type}"
     classifier_pooling: str = "mean"
+    layer_mix: bool = False
 
 
 @strict  # the field below replaces ModernBertConfig's, which allows cls and mean only
 class EncoderClassifyModernBertConfig(ModernBertConfig):
     model_type = "{modernbert_type}"
     classifier_pooling: str = "label_attention"
+    layer_mix: bool = False
 
 
 def recut(input_ids, attention_mask, token_type_ids, long_document, pad_id):
@@ -124,12 +130,16 @@ def recut(input_ids, attention_mask, token_type_ids, long_document, pad_id):
 
 
 class PoolingHead:
-    """The texts cut as encoder-classify cuts them, pool_tokens over the encoder's last hidden states, the head (one
-    row per text, long documents' windows combined), our calibration temperature, and the loss."""
+    """The texts cut as encoder-classify cuts them, pool_tokens over the encoder's last hidden states (or their
+    LayerMix), the head (one row per text, long documents' windows combined), our calibration temperature, and the
+    loss."""
 
     def add_pooling(self, config):
         if config.classifier_pooling == "label_attention":
             self.label_attention = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.mixes = config.layer_mix  # encode gives every hidden state, which LayerMix mixes
+        if self.mixes:
+            self.layer_mix = LayerMix(config.num_hidden_layers + 1)
         strategy = (getattr(config, "long_document", None) or dict()).get("strategy", "head")
         self.aggregation = window_aggregation(strategy)
         if self.aggregation == "attention":
@@ -145,6 +155,8 @@ class PoolingHead:
             input_ids, attention_mask, doc_index = cut
             token_type_ids = None if token_type_ids is None else torch.zeros_like(input_ids)
         hidden = encode(input_ids, attention_mask, token_type_ids)
+        if self.mixes:
+            hidden = self.layer_mix(hidden)
         pooled = pool_tokens(hidden, self.config.classifier_pooling, attention_mask,
                              label_attention=getattr(self, "label_attention", None))
         if doc_index is None:
@@ -178,8 +190,12 @@ class EncoderClassifyBertForSequenceClassification(PoolingHead, BertPreTrainedMo
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        encode = lambda ids, mask, types: self.bert(ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        return self.logits_of(input_ids, attention_mask, token_type_ids, encode, self.head, labels)
+        return self.logits_of(input_ids, attention_mask, token_type_ids, self.encode, self.head, labels)
+
+    def encode(self, ids, mask, types):
+        """The last hidden state; with a layer mix, every one: the embedding output, then each layer's."""
+        out = self.bert(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=self.mixes)
+        return list(out.hidden_states) if self.mixes else out.last_hidden_state
 
     def head(self, pooled):
         if self.config.classifier_pooling == "cls":  # [CLS] through BERT's pooler, as BertForSequenceClassification
@@ -201,9 +217,18 @@ class EncoderClassifyModernBertForSequenceClassification(PoolingHead, ModernBert
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        encode = lambda ids, mask, types: self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         head = lambda x: classify(self.classifier, self.drop(self.head(x)))
-        return self.logits_of(input_ids, attention_mask, None, encode, head, labels)
+        return self.logits_of(input_ids, attention_mask, None, self.encode, head, labels)
+
+    def encode(self, ids, mask, types):
+        """The last hidden state; with a layer mix, every one through final_norm, as encoder-classify mixes them.
+        hidden_states holds each layer's input (pre-LN, without the final norm), then the last layer's output: after
+        final_norm in transformers 5, before it in 4. So the norm goes on all but that one, which last_hidden_state
+        gives after the norm in either."""
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=self.mixes)
+        if not self.mixes:
+            return out.last_hidden_state
+        return [self.model.final_norm(h) for h in out.hidden_states[:-1]] + [out.last_hidden_state]
 '''
 
 

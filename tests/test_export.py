@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from data import load_tokenizer
+from make_golden import padded_batch, save_reference, tiny_reference_model
 from model import EncoderClassifier
 from predict import Predictor
 from side.hf import BertConfig, ModernBertConfig
+from test_model import minilm_dir
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,9 +25,10 @@ WORDS = [f"w{i}" for i in range(60)] + ["chest", "ct", "mri", "lesion", "normal"
 LABELS = ["C01", "C02", "C03", "C04"]
 
 
-def tiny_folder(folder, arch, pooling, multi=True, temperature=None, long_docs=None):
+def tiny_folder(folder, arch, pooling, multi=True, temperature=None, long_docs=None, layer_mix=False):
     """A random tiny classifier saved by save_pretrained, with a WordPiece tokenizer over WORDS (vocab.txt,
-    tokenizer.json and tokenizer_config.json: transformers' AutoTokenizer and ours read the same)."""
+    tokenizer.json and tokenizer_config.json: transformers' AutoTokenizer and ours read the same). layer_mix: with a
+    random mix of the layers."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(SPECIAL + WORDS) + "\n")
@@ -39,7 +42,7 @@ def tiny_folder(folder, arch, pooling, multi=True, temperature=None, long_docs=N
                   intermediate_size=37, max_position_embeddings=64, num_labels=len(LABELS), pad_token_id=0,
                   id2label=dict(enumerate(LABELS)), classifier_pooling=pooling,
                   problem_type="multi_label_classification" if multi else "single_label_classification",
-                  long_document=long_docs and {"strategy": long_docs, "max_length": 16})
+                  long_document=long_docs and {"strategy": long_docs, "max_length": 16}, layer_mix=layer_mix)
     if arch == "bert":
         config = BertConfig(**common)
     else:
@@ -54,8 +57,20 @@ def tiny_folder(folder, arch, pooling, multi=True, temperature=None, long_docs=N
             p.normal_(0, 0.5)
         if pooling == "label_attention":
             model.label_attention.weight.normal_(0, 1.0)
+        if layer_mix:
+            randomise_mix(model)
     model.save_pretrained(folder)
     return str(folder)
+
+
+def randomise_mix(model):
+    """Unequal mix weights and a scale other than 1 (a fresh mix's equal weights would hide a state out of order);
+    ModernBERT's final norm made affine, so that a state normalised twice, or not at all, changes the logits."""
+    with torch.no_grad():
+        model.layer_mix.weights.normal_(0, 1.0)
+        model.layer_mix.scale.uniform_(0.5, 2.0)
+        if hasattr(model.encoder, "final_norm"):
+            model.encoder.final_norm.weight.normal_(1.0, 0.3)
 
 
 def texts(n=7, seed=0):
@@ -144,6 +159,57 @@ def test_long_documents_are_cut_in_transformers_as_ours_cuts_them(tmp_path, arch
     assert theirs.shape == ours.shape and np.abs(theirs - ours).max() <= 1e-5
 
 
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "label_attention"])
+def test_a_layer_mix_gives_our_logits_in_transformers(tmp_path, arch, pooling):
+    """Every head with a layer mix carries the modeling file (transformers' classes read the last layer only): its
+    mix of transformers' hidden_states is ours."""
+    folder = tiny_folder(tmp_path / "m", arch, pooling, layer_mix=True)
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["layer_mix"] is True and config["model_type"] == f"encoder_classify_{arch}"
+    batch = texts()
+    ours = Predictor(folder, device="cpu").logits(batch)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        theirs = model(**tokenizer(batch, padding=True, return_tensors="pt")).logits.numpy()
+    assert np.abs(theirs - ours).max() <= 1e-5
+    without = EncoderClassifier.from_pretrained(folder, overrides={"layer_mix": False}, verbose=False).eval()
+    ids, mask = padded_batch(0, vocab=config["vocab_size"])
+    with torch.no_grad():  # the mix matters: the same folder read from its last layer alone is another model
+        mixed = model(input_ids=ids, attention_mask=mask).logits
+        assert (mixed - without(ids, mask)[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch,pooling", [("bert", "cls"), ("bert", "label_attention"), ("modernbert", "mean"),
+                                          ("modernbert", "label_attention")])
+def test_a_layer_mix_over_real_checkpoints_gives_our_logits_in_transformers(tmp_path, arch, pooling):
+    """BERT: the packaged MiniLM (6 layers); ModernBERT: a random one written by transformers in
+    answerdotai/ModernBERT-base's config layout. Each with a new head and a random mix, saved, then read by
+    transformers with the folder's modeling file."""
+    if arch == "bert":
+        source = minilm_dir()
+    else:
+        source = str(tmp_path / "reference")
+        save_reference(tiny_reference_model("modernbert", 0, layers=4), source)
+    model = EncoderClassifier.from_pretrained(source, num_labels=len(LABELS), verbose=False,
+                                              overrides={"layer_mix": True, "classifier_pooling": pooling}).eval()
+    torch.manual_seed(0)
+    randomise_mix(model)
+    with torch.no_grad():  # a trained head, not a new one's zero biases
+        for p in model.head.parameters():
+            p.normal_(0, 0.5)
+        if pooling == "label_attention":
+            model.label_attention.weight.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "m")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    ids, mask = padded_batch(0, vocab=model.config.vocab_size)  # rows of 20, 13, 5 and 9 tokens
+    with torch.no_grad():
+        ours = model(ids, mask)[0]
+        assert (theirs.eval()(input_ids=ids, attention_mask=mask).logits - ours).abs().max() <= 1e-5
+    assert ours.abs().max() > 0.1
+
+
 def test_windows_are_refused_by_the_onnx_export(tmp_path):
     folder = tiny_folder(tmp_path / "m", "bert", "cls", multi=False, long_docs="windows_mean")
     out = tmp_path / "m.onnx"
@@ -176,12 +242,13 @@ def ort_logits(path, folder, batch, batch_size):
     return names, np.concatenate(out), predictor.logits(batch)
 
 
-@pytest.mark.parametrize("arch,pooling,temperature", [("bert", "cls", None), ("bert", "label_attention", 0.7),
-                                                      ("bert", "mean", None), ("modernbert", "label_attention", None),
-                                                      ("modernbert", "mean", None)])
-def test_onnx_graph_gives_our_logits_for_every_head(tmp_path, capsys, arch, pooling, temperature):
+@pytest.mark.parametrize("arch,pooling,temperature,layer_mix", [
+    ("bert", "cls", None, False), ("bert", "label_attention", 0.7, False), ("bert", "mean", None, False),
+    ("modernbert", "label_attention", None, False), ("modernbert", "mean", None, False), ("bert", "cls", None, True),
+    ("modernbert", "label_attention", None, True)])
+def test_onnx_graph_gives_our_logits_for_every_head(tmp_path, capsys, arch, pooling, temperature, layer_mix):
     pytest.importorskip("onnxruntime")
-    folder = tiny_folder(tmp_path / "m", arch, pooling, temperature=temperature)
+    folder = tiny_folder(tmp_path / "m", arch, pooling, temperature=temperature, layer_mix=layer_mix)
     out = tmp_path / "model.onnx"
     export_main(["--model", folder, "--output", str(out)])
     assert "max |logit diff|" in capsys.readouterr().out
