@@ -9,8 +9,8 @@ attend   SDPA (padded), flash_varlen -> varlen_kernel (the one call into torch's
 SelfAttention + RoPE -> BertLayer / BertEncoder / BertHead, ModernBertLayer / ModernBertEncoder / ModernBertHead
 amp_dtype / autocast   the precision a device runs in
 POOLINGS -> pool_tokens, MULTI_LABEL_LOSSES   one function and one table entry per pooling, per loss
-    (a long document's windows -> one row: side/windows.py)
-LayerMix   ELMo's learned scalar mix of the encoder's hidden states, which the pooling reads (config.json layer_mix)
+    (a long document's windows -> one row: side/windows.py; a learned mix of all layers, read by the pooling:
+    side/layer_mix.py)
 EncoderModel   encode (either layout), the reference's init, AdamW groups, load / save_pretrained
 EncoderClassifier, MaskedLM   the two heads and their losses; from_pretrained loads a checkpoint folder
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from side.hf import BertConfig, ModernBertConfig
+from side.layer_mix import LayerMix
 from side.windows import per_document, window_aggregation
 from side.weights import brief_name, hf_tensors, load_hf_weights, read_config, read_weights, save_folder
 
@@ -227,8 +228,6 @@ class BertEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, input_ids, layout, position_ids, token_type_ids=None, all_states=False):
-        """The last layer's output; all_states: a list of the embedding output and every layer's, as
-        transformers' BertModel gives them (hidden_states)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
@@ -308,8 +307,6 @@ class ModernBertEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, input_ids, layout, position_ids, token_type_ids=None, all_states=False):
-        """The last layer's output through the final norm; all_states: a list of the embedding output and every
-        layer's, each through the final norm (the stream is pre-LN), the last one exactly the usual output."""
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
         rope_global = rope_cos_sin(position_ids, head_dim, c.global_rope_theta)
@@ -320,6 +317,7 @@ class ModernBertEncoder(nn.Module):
             x = run_layer(layer, self.grad_checkpointing, x, layout, rope_local if layer.local else rope_global)
             if all_states:
                 states.append(x)
+        # a pre-LN stream: each state is read through the final norm, as the last one always is
         return [self.final_norm(state) for state in states] if all_states else self.final_norm(x)
 
 
@@ -456,23 +454,6 @@ def label_weights(scores, mask):
     return scores.float().masked_fill(~mask[..., None], -math.inf).softmax(dim=1)
 
 
-class LayerMix(nn.Module):
-    """ELMo's scalar mix (Peters et al., 2018): the pooling reads scale * sum_l softmax(weights)_l * state_l over the
-    encoder's hidden states (the embedding output and each layer's), so training can lean on lower layers than the
-    last. It starts as their plain mean: weights 0, scale 1."""
-
-    def __init__(self, num_states):
-        super().__init__()
-        self.weights = nn.Parameter(torch.zeros(num_states))
-        self.scale = nn.Parameter(torch.ones(1))  # one element, not 0-d: FSDP2 (train.py --fsdp) refuses scalars
-
-    def forward(self, states):
-        """states: a list of [.., H] (padded or packed alike) -> their mix, shaped as each. The scale goes into the
-        coefficients (float: a stable softmax under autocast), in the states' dtype: no extra pass over them."""
-        coefficients = (self.scale * self.weights.float().softmax(0)).to(states[0].dtype)
-        return sum(c * state for c, state in zip(coefficients, states))
-
-
 @torch.no_grad()
 def init_weights(module, c, modernbert_std):
     """Fresh weights for module as the reference initialises them, for config c. modernbert_std(module): ModernBERT's
@@ -512,7 +493,7 @@ class EncoderModel(nn.Module):
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                cu_seqlens=None, max_seqlen=None, all_states=False):
         """Last hidden states: [B, T, H] padded, or [N, H] packed; all_states: a list of the embedding output's and
-        every layer's, shaped so (what LayerMix reads)."""
+        every layer's, shaped so, as transformers' hidden_states (ModernBERT's through its final norm: LayerMix)."""
         c = self.config
         window = c.local_attention // 2 if isinstance(c, ModernBertConfig) else None
         if cu_seqlens is not None:

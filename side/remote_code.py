@@ -17,15 +17,17 @@ import inspect
 
 import data as D
 import model as M
+import side.layer_mix as L
 import side.windows as W
 from side.calibrate import KEY  # the calibration temperature in config.json; predict.py divides the logits by it
 from side.hf import BertConfig, remote_model_type
 
 FILE = "modeling_encoder_classify.py"
-# our functions the modeling file runs, copied from data.py, model.py and side/windows.py: one definition of each cut and pooling
+# our functions the modeling file runs, copied from data.py, model.py, side/windows.py and side/layer_mix.py: one
+# definition of each cut, pooling and mix
 # (every entry of model.POOLINGS is copied with its function, so a new pooling travels without a change here)
 SOURCES = (D.truncate, D.split_windows, M.first_token, M.classify, M.label_weights, M.unpack, *M.POOLINGS.values(),
-           M.pool_tokens, M.LayerMix, W.window_aggregation, W.segment_reduce, W.weigh_windows, W.per_document)
+           M.pool_tokens, L.LayerMix, W.window_aggregation, W.segment_reduce, W.weigh_windows, W.per_document)
 
 
 def standard_head(config):
