@@ -40,7 +40,8 @@ class MaskedLanguageModelling:
                 "teacher": (not cfg.teacher, "a fine-tuned classifier, for a classifier: not with --task mlm"),
                 "metric": (cfg.metric in ("auto", "loss"), "auto or loss with --task mlm"),
                 "calibrate": (cfg.calibrate == "off", "off with --task mlm (it has no labels to calibrate)"),
-                "reinit_layers": (cfg.reinit_layers == 0, "0 with --task mlm (it continues the pretraining)")}
+                "reinit_layers": (cfg.reinit_layers == 0, "0 with --task mlm (it continues the pretraining)"),
+                "layer_mix": (not cfg.layer_mix, "off with --task mlm (the masked-LM head reads the last layer)")}
 
     def __init__(self, cfg, model_dir, hf, encoder):
         rate = MLM_RATE.get(base_model_type(hf.get("model_type")), 0.15) if cfg.mlm_probability is None else cfg.mlm_probability

@@ -278,6 +278,7 @@ def test_mlm_resumes_to_the_same_weights(tmp_path, texts, monkeypatch):
     (["--metric", "macro_f1"], r"--metric 'macro_f1' must be auto or loss with --task mlm"),
     (["--text-pair-column", "b"], r"--text-pair-column 'b' must be a column name, .* not with --task mlm"),
     (["--teacher", "runs/any"], r"--teacher 'runs/any' must be a fine-tuned classifier, .* not with --task mlm"),
+    (["--layer-mix"], r"--layer-mix True must be off with --task mlm"),
 ])
 def test_mlm_options_are_checked_before_anything_loads(tmp_path, texts, extra, message, monkeypatch):
     monkeypatch.setattr(MaskedLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
