@@ -9,7 +9,7 @@ that scores higher says the top layers moved away from what the labels need (doc
         --test-file ../shared/data/roco_radiology/test.csv --max-length 128
 
 Multi-label data: one-vs-rest, one decision threshold tuned on the held-out share, as linear_baseline.py does.
-ModernBERT's states pass through its final norm, as its last one does.
+ModernBERT's states pass through its final norm, as its last one does (the states train.py --layer-mix mixes).
 """
 import argparse
 import os
@@ -28,21 +28,13 @@ from side import files, options  # noqa: E402
 
 @torch.no_grad()
 def hidden_states(model, encoder, texts, pooling, batch_size=64):
-    """[states, texts, H]: each state's pooled vector of each text (state 0: the embeddings)."""
-    captured = []
-    norm = getattr(model.encoder, "final_norm", None)  # ModernBERT: the pre-norm residual stream, normed as its last
-    as_read = (lambda h: norm(h)) if norm is not None else (lambda h: h)
-    hooks = [model.encoder.embed_norm.register_forward_hook(lambda m, i, out: captured.append(as_read(out)))]
-    hooks += [layer.register_forward_hook(lambda m, i, out: captured.append(as_read(out)))
-              for layer in model.encoder.layers]
+    """[states, texts, H]: each state's pooled vector of each text (state 0: the embeddings; ModernBERT's each
+    through its final norm, as train.py --layer-mix reads them)."""
     seqs, pooled = encoder.encode(texts), []
     for start in range(0, len(seqs), batch_size):
         batch = make_batch(seqs[start:start + batch_size], None, encoder.pad_id)
-        captured.clear()
-        model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        pooled.append(torch.stack([pool_tokens(h, pooling, batch["attention_mask"]) for h in captured]))
-    for hook in hooks:
-        hook.remove()
+        states = model.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], all_states=True)
+        pooled.append(torch.stack([pool_tokens(h, pooling, batch["attention_mask"]) for h in states]))
     return torch.cat(pooled, dim=1).numpy()
 
 

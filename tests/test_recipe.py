@@ -123,3 +123,41 @@ def test_a_run_with_both_options_reinits_the_top_layer_and_decays_the_lower_lrs(
     scale = start[key.format(layers - 1)].abs().max().item()
     assert moved[-1] > 0.2 * scale  # a new layer, not the checkpoint's after two small steps
     assert max(moved[:-1]) < 2 * 2e-4 + 1e-7  # AdamW moves a weight by at most ~lr per step: the lower layers kept
+
+
+def test_layer_probe_pools_each_state_and_scores_every_layer(tmp_path):
+    """scripts/layer_probe.py: state 0 is the embedding output, the last is what encode() gives, each pooled over a
+    text's real tokens; the table has a row per state with F1s in [0, 1]."""
+    pytest.importorskip("sklearn")
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import layer_probe
+    from data import TextEncoder, make_batch
+    from test_robustness import tiny_checkpoint, write_texts
+    model_dir = tiny_checkpoint(tmp_path / "model")
+    model = EncoderClassifier.from_pretrained(model_dir, num_labels=2, verbose=False).eval()
+    encoder = TextEncoder(model_dir, 32)
+    texts = ["alpha beta", "gamma delta epsilon zeta eta"]  # two lengths: padding must not count
+    states = layer_probe.hidden_states(model, encoder, texts, "mean")
+    assert states.shape == (model.config.num_hidden_layers + 1, 2, model.config.hidden_size)
+    batch = make_batch(encoder.encode(texts), None, encoder.pad_id)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        last = model.encode(batch["input_ids"], batch["attention_mask"])
+        e = model.encoder
+        first = e.embed_norm(e.word(batch["input_ids"]) + e.token_type(batch["token_type_ids"])
+                             + e.position(torch.arange(mask.shape[1])[None]))
+    for index, hidden in ((0, first), (-1, last)):
+        for row in range(2):
+            by_hand = hidden[row, mask[row]].mean(0).numpy()
+            assert abs(states[index, row] - by_hand).max() <= 1e-5
+    data = {name: write_texts(tmp_path / f"{name}.csv", rows, seed) for name, rows, seed in
+            (("train", 30, 0), ("test", 9, 2))}
+    out = tmp_path / "probe.md"
+    layer_probe.main(["--model", model_dir, "--train-file", data["train"], "--test-file", data["test"],
+                      "--max-length", "32", "--val-fraction", "0.3", "--out", str(out)])
+    rows = open(out).read().splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| embeddings"] + [f"| layer {i}" for i in
+                                                                      range(1, model.config.num_hidden_layers + 1)]
+    assert all(0 <= float(x) <= 1 for r in rows for x in r.strip("| ").split(" | ")[1:])
