@@ -17,7 +17,7 @@ other process working on the study (a kill -9 is noticed once its heartbeat is -
 Several processes (one per GPU, or SLURM jobs with a database URL) can run the same command at once: each draws
 trials until the study holds --trials finished ones (pruned ones count).
 
-At the end of each run: <out-dir>/best.toml (the best trial's options, the job's own included; its out_dir is
+At the end of each run, and when a run is stopped (Ctrl-C, SIGTERM): <out-dir>/best.toml (the best trial's options, the job's own included; its out_dir is
 <out-dir>/best) and <out-dir>/trials.md (every trial, best first). A finished trial's last/ (the resume state)
 is deleted to save disk; its best checkpoint stays.
 
@@ -322,19 +322,23 @@ def stop_after_a_broken_job(study, trial):
         study.stop()
 
 
-def run(args, train_args, space, metric, maximize):
+def open_sweep(args, train_args, space, metric, maximize):
+    """The study, new or continued, and a line on how far it is."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened to each trial
     job = {"train_options": train_args, "space": {k: [kind, v] for k, (kind, v) in space.items()}, "metric": metric}
     study = open_study(args, "maximize" if maximize else "minimize", job)
-    done = finished(study)
-    print(f"study {args.study_name}: {done} of {args.trials} trials finished; selecting on validation {metric}",
-          flush=True)
+    print(f"study {args.study_name}: {finished(study)} of {args.trials} trials finished; selecting on validation "
+          f"{metric}", flush=True)
+    return study
+
+
+def run(study, args, train_args, space, maximize):
+    """Trials until the study holds args.trials finished ones (or --timeout)."""
     objective = Objective(args, train_args, space, maximize)
-    if done < args.trials:
+    if finished(study) < args.trials:
         study.optimize(objective, timeout=args.timeout, catch=(TrialFailed,),
                        callbacks=[keep_going(args.trials), stop_after_a_broken_job])
-    return study
 
 
 # ----------------------------------------------------------------------------- what a sweep leaves
@@ -412,14 +416,16 @@ def cell(value):
     return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def write_results(study, cfg, args, space, metric, maximize):
+def write_results(study, cfg, args, space, metric, maximize, stopped=False):
+    """trials.md, and best.toml once a trial finished. stopped: the sweep was stopped (Ctrl-C, SIGTERM) and this
+    is what it has so far."""
     from optuna.trial import TrialState
     write_beside(os.path.join(args.out_dir, "trials.md"), trials_table(study, space, metric, maximize) + "\n")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                   if t.user_attrs.get("note", "").startswith("train.py failed")]
-        if failed and not finished(study):  # stop_after_a_broken_job stopped the sweep
+        if failed and not finished(study) and not stopped:  # stop_after_a_broken_job stopped the sweep
             raise SystemExit(f"no trial finished: trial {failed[-1].number}'s {failed[-1].user_attrs['note']}; fix "
                              "the job and run the same command again")
         print(f"no trial finished yet: no best.toml; the trials so far in {args.out_dir}/trials.md")
@@ -474,7 +480,13 @@ def main(argv=None):
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise SystemExit(f"--out-dir {args.out_dir} is a file, not a folder")
     os.makedirs(args.out_dir, exist_ok=True)
-    study = run(args, train_args, space, metric, maximize)
+    study = open_sweep(args, train_args, space, metric, maximize)
+    try:
+        run(study, args, train_args, space, maximize)
+    except KeyboardInterrupt:  # a stopped sweep still leaves the table and the best so far; then the stop's line
+        with signals.held():
+            write_results(study, cfg, args, space, metric, maximize, stopped=True)
+        raise
     return write_results(study, cfg, args, space, metric, maximize)
 
 

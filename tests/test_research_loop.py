@@ -193,6 +193,32 @@ def test_sweep_killed_mid_trial_and_run_again(tiny, tmp_path):
     assert len(table) == 2 + len(study.trials) and table[2].startswith(f"| {best.number} | complete |")
 
 
+def test_a_stopped_sweep_writes_the_table_and_the_best_so_far(tiny, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    space = tmp_path / "space.toml"
+    space.write_text('lr = {log = [1e-4, 3e-3]}\n')
+    out = tmp_path / "sweep"
+    job = ["--model", tiny["model"], "--train-file", tiny["train"], "--test-file", tiny["test"], "--max-length", "32",
+           "--max-steps", "30", "--eval-every", "5", "--log-every", "5", "--device", "cpu"]
+    sweeping = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "sweep.py"), "--trials", "3", "--out-dir",
+                                 str(out), "--space", str(space), "--", *job],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "trial-1" / "last" / "state.pt").exists():  # trial 0 finished, trial 1 evaluated once
+        assert sweeping.poll() is None and time.time() < deadline, "the sweep ended before its second trial evaluated"
+        time.sleep(0.05)
+    sweeping.send_signal(signal.SIGTERM)
+    stdout, stderr = sweeping.communicate(timeout=120)
+    assert sweeping.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM") and "Traceback" not in stderr
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out}/study.db")
+    first = study.trials[0]
+    assert first.state.name == "COMPLETE" and f"trial {first.number}: validation" in stdout
+    table = (out / "trials.md").read_text().splitlines()
+    assert table[2].startswith("| 0 | complete |") and len(table) == 2 + len(study.trials)
+    assert train.parse_config(["--config", str(out / "best.toml")]).lr == first.params["lr"]
+
+
 # ----------------------------------------------------------------------------- k-fold cross-validation
 
 def test_folds_are_stratified_disjoint_and_written_as_read(tmp_path):
