@@ -18,8 +18,8 @@ Several processes (one per GPU, or SLURM jobs with a database URL) can run the s
 trials until the study holds --trials finished ones (pruned ones count).
 
 At the end of each run, and when a run is stopped (Ctrl-C, SIGTERM): <out-dir>/best.toml (the best trial's
-options, the job's own included; its out_dir is <out-dir>/best) and <out-dir>/trials.md (every trial, best first). A finished trial's last/ (the resume state)
-is deleted to save disk; its best checkpoint stays.
+options, the job's own included; its out_dir is <out-dir>/best) and <out-dir>/trials.md (every trial, best
+first). A finished trial's last/ (the resume state) is deleted to save disk; its best checkpoint stays.
 
 The search space (--space FILE replaces it: a TOML file in this form; `[multi_label]` is added for multi-label
 data). Kinds: log (log-uniform), float (uniform), int (whole numbers, both ends included), choice.
