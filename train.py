@@ -199,9 +199,11 @@ def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {model_dir}: {e}") from None
     calibrate.set_temperature(model.config, None)  # a calibrated checkpoint's temperature is not this model's
-    if cfg.reinit_layers > model.config.num_hidden_layers:
-        raise SystemExit(f"--reinit-layers {cfg.reinit_layers}: the model has only {model.config.num_hidden_layers} "
-                         "layers")
+    layers = model.config.num_hidden_layers
+    if cfg.reinit_layers > layers:
+        cut = f" (--num-layers {cfg.num_layers})" if cfg.num_layers else ""
+        raise SystemExit(f"--reinit-layers {cfg.reinit_layers}: the model has only {layers} "
+                         f"layer{'s' if layers != 1 else ''}{cut}")
     model.reinit_top_layers(cfg.reinit_layers)
     if labels.multi_label and cfg.prior_bias and model.fresh_head:
         with torch.no_grad():

@@ -114,6 +114,9 @@ def test_a_run_with_both_options_reinits_the_top_layer_and_decays_the_lower_lrs(
     with pytest.raises(SystemExit, match=f"--reinit-layers {layers + 1}: the model has only {layers} layers"):
         run(TrainConfig(model=model, train_file=data["train"], val_file=data["val"], test_file="",
                         reinit_layers=layers + 1, out_dir=str(tmp_path / "refused")))
+    with pytest.raises(SystemExit, match=r"--reinit-layers 2: the model has only 1 layer \(--num-layers 1\)$"):
+        run(TrainConfig(model=model, train_file=data["train"], val_file=data["val"], test_file="", num_layers=1,
+                        reinit_layers=2, out_dir=str(tmp_path / "refused")))
     run(TrainConfig(model=model, train_file=data["train"], val_file=data["val"], test_file="", max_steps=2,
                     max_length=32, batch_size=4, lr=1e-4, layer_lr_decay=0.5, reinit_layers=1,
                     out_dir=str(tmp_path / "out")))
