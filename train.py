@@ -205,12 +205,18 @@ def build_classifier(cfg, model_dir, hf, encoder, labels, train_targets, device)
         raise SystemExit(f"--reinit-layers {cfg.reinit_layers}: the model has only {layers} "
                          f"layer{'s' if layers != 1 else ''}{cut}")
     model.reinit_top_layers(cfg.reinit_layers)
-    if labels.multi_label and cfg.prior_bias and model.fresh_head:
+    if labels.multi_label and cfg.prior_bias and classifier_is_new(model):
         with torch.no_grad():
             model.head.classifier.bias.copy_(prior_bias(train_targets))
     model.to(device)
     model.encoder.grad_checkpointing = cfg.grad_checkpointing
     return model
+
+
+def classifier_is_new(model):
+    """Whether the checkpoint had no classifier for these labels. A trained one that only gains label queries or a
+    layer mix (--pooling label_attention, --layer-mix) keeps its biases instead of restarting at the priors."""
+    return "classifier.bias" in model.fresh_weights
 
 
 def prior_bias(targets, eps=1e-4):

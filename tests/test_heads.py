@@ -102,6 +102,18 @@ def test_bert_pooler_serves_cls_pooling_only():
         assert changed == uses_pooler, pooling
 
 
+def test_the_prior_bias_starts_a_new_classifier_only(tmp_path):
+    """A trained multi-label classifier that gains a layer mix or label queries keeps its biases (train.py's prior
+    bias would overwrite them); one for another number of labels is new."""
+    from train import classifier_is_new
+    tiny("bert", "cls").save_pretrained(tmp_path / "trained")
+    for overrides in ({"layer_mix": True}, {"classifier_pooling": "label_attention"}):
+        grown = EncoderClassifier.from_pretrained(tmp_path / "trained", overrides=overrides, verbose=False)
+        assert grown.fresh_head and not classifier_is_new(grown), overrides
+    other = EncoderClassifier.from_pretrained(tmp_path / "trained", num_labels=LABELS + 1, verbose=False)
+    assert classifier_is_new(other)
+
+
 def test_label_attention_saves_loads_and_is_new_when_missing(tmp_path):
     model = tiny("bert", "label_attention")
     model.save_pretrained(tmp_path / "la")
