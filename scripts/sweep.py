@@ -26,6 +26,7 @@ data). Kinds: log (log-uniform), float (uniform), int (whole numbers, both ends 
 """
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -344,8 +345,12 @@ def run(study, args, train_args, space, maximize):
 # ----------------------------------------------------------------------------- what a sweep leaves
 
 def write_beside(path, text):
-    """Written beside, then renamed (side/files.py): a kill leaves the old file or the new one, never half of one."""
-    files.write_text(path, text, "the sweep's table")
+    """Written beside, then renamed (side/files.py): a kill leaves the old file or the new one, never half of one.
+    Several processes of one study may end at once: they take turns (a lock beside the tables), since the one
+    writer's temp file has one name per file."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(path)), ".tables.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        files.write_text(path, text, "the sweep's table")
 
 
 def toml_value(value):
@@ -485,9 +490,16 @@ def main(argv=None):
         run(study, args, train_args, space, maximize)
     except KeyboardInterrupt:  # a stopped sweep still leaves the table and the best so far; then the stop's line
         with signals.held():
-            write_results(study, cfg, args, space, metric, maximize, stopped=True)
+            try:
+                write_results(study, cfg, args, space, metric, maximize, stopped=True)
+            except files.WriteFailed as e:  # said, then the stop's own line: the study is whole in its database
+                print(f"{e}; the next run writes the tables", file=sys.stderr, flush=True)
         raise
-    return write_results(study, cfg, args, space, metric, maximize)
+    try:
+        return write_results(study, cfg, args, space, metric, maximize)
+    except files.WriteFailed as e:
+        raise SystemExit(f"{e}. The trials are whole in the study's database: run the same command again to write "
+                         "the tables") from None
 
 
 if __name__ == "__main__":

@@ -219,6 +219,28 @@ def test_a_stopped_sweep_writes_the_table_and_the_best_so_far(tiny, tmp_path):
     assert train.parse_config(["--config", str(out / "best.toml")]).lr == first.params["lr"]
 
 
+def test_processes_of_one_study_write_the_tables_in_turn(tmp_path):
+    """Several sweep processes end at once and write trials.md: each write is whole, none fails on another's temp
+    file (the one writer's temp file has one name per file)."""
+    import threading
+    path, errors = tmp_path / "trials.md", []
+
+    def write(k):
+        try:
+            for i in range(150):
+                sweep.write_beside(str(path), f"writer {k}, write {i}\n" * 50)
+        except Exception as e:  # noqa: BLE001 - any failure fails the test below
+            errors.append(e)
+    writers = [threading.Thread(target=write, args=(k,)) for k in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors, errors[0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 50 and len(set(lines)) == 1  # one writer's whole file
+
+
 # ----------------------------------------------------------------------------- k-fold cross-validation
 
 def test_folds_are_stratified_disjoint_and_written_as_read(tmp_path):
