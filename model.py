@@ -572,7 +572,7 @@ class EncoderModel(nn.Module):
         config, state = read_weights(model_dir, config, num_layers, verbose)
         model = cls(config)
         fresh, left = load_hf_weights(model, state)
-        model.fresh_head, model.fresh_weights = bool(fresh), tuple(fresh)
+        model.fresh_weights = tuple(fresh)  # the head weights started afresh (empty: all from the checkpoint)
         if fresh and verbose:  # a fact of the run, said once: which model, and which of its weights start afresh
             print(f"model: {brief_name(model_dir)} with {cls.FRESH_NOTE} ({', '.join(fresh)})")
         if left and verbose:

@@ -130,7 +130,7 @@ class Predictor:
     def embed(self, seqs):
         """One vector per encoded text, as the classifier pools its token vectors (a checkpoint without a classifier,
         such as a bare or masked-LM encoder, has no pooling of its own: mean pooling)."""
-        pooling = "mean" if self.model.fresh_head else None
+        pooling = "mean" if self.model.fresh_weights else None
         return predict_embeddings(self.model, seqs, self.encoder.pad_id, self.batch_size, self.amp, pooling=pooling,
                                   max_tokens=self.batch_tokens)
 

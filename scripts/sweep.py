@@ -26,7 +26,6 @@ data). Kinds: log (log-uniform), float (uniform), int (whole numbers, both ends 
 """
 import argparse
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -345,12 +344,9 @@ def run(study, args, train_args, space, maximize):
 # ----------------------------------------------------------------------------- what a sweep leaves
 
 def write_beside(path, text):
-    """Written beside, then renamed (side/files.py): a kill leaves the old file or the new one, never half of one.
-    Several processes of one study may end at once: they take turns (a lock beside the tables), since the one
-    writer's temp file has one name per file."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(path)), ".tables.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
-        files.write_text(path, text, "the sweep's table")
+    """Written beside, then renamed (side/files.py): a kill leaves the old file or the new one, never half of one;
+    processes of one study that end at once each write theirs whole."""
+    files.write_text(path, text, "the sweep's table")
 
 
 def toml_value(value):

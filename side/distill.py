@@ -84,7 +84,7 @@ def load_teacher(teacher_dir, device):
             teacher = EncoderClassifier.from_pretrained(teacher_dir, device=device, verbose=False)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot use the checkpoint {teacher_dir}: {e}") from None
-    if teacher.fresh_head:
+    if teacher.fresh_weights:
         raise SystemExit(f"--teacher {teacher_dir}: it has no trained classifier head; fine-tune it first")
     return teacher.eval().requires_grad_(False)
 

@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 
 from safetensors import SafetensorError
 
@@ -66,11 +67,14 @@ def replacing(path, what="", suffix=""):
     (a full disk, Ctrl-C) the temp is removed and path left as it was. suffix: a tool that picks its format
     from the name (Chromium's .png)."""
     folder = os.path.dirname(os.path.abspath(path))
-    # one temp name per file: a kill leaves at most one leftover beside it, which the next write replaces
-    tmp = os.path.join(folder, TEMP_PREFIX + os.path.basename(path) + suffix)
+    stem = TEMP_PREFIX + os.path.basename(path)
+    # one temp per file and writer (process, thread): writers of one file (a sweep's processes) never touch each
+    # other's, and the last rename wins whole; a killed writer's leftover is cleared by the next write
+    tmp = os.path.join(folder, f"{stem}.{os.getpid()}.{threading.get_ident()}{suffix}")
     try:
         with writing(path, what):
-            if os.path.lexists(tmp):
+            remove_dead_writers_temps(folder, stem, suffix)
+            if os.path.lexists(tmp):  # a dead writer's, whose pid and thread id came round again
                 os.unlink(tmp)
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmp
@@ -83,6 +87,30 @@ def replacing(path, what="", suffix=""):
         if tmp is not None and os.path.lexists(tmp):
             with contextlib.suppress(OSError):  # the error that brought us here is the one to report
                 os.unlink(tmp)
+
+
+def remove_dead_writers_temps(folder, stem, suffix):
+    """The temps of one file (stem + ".PID.THREAD" + suffix, or an older stem + suffix) whose writer is gone: a
+    kill's leftovers. A live process's temp is its own business."""
+    pattern = re.compile(r"\.(\d+)\.\d+" + re.escape(suffix))
+    for name in os.listdir(folder):
+        if not name.startswith(stem):
+            continue
+        writer = pattern.fullmatch(name[len(stem):])
+        if name[len(stem):] == suffix or (writer and not process_alive(int(writer.group(1)))):
+            with contextlib.suppress(FileNotFoundError):  # another writer cleared it first
+                os.unlink(os.path.join(folder, name))
+
+
+def process_alive(pid):
+    """Whether process pid still runs (signal 0 tests without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's, alive
+        return True
+    return True
 
 
 def write_bytes(path, data, what=""):

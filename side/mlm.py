@@ -170,7 +170,7 @@ def mlm_report(cfg, splits, evaluate, device, best, model_dir):
              f"{'':<8}{'loss':>8}{'perplexity':>12}{'accuracy':>10}"]
     for label, m in (("start", before), ("trained", after)):
         lines.append(f"{label:<8}{m['loss']:>8.4f}{m['perplexity']:>12.2f}{m['accuracy']:>10.4f}")
-    if start.fresh_head:
+    if start.fresh_weights:
         lines.append(f"(the start's MLM head was not in {model_dir}: it is the run's newly initialised one)")
     result = {"best_val": best, name: after, "start": before}
     if name == "test":

@@ -452,3 +452,34 @@ def test_collisions_say_each_file_read_once(tmp_path):
     message = files.collisions({"--output": out, "its rejects": out + ".rejects", "its lock": out + ".lock"},
                                {"--model folder": str(model)})
     assert message.count("lies inside the --model folder") == 1 and message.startswith(f"--output {out} lies")
+
+
+def test_writers_of_one_file_keep_to_their_own_temps_and_clear_dead_ones(tmp_path):
+    """Several processes (a sweep's) writing one table at once: none fails on another's temp, each write is whole;
+    a killed writer's temp is cleared by the next write, a live one's (another file's too) left alone."""
+    import subprocess
+    import sys
+    import threading
+    path, errors = tmp_path / "trials.md", []
+
+    def write(k):
+        try:
+            for i in range(150):
+                files.write_text(str(path), f"writer {k}, write {i}\n" * 50)
+        except Exception as e:  # noqa: BLE001 - any failure fails the test below
+            errors.append(e)
+    writers = [threading.Thread(target=write, args=(k,)) for k in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors, errors[0]
+    assert len(set(path.read_text().splitlines())) == 1 and len(path.read_text().splitlines()) == 50
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [f".tmp-trials.md.{dead.stdout.strip()}.7", ".tmp-trials.md"]  # killed writers'
+    alive = [f".tmp-trials.md.{os.getpid()}.1", f".tmp-trials.md.json.{dead.stdout.strip()}.7"]  # in use; another file's
+    for name in leftovers + alive:
+        (tmp_path / name).write_text("partial")
+    files.write_text(str(path), "new\n")
+    assert sorted(os.listdir(tmp_path)) == sorted(["trials.md", *alive])

@@ -109,7 +109,7 @@ def test_the_prior_bias_starts_a_new_classifier_only(tmp_path):
     tiny("bert", "cls").save_pretrained(tmp_path / "trained")
     for overrides in ({"layer_mix": True}, {"classifier_pooling": "label_attention"}):
         grown = EncoderClassifier.from_pretrained(tmp_path / "trained", overrides=overrides, verbose=False)
-        assert grown.fresh_head and not classifier_is_new(grown), overrides
+        assert grown.fresh_weights and not classifier_is_new(grown), overrides
     other = EncoderClassifier.from_pretrained(tmp_path / "trained", num_labels=LABELS + 1, verbose=False)
     assert classifier_is_new(other)
 
@@ -118,7 +118,7 @@ def test_label_attention_saves_loads_and_is_new_when_missing(tmp_path):
     model = tiny("bert", "label_attention")
     model.save_pretrained(tmp_path / "la")
     again = EncoderClassifier.from_pretrained(tmp_path / "la", verbose=False).eval()
-    assert again.pooling == "label_attention" and not again.fresh_head
+    assert again.pooling == "label_attention" and not again.fresh_weights
     ids, mask = padded_batch(4)
     with torch.no_grad():
         assert torch.equal(again(ids, mask)[0], model(ids, mask)[0])
@@ -129,7 +129,7 @@ def test_label_attention_saves_loads_and_is_new_when_missing(tmp_path):
     tiny("bert", "cls").save_pretrained(tmp_path / "cls")
     new = EncoderClassifier.from_pretrained(tmp_path / "cls", overrides={"classifier_pooling": "label_attention"},
                                             verbose=False)
-    assert new.fresh_head  # queries initialised, the rest of the head kept
+    assert new.fresh_weights  # queries initialised, the rest of the head kept
     assert torch.equal(new.head.classifier.weight, EncoderClassifier.from_pretrained(
         tmp_path / "cls", verbose=False).head.classifier.weight)
 
@@ -295,7 +295,7 @@ def test_layer_mix_saves_reloads_starts_fresh_and_is_not_dropped_silently(tmp_pa
     assert torch.equal(tensors["layer_mix.weights"], model.layer_mix.weights)
     assert torch.equal(tensors["layer_mix.scale"], model.layer_mix.scale)
     again = EncoderClassifier.from_pretrained(tmp_path / "mix", verbose=False).eval()
-    assert not again.fresh_head
+    assert not again.fresh_weights
     ids, mask = padded_batch(4)
     with torch.no_grad():
         assert torch.equal(again(ids, mask)[0], model(ids, mask)[0])
@@ -305,13 +305,13 @@ def test_layer_mix_saves_reloads_starts_fresh_and_is_not_dropped_silently(tmp_pa
     new = EncoderClassifier.from_pretrained(tmp_path / "plain", overrides={"layer_mix": True})
     fresh = "a new classifier head initialised for this run (layer_mix.weights, layer_mix.scale)"
     assert fresh in capsys.readouterr().out
-    assert new.fresh_head and torch.equal(new.layer_mix.weights, torch.zeros(3))  # equal weights, scale 1
+    assert new.fresh_weights and torch.equal(new.layer_mix.weights, torch.zeros(3))  # equal weights, scale 1
     assert torch.equal(new.layer_mix.scale, torch.ones(1))
 
     dropped = EncoderClassifier.from_pretrained(tmp_path / "mix", overrides={"layer_mix": False})
     assert ("mix's layer_mix.scale, layer_mix.weights left behind: this model has no layer mix "
             "(train.py --layer-mix keeps it)") in capsys.readouterr().out
-    assert not hasattr(dropped, "layer_mix") and not dropped.fresh_head
+    assert not hasattr(dropped, "layer_mix") and not dropped.fresh_weights
     MaskedLM.from_pretrained(tmp_path / "mix", verbose=False)  # an MLM leaves the mix behind as the classifier
 
     student = EncoderClassifier.from_pretrained(tmp_path / "mix", num_layers=1, verbose=False)

@@ -133,7 +133,7 @@ def test_minilm_head_is_initialised_as_the_reference_does(tmp_path, capsys):
     assert (loss - out.loss).abs() <= 1e-5
 
     fresh = MaskedLM.from_pretrained(folder)
-    assert "MLM head (or pooler) initialised as the reference does" in capsys.readouterr().out and fresh.fresh_head
+    assert "MLM head (or pooler) initialised as the reference does" in capsys.readouterr().out and fresh.fresh_weights
     theirs = ref.cls.predictions
     for dense, norm, bias in ((fresh.head.dense, fresh.head.norm, fresh.head.bias),
                               (theirs.transform.dense, theirs.transform.LayerNorm, theirs.bias)):

@@ -145,21 +145,31 @@ def test_a_trial_behind_is_pruned_and_says_so(tiny, tmp_path, capsys):
     assert not (tmp_path / "trial-0" / "last").exists()
 
 
+def sweep_job(tiny):
+    """A tiny train.py job for a sweep: 30 steps, an evaluation every 5."""
+    return ["--model", tiny["model"], "--train-file", tiny["train"], "--test-file", tiny["test"], "--max-length", "32",
+            "--max-steps", "30", "--eval-every", "5", "--log-every", "5", "--device", "cpu"]
+
+
+def wait_for(path, process, seconds):
+    """Until path exists (a trial's saved state), while process runs."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, f"the sweep ended or took too long before {path}"
+        time.sleep(0.05)
+
+
 def test_sweep_killed_mid_trial_and_run_again(tiny, tmp_path):
     optuna = pytest.importorskip("optuna")
     space = tmp_path / "space.toml"
     space.write_text('lr = {log = [1e-4, 3e-3]}\nbatch_size = {choice = [4, 8]}\n')
     out = tmp_path / "sweep"
-    job = ["--model", tiny["model"], "--train-file", tiny["train"], "--test-file", tiny["test"], "--max-length", "32",
-           "--max-steps", "30", "--eval-every", "5", "--log-every", "5", "--device", "cpu"]
+    job = sweep_job(tiny)
     command = ["--trials", "1", "--out-dir", str(out), "--space", str(space), "--heartbeat", "1", "--", *job]
     sweeping = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "sweep.py"), *command],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "trial-0" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (out / "trial-0" / "last" / "state.pt").exists():  # its first evaluation saved
-        assert sweeping.poll() is None and time.time() < deadline, "the sweep ended before its trial evaluated"
-        time.sleep(0.05)
+    wait_for(out / "trial-0" / "last" / "state.pt", sweeping, 240)  # its first evaluation saved
     sweeping.send_signal(signal.SIGKILL)  # no clean-up at all: only the heartbeat tells
     sweeping.wait()
     size = first.stat().st_size
@@ -198,15 +208,11 @@ def test_a_stopped_sweep_writes_the_table_and_the_best_so_far(tiny, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text('lr = {log = [1e-4, 3e-3]}\n')
     out = tmp_path / "sweep"
-    job = ["--model", tiny["model"], "--train-file", tiny["train"], "--test-file", tiny["test"], "--max-length", "32",
-           "--max-steps", "30", "--eval-every", "5", "--log-every", "5", "--device", "cpu"]
+    job = sweep_job(tiny)
     sweeping = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "sweep.py"), "--trials", "3", "--out-dir",
                                  str(out), "--space", str(space), "--", *job],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "trial-1" / "last" / "state.pt").exists():  # trial 0 finished, trial 1 evaluated once
-        assert sweeping.poll() is None and time.time() < deadline, "the sweep ended before its second trial evaluated"
-        time.sleep(0.05)
+    wait_for(out / "trial-1" / "last" / "state.pt", sweeping, 300)  # trial 0 finished, trial 1 evaluated once
     sweeping.send_signal(signal.SIGTERM)
     stdout, stderr = sweeping.communicate(timeout=120)
     assert sweeping.returncode == 128 + signal.SIGTERM, stderr
@@ -217,28 +223,6 @@ def test_a_stopped_sweep_writes_the_table_and_the_best_so_far(tiny, tmp_path):
     table = (out / "trials.md").read_text().splitlines()
     assert table[2].startswith("| 0 | complete |") and len(table) == 2 + len(study.trials)
     assert train.parse_config(["--config", str(out / "best.toml")]).lr == first.params["lr"]
-
-
-def test_processes_of_one_study_write_the_tables_in_turn(tmp_path):
-    """Several sweep processes end at once and write trials.md: each write is whole, none fails on another's temp
-    file (the one writer's temp file has one name per file)."""
-    import threading
-    path, errors = tmp_path / "trials.md", []
-
-    def write(k):
-        try:
-            for i in range(150):
-                sweep.write_beside(str(path), f"writer {k}, write {i}\n" * 50)
-        except Exception as e:  # noqa: BLE001 - any failure fails the test below
-            errors.append(e)
-    writers = [threading.Thread(target=write, args=(k,)) for k in range(3)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
-    assert not errors, errors[0]
-    lines = path.read_text().splitlines()
-    assert len(lines) == 50 and len(set(lines)) == 1  # one writer's whole file
 
 
 # ----------------------------------------------------------------------------- k-fold cross-validation
