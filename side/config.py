@@ -81,9 +81,10 @@ class HeadOptions(Optimisation):
     pooling: str = option("auto", "how token vectors become the head's input: cls ([CLS], through BERT's pooler), "
                           "mean, max, label_attention (one query per label); auto = the checkpoint's (single-label) "
                           "or label_attention (multi-label)", ("auto", *POOLINGS))
-    layer_mix: bool = option(False, "the pooling reads a learned softmax-weighted mix of every layer's hidden states "
-                             "(and the embeddings'), times a learned scale (ELMo's scalar mix), at --head-lr, instead "
-                             "of the last layer's alone; docs/multilabel.md")
+    layer_mix: bool | None = option(None, "the pooling reads a learned softmax-weighted mix of every layer's hidden "
+                                    "states (and the embeddings'), times a learned scale (ELMo's scalar mix), at "
+                                    "--head-lr, instead of the last layer's alone; None = on for multi-label, off "
+                                    "for single-label (the reference's head); docs/multilabel.md")
     head_lr: float | None = option(None, "peak lr of everything above the encoder (head, label queries, layer mix); "
                                    "None = --lr (single-label), 1e-3 (multi-label)")
     loss: str = option("bce", "multi-label loss: bce, or asl (asymmetric loss: easy negatives of rare labels count "

@@ -325,21 +325,24 @@ def clear_old_run(out_dir, old):
 # ----------------------------------------------------------------------------- what auto means
 
 # Multi-label defaults, measured on roco_radiology (docs/results.md): a fresh head for hundreds of
-# rare labels learns too slowly at the encoder's lr, and one query per label finds the words that name it.
-MULTI_LABEL_RECIPE = {"pooling": "label_attention", "head_lr": 1e-3}
+# rare labels learns too slowly at the encoder's lr, one query per label finds the words that name it, and
+# the layer mix reads the lower layers, which name the concepts better than the top one (the layer study).
+MULTI_LABEL_RECIPE = {"pooling": "label_attention", "head_lr": 1e-3, "layer_mix": True}
 WINDOWS_PER_LABEL = ("label_attention", "windows_attention")  # one vector per label, or one per window: not both
 
 
 def with_task_defaults(cfg, multi_label):
     """cfg with the multi-label recipe in place of its auto options (single-label keeps the checkpoint's
-    pooling and --lr for the head), so that train_config.json and --resume see what the run used."""
+    pooling, --lr for the head and the last layer alone), so that train_config.json and --resume see what the run
+    used."""
     if not multi_label:
-        return cfg
+        return dataclasses.replace(cfg, layer_mix=bool(cfg.layer_mix))
     pooling = MULTI_LABEL_RECIPE["pooling"]
     if (pooling, cfg.long_docs) == WINDOWS_PER_LABEL:
         pooling = "auto"
     return dataclasses.replace(cfg, pooling=pooling if cfg.pooling == "auto" else cfg.pooling,
-                               head_lr=MULTI_LABEL_RECIPE["head_lr"] if cfg.head_lr is None else cfg.head_lr)
+                               head_lr=MULTI_LABEL_RECIPE["head_lr"] if cfg.head_lr is None else cfg.head_lr,
+                               layer_mix=MULTI_LABEL_RECIPE["layer_mix"] if cfg.layer_mix is None else cfg.layer_mix)
 
 
 def selection_metric(metric, multi_label):

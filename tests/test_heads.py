@@ -170,11 +170,13 @@ def test_head_options_are_checked_before_anything_loads(tmp_path, argv, message)
 def test_multi_label_defaults_resolve_to_the_recipe_and_single_label_keeps_the_reference():
     import train
     cfg = train.TrainConfig()
-    assert options.with_task_defaults(cfg, multi_label=False) == cfg
+    assert options.with_task_defaults(cfg, multi_label=False) == dataclasses.replace(cfg, layer_mix=False)
     multi = options.with_task_defaults(cfg, multi_label=True)
-    assert (multi.pooling, multi.head_lr) == (options.MULTI_LABEL_RECIPE["pooling"], options.MULTI_LABEL_RECIPE["head_lr"])
-    chosen = train.TrainConfig(pooling="max", head_lr=2e-4)
+    assert (multi.pooling, multi.head_lr, multi.layer_mix) == tuple(
+        options.MULTI_LABEL_RECIPE[k] for k in ("pooling", "head_lr", "layer_mix"))
+    chosen = train.TrainConfig(pooling="max", head_lr=2e-4, layer_mix=False)
     assert options.with_task_defaults(chosen, multi_label=True) == chosen
+    assert options.with_task_defaults(train.TrainConfig(layer_mix=True), multi_label=False).layer_mix is True
     windows = options.with_task_defaults(train.TrainConfig(long_docs="windows_attention"), multi_label=True)
     assert windows.pooling == "auto"
 

@@ -122,7 +122,9 @@ def test_real_job_on_a_slice(tmp_path, dataset, column, pooling):
     ours = predictor.logits(texts)
     T = pytest.importorskip("transformers")
     T.logging.set_verbosity_error()
-    remote = config["classifier_pooling"] == "label_attention"  # the folder carries its own modeling code
+    # label attention and the layer mix (the multi-label recipe) come with the folder's own modeling code
+    remote = config["classifier_pooling"] == "label_attention" or config["layer_mix"]
+    assert config["layer_mix"] == multi
     tok = T.AutoTokenizer.from_pretrained(out, trust_remote_code=remote)  # it reads config.json as well
     if remote:
         with pytest.raises(ValueError, match="trust_remote_code=True"):
@@ -131,10 +133,13 @@ def test_real_job_on_a_slice(tmp_path, dataset, column, pooling):
     inputs = tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
     with torch.no_grad():
         expected = ref(**inputs).logits
-        if remote:  # and that code is the formula README gives, over transformers' encoder
+        if config["classifier_pooling"] == "label_attention":  # and that code is the formula README gives
             assert multi and pooling == "auto"
             weights = load_file(out / "model.safetensors")
-            hidden = ref.bert(**inputs).last_hidden_state  # [B, T, H]
+            # the multi-label recipe's layer mix: scale x softmax(weights) over the embeddings and every layer
+            states = ref.bert(**inputs, output_hidden_states=True).hidden_states
+            mix = weights["layer_mix.scale"] * weights["layer_mix.weights"].softmax(0)
+            hidden = sum(c * state for c, state in zip(mix, states))  # [B, T, H]
             padding = ~inputs["attention_mask"].bool()[..., None]
             scores = (hidden @ weights["label_attention.weight"].T).masked_fill(padding, -1e30)
             per_label = torch.einsum("btl,bth->blh", scores.softmax(dim=1), hidden)
