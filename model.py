@@ -482,13 +482,12 @@ class EncoderModel(nn.Module):
     init, AdamW groups, and Hugging Face folders. Each subclass says which reference class it matches (HEAD), which
     checkpoint weights it leaves behind as that class does (LEFT_BEHIND), which of its own may start afresh when a
     checkpoint lacks them (NEW_WHEN_MISSING; every other weight must be there), and how it reports those; and which
-    weights it leaves behind are said, not silently dropped (SAID_WHEN_LEFT, LEFT_NOTE)."""
+    weights it leaves behind are said, not silently dropped (SAID_WHEN_LEFT: their prefix and why)."""
     HEAD = ""
     LEFT_BEHIND = ()
     NEW_WHEN_MISSING = ("head.",)
     FRESH_NOTE = ""
-    SAID_WHEN_LEFT = ()
-    LEFT_NOTE = ""
+    SAID_WHEN_LEFT = {}
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                cu_seqlens=None, max_seqlen=None, all_states=False):
@@ -575,8 +574,10 @@ class EncoderModel(nn.Module):
         model.fresh_weights = tuple(fresh)  # the head weights started afresh (empty: all from the checkpoint)
         if fresh and verbose:  # a fact of the run, said once: which model, and which of its weights start afresh
             print(f"model: {brief_name(model_dir)} with {cls.FRESH_NOTE} ({', '.join(fresh)})")
-        if left and verbose:
-            print(f"model: {brief_name(model_dir)}'s {', '.join(left)} {cls.LEFT_NOTE}")
+        for prefix, why in cls.SAID_WHEN_LEFT.items():
+            dropped = [k for k in left if k.startswith(prefix)]
+            if dropped and verbose:
+                print(f"model: {brief_name(model_dir)}'s {', '.join(dropped)} left behind: {why}")
         return model.to(device=device, dtype=dtype)
 
     def hf_state_dict(self):
@@ -595,8 +596,9 @@ class EncoderClassifier(EncoderModel):
     LEFT_BEHIND = ("cls.", "decoder.", "window_attention.", "label_attention.", "layer_mix.")
     NEW_WHEN_MISSING = ("head.", "label_attention.", "layer_mix.")
     FRESH_NOTE = "a new classifier head initialised for this run"
-    SAID_WHEN_LEFT = ("layer_mix.",)
-    LEFT_NOTE = "left behind: this model has no layer mix (train.py --layer-mix keeps it)"
+    SAID_WHEN_LEFT = {"layer_mix.": "this model has no layer mix (train.py --layer-mix keeps it)",
+                      "label_attention.": "this model pools otherwise (--pooling label_attention keeps it)",
+                      "window_attention.": "this model reads windows otherwise (--long-docs windows_attention)"}
 
     def __init__(self, config):
         super().__init__()

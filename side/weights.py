@@ -115,7 +115,7 @@ def load_hf_weights(model, hf_state):
         problems.append("weights in the checkpoint that this model does not have:\n  " + "\n  ".join(unexpected))
     if problems:
         raise ValueError("cannot load checkpoint: " + "\n".join(problems))
-    return fresh, sorted(k for k in unused if k.startswith(model.SAID_WHEN_LEFT))
+    return fresh, sorted(k for k in unused if k.startswith(tuple(model.SAID_WHEN_LEFT)))
 
 
 def normalise_keys(state, c):

@@ -114,7 +114,7 @@ def test_the_prior_bias_starts_a_new_classifier_only(tmp_path):
     assert classifier_is_new(other)
 
 
-def test_label_attention_saves_loads_and_is_new_when_missing(tmp_path):
+def test_label_attention_saves_loads_and_is_new_when_missing(tmp_path, capsys):
     model = tiny("bert", "label_attention")
     model.save_pretrained(tmp_path / "la")
     again = EncoderClassifier.from_pretrained(tmp_path / "la", verbose=False).eval()
@@ -123,9 +123,11 @@ def test_label_attention_saves_loads_and_is_new_when_missing(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids, mask)[0], model(ids, mask)[0])
 
-    as_mean = EncoderClassifier.from_pretrained(tmp_path / "la", overrides={"classifier_pooling": "mean"},
-                                                verbose=False)  # the queries are left behind, not an error
-    assert as_mean.pooling == "mean" and not hasattr(as_mean, "label_attention")
+    capsys.readouterr()
+    as_mean = EncoderClassifier.from_pretrained(tmp_path / "la", overrides={"classifier_pooling": "mean"})
+    assert as_mean.pooling == "mean" and not hasattr(as_mean, "label_attention")  # left behind, not an error
+    assert ("la's label_attention.weight left behind: this model pools otherwise (--pooling label_attention keeps "
+            "it)") in capsys.readouterr().out
     tiny("bert", "cls").save_pretrained(tmp_path / "cls")
     new = EncoderClassifier.from_pretrained(tmp_path / "cls", overrides={"classifier_pooling": "label_attention"},
                                             verbose=False)

@@ -134,7 +134,7 @@ def test_window_aggregation_matches_windows_encoded_one_by_one(tmp_path, arch, s
     assert (logits - expected).abs().max() <= 1e-5
 
 
-def test_attention_pooling_saves_loads_and_transformers_runs_it_with_the_folders_code(tmp_path):
+def test_attention_pooling_saves_loads_and_transformers_runs_it_with_the_folders_code(tmp_path, capsys):
     model = tiny_checkpoint(tmp_path / "a", "bert", "windows_attention").eval()
     torch.nn.init.normal_(model.window_attention.weight, std=1.0)
     model.save_pretrained(tmp_path / "a")
@@ -146,6 +146,10 @@ def test_attention_pooling_saves_loads_and_transformers_runs_it_with_the_folders
     with torch.no_grad():
         assert torch.equal(model(*args, doc_index=batch["doc_index"])[0],
                            reloaded(*args, doc_index=batch["doc_index"])[0])
+    capsys.readouterr()
+    as_max = EncoderClassifier.from_pretrained(tmp_path / "a", overrides={"long_document": {"strategy": "windows_max"}})
+    assert not hasattr(as_max, "window_attention")  # left behind, and said
+    assert "a's window_attention.weight left behind: this model reads windows otherwise" in capsys.readouterr().out
     # max / mean add no weights: the saved tensors are the plain classifier's
     plain = tiny_checkpoint(tmp_path / "p", "bert")
     assert set(tiny_checkpoint(tmp_path / "m", "bert", "windows_max").hf_state_dict()) == set(plain.hf_state_dict())
