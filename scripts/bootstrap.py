@@ -1,9 +1,10 @@
 """
 Can this test set tell two recipes apart? Each run folder labels the test file once; then the test texts are drawn
-again with replacement (--samples times) and every system's F1 is recomputed on each draw. The table gives each
-system's F1 with the 95% interval of those draws (what the test set's size alone leaves open), the spread over its
-runs (seeds), and its difference from the first system, paired: both are scored on the same draw, so what the two
-get right together cancels out. A difference whose interval holds 0 is one this test set cannot tell.
+again with replacement (--samples times) and every system's F1 is recomputed on each draw. The tables give each
+system's micro- and macro-F1 with the 95% interval of those draws (what the test set's size alone leaves open), the
+spread over its runs (seeds), and its difference from the first system, paired: both are scored on the same draw,
+so what the two get right together cancels out. A difference whose interval holds 0 is one this test set cannot
+tell.
 
     python scripts/bootstrap.py --test-file ../shared/data/medical_abstracts/test.csv \
         default=runs/abstracts/seed-0,runs/abstracts/seed-1,runs/abstracts/seed-2 \
@@ -23,6 +24,8 @@ from data import DataError, LabelEncoder, read_table  # noqa: E402
 from metrics import sigmoid  # noqa: E402
 from predict import Predictor  # noqa: E402
 from side import files  # noqa: E402
+
+METRICS = ("micro_f1", "macro_f1")  # single-label micro-F1 is the accuracy
 
 
 def parse_system(text):
@@ -61,6 +64,24 @@ def f1_scores(weights, decided, truth):
     return {"micro_f1": micro, "macro_f1": per_label.mean(1)}
 
 
+def metric_table(scores, metric, reference_name):
+    """One metric's rows: each system's score on the test set, its interval over the draws, its spread over runs,
+    and its paired difference from the reference system."""
+    lines = [f"| system | runs | {metric} | 95% interval over draws | std over runs | difference from "
+             f"{reference_name} | its 95% interval | draws where it is <= 0 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    reference = scores[reference_name][metric].mean(0)
+    for name, by_metric in scores.items():
+        per_run = by_metric[metric]
+        mean, diff = per_run.mean(0), per_run.mean(0) - reference
+        spread = f"{per_run[:, 0].std(ddof=1):.4f}" if len(per_run) > 1 else "-"
+        compared = ("-", "-", "-") if name == reference_name else (
+            f"{diff[0]:+.4f}", interval(diff[1:]), f"{(diff[1:] <= 0).mean():.1%}")
+        lines.append(f"| {name} | {len(per_run)} | {mean[0]:.4f} | {interval(mean[1:])} | {spread} | "
+                     + " | ".join(compared) + " |")
+    return "\n".join(lines)
+
+
 def interval(values):
     low, high = np.percentile(values, [2.5, 97.5])
     return f"{low:.4f} to {high:.4f}"
@@ -74,7 +95,6 @@ def main(argv=None):
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="", help='"" = label, else labels (as train.py)')
     p.add_argument("--label-sep", default=";")
-    p.add_argument("--metric", choices=("macro_f1", "micro_f1"), default="macro_f1")
     p.add_argument("--samples", type=int, default=2000, help="test sets drawn with replacement")
     p.add_argument("--seed", type=int, default=0, help="the draws' seed")
     p.add_argument("--batch-size", type=int, default=64)
@@ -93,7 +113,7 @@ def main(argv=None):
     weights = np.random.default_rng(args.seed).multinomial(n, np.full(n, 1.0 / n), size=args.samples)
     weights = np.vstack([np.ones(n), weights]).astype(np.float64)  # row 0: the test set as it is
 
-    scores = {}
+    scores = {}  # {system: {metric: [runs, 1 + draws]}}
     for name, runs in args.systems:
         per_run = []
         for run in runs:
@@ -101,24 +121,12 @@ def main(argv=None):
                 decided, truth = decisions_and_truth(run, table.texts, table.labels, args.batch_size)
             except (DataError, ValueError) as e:
                 raise SystemExit(f"{name}: {e}") from None
-            per_run.append(f1_scores(weights, decided, truth)[args.metric])
-            print(f"{name}: {run}: test {args.metric} {per_run[-1][0]:.4f}", file=sys.stderr, flush=True)
-        scores[name] = np.array(per_run)
-
-    lines = [f"{n} test texts ({args.test_file}), {args.samples} draws with replacement; {args.metric}", "",
-             f"| system | runs | {args.metric} | 95% interval over draws | std over runs | difference from "
-             f"{args.systems[0][0]} | its 95% interval | draws where it is <= 0 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    reference = scores[args.systems[0][0]].mean(0)
-    for name, per_run in scores.items():
-        mean = per_run.mean(0)
-        spread = f"{per_run[:, 0].std(ddof=1):.4f}" if len(per_run) > 1 else "-"
-        diff = mean - reference
-        compared = ("-", "-", "-") if name == args.systems[0][0] else (
-            f"{diff[0]:+.4f}", interval(diff[1:]), f"{(diff[1:] <= 0).mean():.1%}")
-        lines.append(f"| {name} | {len(per_run)} | {mean[0]:.4f} | {interval(mean[1:])} | {spread} | "
-                     + " | ".join(compared) + " |")
-    text = "\n".join(lines)
+            per_run.append(f1_scores(weights, decided, truth))
+            print(f"{name}: {run}: test " + ", ".join(f"{k} {v[0]:.4f}" for k, v in per_run[-1].items()),
+                  file=sys.stderr, flush=True)
+        scores[name] = {metric: np.array([r[metric] for r in per_run]) for metric in METRICS}
+    text = "\n\n".join(metric_table(scores, metric, args.systems[0][0]) for metric in METRICS)
+    text = f"{n} test texts ({args.test_file}), {args.samples} draws with replacement\n\n" + text
     print(text)
     if args.out:
         files.write_text(args.out, text + "\n")

@@ -52,8 +52,9 @@ def test_the_table_scores_each_run_as_train_py_did_and_a_system_against_itself_d
     out = tmp_path / "table.md"
     bootstrap.main(["--test-file", data["test"], "--samples", "200", "--out", str(out),
                     f"one={runs[0]}", f"same={runs[0]}", f"both={runs[0]},{runs[1]}"])
-    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in open(out).read().splitlines()
-            if line.startswith("| ") and not line.startswith("| system")}
+    macro_table = open(out).read().split("| system | runs | macro_f1")[1]
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in macro_table.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")}
     tested = [json.load(open(os.path.join(r, "test_metrics.json")))["macro_f1"] for r in runs]
     assert abs(float(rows["one"][2]) - tested[0]) < 1e-4
     assert abs(float(rows["both"][2]) - np.mean(tested)) < 1e-4
