@@ -1,7 +1,8 @@
 """--val-fraction 0 (issue #37): no validation split, every training text trained on, the last step's model kept;
-the options that need validation data refused up front; the report and logs without it."""
+the options that need validation data refused up front; the report, logs, baseline and seeds table without it."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from model import EncoderClassifier
 from side import options
 from test_robustness import last_state, log_rows, tiny_checkpoint, write_texts
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import linear_baseline  # noqa: E402
+import seeds  # noqa: E402
+import sweep  # noqa: E402
 
 MULTI = ("c0;c1", "c1", "c2", "c1;c2")
 
@@ -123,15 +128,37 @@ def test_options_that_need_validation_data_are_refused_in_one_line(tiny, tmp_pat
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
-def test_the_range_and_masked_lm(tiny, tmp_path):
+def test_the_range_masked_lm_and_the_sweep(tiny, tmp_path):
     for bad in ("1", "-0.1", "nan"):
         with pytest.raises(SystemExit, match=r"^--val-fraction \S+ must be in \[0, 1\) \(0 = no validation data\)$"):
             train.main(job(tiny, tmp_path / "out", "--val-fraction", bad))
     with pytest.raises(SystemExit, match=r"^--val-fraction 0.0 must be in \(0, 1\) with --task mlm.*or give a "
                                          r"--val-file$"):
         train.main(job(tiny, tmp_path / "out", "--task", "mlm", "--test-file", ""))
+    with pytest.raises(SystemExit, match="sweep.py tunes a classifier on its validation metric, and --val-fraction"):
+        sweep.check_job(["--val-fraction", "0"])
     with_file = train.parse_config(["--val-fraction", "0", "--val-file", tiny["test"]])
     assert not options.no_validation(with_file) and options.no_validation(train.parse_config(["--val-fraction",
                                                                                                "-0.0"]))
     with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):  # its contract: it always splits
         data.train_val_split(10, val_fraction=0)
+
+
+def test_linear_baseline_and_seeds_table_without_validation(tiny, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    multi = linear_baseline.main(["--train-file", tiny["multi"], "--test-file", tiny["multi_test"],
+                                  "--val-fraction", "0"])
+    assert "trained on all 26 training rows; multi-label threshold 0.5, not tuned" in capsys.readouterr().out
+    assert multi["threshold"] == 0.5
+    linear_baseline.main(["--train-file", tiny["train"], "--test-file", tiny["test"], "--val-fraction", "0"])
+    assert "no validation data (--val-fraction 0): trained on all 26 training rows\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the range train.py allows, as one argparse line
+        linear_baseline.main(["--val-fraction", "1"])
+    assert "--val-fraction 1.0 must be in [0, 1)" in capsys.readouterr().err
+    root = tmp_path / "runs"
+    table = seeds.main(["--seeds", "0", "--out-dir", str(root), "--", "--model", tiny["model"], "--train-file",
+                        tiny["train"], "--test-file", tiny["test"], "--max-length", "32", "--batch-size", "8",
+                        "--max-steps", "2", "--val-fraction", "0", "--device", "cpu"])
+    assert "accuracy" in table and table["accuracy"]["baseline"]["mean"] > 0
+    assert not any(name.startswith("validation") for name in table)  # no column of made-up validation numbers
+    assert "trained on all 26 training rows" in capsys.readouterr().out
