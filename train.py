@@ -18,7 +18,7 @@ Classification   the objective: labels (single- or multi-label) -> splits, model
     side/mlm.py's MaskedLanguageModelling has the same methods, and train() picks one of the two once
 Learner / build_learner / linear_schedule   AdamW with warmup and decay, the grad scaler, DDP/FSDP, compile
 epoch_steps -> train_step -> optimizer_step   a training step (tests/test_train.py checks it against the reference)
-Progress / evaluate_and_checkpoint   how far a run is, saved at each evaluation for --resume
+Progress / validate / evaluate_and_checkpoint   how far a run is, saved at each evaluation for --resume
 train()   the job, read top to bottom; main() turns expected failures into one-line messages (side/failures.py),
     and Ctrl-C or SIGTERM too (side/signals.py: a save in progress is finished first)
 Side concerns live in side/: options and checks, checkpoints, logs, distributed, distillation, masked-LM, the final
@@ -74,12 +74,24 @@ class Classification:
         self.teacher = None
 
     def describe(self):
-        return f"texts; {self.labels.num_labels} labels ({'multi' if self.labels.multi_label else 'single'}-label)"
+        kind = "multi" if self.labels.multi_label else "single"
+        threshold = self.fixed_threshold()
+        fixed = f", threshold {threshold}: no validation data to tune it on" if threshold is not None else ""
+        return f"texts; {self.labels.num_labels} labels ({kind}-label{fixed})"
+
+    def fixed_threshold(self):
+        """Multi-label without validation data: the threshold config.json keeps, as there is nothing to tune it on
+        (--threshold global then means 0.5; per_label is refused). None otherwise."""
+        if not self.labels.multi_label or "val" in self.splits:
+            return None
+        return 0.5 if self.cfg.threshold == "global" else float(self.cfg.threshold)
 
     def build_model(self, device):
         """The checkpoint's encoder with a head for our labels, on the device (and the teacher, if any)."""
         model = build_classifier(self.cfg, self.model_dir, self.hf, self.encoder, self.labels,
                                  self.splits["train"].targets, device)
+        if self.fixed_threshold() is not None:  # with validation data, each best evaluation sets them
+            model.config.thresholds = threshold_list(self.fixed_threshold(), self.labels.num_labels)
         self.teacher = distill.load_teacher(self.teacher_dir, device)
         return model
 
@@ -159,6 +171,8 @@ def load_splits(cfg, encoder):
 
     if cfg.val_file:
         splits = {"train": split(train), "val": split(read_other(cfg.val_file))}
+    elif options.no_validation(cfg):  # --val-fraction 0: every row is trained on
+        splits = {"train": split(train)}
     else:
         train_rows, val_rows = train_val_split(train.labels, cfg.val_fraction, cfg.seed,
                                                stratify=not train.multi_label)
@@ -386,11 +400,12 @@ def start_or_resume(cfg, learner, state):
     return progress
 
 
-def evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, data):
-    """Score the model on the validation data and log it; save it to out_dir when it is the best so far
-    (and to out_dir/checkpoints with --keep-checkpoints); then all that --resume needs (with the data's
-    fingerprints) to out_dir/last."""
-    model, main_rank = learner.model, is_main_rank()
+def validate(cfg, model, objective, progress, log):
+    """Score the model on the validation data and log it. Returns whether it is the best so far (its threshold
+    then goes into its config.json). Without validation data (--val-fraction 0) the newest model counts as best."""
+    if "val" not in objective.splits:
+        log.evaluation(progress, None)
+        return True
     metrics, threshold, _ = objective.evaluate(model, objective.splits["val"])  # the same on every rank
     log.evaluation(progress, metrics)
     score = float(metrics[log.metric])
@@ -399,12 +414,20 @@ def evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, d
         improved = True
     else:
         improved = score > progress.best if higher_is_better else score < progress.best
-    progress.last_eval, progress.evals = progress.step, progress.evals + 1
     if improved:
         progress.best, progress.bad_evals = score, 0
         model.config.thresholds = threshold_list(threshold, model.config.num_labels)
     else:
         progress.bad_evals += 1
+    return improved
+
+
+def evaluate_and_checkpoint(cfg, learner, objective, progress, log, model_dir, data):
+    """Validate the model (validate); save it to out_dir when it is the best so far (and to out_dir/checkpoints
+    with --keep-checkpoints); then all that --resume needs (with the data's fingerprints) to out_dir/last."""
+    model, main_rank = learner.model, is_main_rank()
+    improved = validate(cfg, model, objective, progress, log)
+    progress.last_eval, progress.evals = progress.step, progress.evals + 1
     sharded, run_options = is_sharded(cfg.fsdp), dataclasses.asdict(cfg)
     with signals.held():  # a Ctrl-C or SIGTERM waits for the saves: the message then names this checkpoint, whole
         weights, optim = checkpoints.full_state(model, learner.optimizer, sharded)  # a collective under FSDP
@@ -483,7 +506,7 @@ def train(cfg):
         report = objective.report(device, progress.best)
     log.publish()  # --report-to: the report as artifacts
     # after the report: a kill before the state is slimmed resumes to the report
-    print(checkpoints.finished_state(cfg.out_dir, cfg.keep_state))
+    print(checkpoints.finished_state(cfg.out_dir, cfg.keep_state, "val" in objective.splits))
     files.release(lock)  # (a run that fails lets go of it in main)
     return report
 
@@ -491,8 +514,10 @@ def train(cfg):
 def describe(cfg, objective, device):
     world = rank_and_world()[1]
     sizes = ", ".join(f"{len(s.seqs)} {name}" for name, s in objective.splits.items())
+    unvalidated = ("\nno validation data (--val-fraction 0): every training text is trained on, nothing is "
+                   "validated, and the model saved is the last step's") if "val" not in objective.splits else ""
     return (f"{sizes} {objective.describe()}; device {device}"
-            + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
+            + (f" x {world} processes ({'FSDP' if cfg.fsdp else 'DDP'})" if world > 1 else "") + unvalidated)
 
 
 def parse_config(argv=None):

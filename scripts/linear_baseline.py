@@ -9,7 +9,9 @@ files, scored with our metrics.py. Run it beside `python train.py` on your data 
 
 It trains on the 90% of the training file that train.py trains on (same split, same --seed), tunes nothing
 on the test file, and for multi-label data picks one decision threshold on the held-out 10%, as train.py's
-default `--threshold global` does. Prints the test metrics and writes them as JSON with --out.
+default `--threshold global` does. With --val-fraction 0 (and no --val-file), as train.py then, nothing is held
+out: it trains on the whole file and multi-label decisions stay at 0.5. C is fixed (--C), never tuned. Prints the
+test metrics and writes them as JSON with --out.
 """
 import argparse
 import os
@@ -24,7 +26,8 @@ from side import files  # noqa: E402
 
 
 def read_split(args):
-    """(train, val, test) as (texts, targets) and the label encoder, split exactly as train.py splits."""
+    """(train, val, test) as (texts, targets) and the label encoder, split exactly as train.py splits; val is None
+    with --val-fraction 0 (no --val-file): every training row is trained on."""
     multi = {"auto": None, "single": False, "multi": True}[args.task]
     columns = args.label_column.split(",") if "," in args.label_column else (args.label_column or None)
     read = lambda path, m=multi: read_table(path, args.text_column, columns, m, args.label_sep)
@@ -38,6 +41,8 @@ def read_split(args):
     if args.val_file:
         val_table = read(args.val_file, table.multi_label)
         train, val = rows(table, range(len(table.texts))), rows(val_table, range(len(val_table.texts)))
+    elif args.val_fraction == 0:
+        train, val = rows(table, range(len(table.texts))), None
     else:
         train_idx, val_idx = train_val_split(table.labels, args.val_fraction, args.seed,
                                              stratify=not table.multi_label)
@@ -51,7 +56,8 @@ def fit_and_score(args):
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
-    (train_x, train_y), (val_x, val_y), (test_x, test_y), labels = read_split(args)
+    (train_x, train_y), val, (test_x, test_y), labels = read_split(args)
+    print(held_out_note(len(train_x), val, labels.multi_label))
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     features = vectorizer.fit_transform(train_x)
     linear = LogisticRegression(C=args.C, max_iter=2000)
@@ -63,7 +69,7 @@ def fit_and_score(args):
             out = np.full((len(texts), labels.num_labels), -30.0, np.float32)
             out[:, present] = model.decision_function(vectorizer.transform(texts))
             return out
-        threshold = tune_thresholds(logits(val_x), val_y)
+        threshold = 0.5 if val is None else tune_thresholds(logits(val[0]), val[1])
         scores = logits(test_x)
         metrics = {**compute_metrics(scores, test_y, True, threshold), "threshold": threshold}
         metrics["by_label_frequency"] = f1_by_frequency(scores, test_y, train_y.sum(axis=0), threshold)
@@ -73,6 +79,15 @@ def fit_and_score(args):
         scores[:, model.classes_] = model.decision_function(vectorizer.transform(test_x))
         metrics = compute_metrics(scores, test_y, False)
     return {**metrics, **calibration_metrics(scores, test_y, labels.multi_label)}
+
+
+def held_out_note(trained, val, multi_label):
+    """What the validation share was used for: the line the baseline prints before it fits."""
+    if val is not None:
+        use = "the decision threshold tuned on them" if multi_label else "not used (C is fixed)"
+        return f"linear baseline: {trained} training rows, {len(val[0])} held out for validation: {use}"
+    fixed = "; multi-label threshold 0.5, not tuned" if multi_label else ""
+    return f"linear baseline: no validation data (--val-fraction 0): trained on all {trained} training rows{fixed}"
 
 
 def main(argv=None):
@@ -86,12 +101,14 @@ def main(argv=None):
     p.add_argument("--label-sep", default=";")
     p.add_argument("--unknown-labels", default="error", choices=["error", "ignore"],
                    help="val/test labels unseen in training: error, or ignore them (as train.py's option)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as train.py's; 0 = none: train on the whole file")
     p.add_argument("--seed", type=int, default=0, help="the split's seed: use train.py's --seed")
     p.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength")
     p.add_argument("--jobs", type=int, default=1, help="processes for one-vs-rest")
     p.add_argument("--out", default="", help="write the test metrics to this JSON file")
     args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:  # as train.py's check: train_val_split would end in a traceback
+        p.error(f"--val-fraction {args.val_fraction} must be in [0, 1) (0 = no validation data)")
     metrics = fit_and_score(args)
     print(format_table(metrics))
     if args.out:

@@ -449,6 +449,10 @@ def check_job(train_args):
     options.check_options(cfg)
     if cfg.task == "mlm":
         raise SystemExit("sweep.py tunes a classifier on its validation metric: no --task mlm")
+    if options.no_validation(cfg):
+        raise SystemExit(f"sweep.py tunes a classifier on its validation metric, and --val-fraction "
+                         f"{cfg.val_fraction} without a --val-file leaves no validation data: give --val-fraction > 0 "
+                         "or a --val-file")
     return cfg
 
 

@@ -194,11 +194,12 @@ def describe_file(fingerprint):
     return f"{fingerprint['size']} bytes, sha256 {fingerprint['sha256'][:12]}" if fingerprint else "none"
 
 
-def finished_state(out_dir, keep):
+def finished_state(out_dir, keep, validated=True):
     """Once a run has finished: out_dir/last/state.pt without the weights and optimizer moments, which only more
     training would read (a finished run's --resume trains no step, and the best model is out_dir's own), unless
     keep (--keep-state); its options, progress and fingerprints stay, so --resume --calibrate temperature still
-    reports again. Returns the line that says what became of it, with its size."""
+    reports again (validated: the run had validation data to fit a temperature on). Returns the line that says what
+    became of it, with its size."""
     path = os.path.join(out_dir, "last", "state.pt")
     if not os.path.isfile(path):
         return f"{out_dir}: no last/state.pt"
@@ -209,5 +210,5 @@ def finished_state(out_dir, keep):
     if state["model"] is not None:
         atomic_torch_save({**state, "model": None, "optimizer": None}, path)
     return (f"{path}: {before / 2**20:,.1f} MiB -> {os.path.getsize(path) / 2**10:,.0f} KiB: the finished run's "
-            "weights and optimizer moments are dropped (the best model is in the out-dir); --resume "
-            "--calibrate temperature still works")
+            "weights and optimizer moments are dropped (the best model is in the out-dir)"
+            + ("; --resume --calibrate temperature still works" if validated else ""))

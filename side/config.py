@@ -39,7 +39,9 @@ class ModelAndData:
     unknown_labels: str = option("error", "validation or test labels unseen in training: an error, or ignored "
                                  "(dropped, with a warning)", ("error", "ignore"))
     val_fraction: float = option(0.1, "the share of the training file held out for validation when there is no "
-                                 "--val-file")
+                                 "--val-file; 0 = none: every text is trained on, nothing is validated, and the model "
+                                 "saved is the last step's (not with --patience, --metric, --greater-is-better, "
+                                 "--calibrate, --threshold per_label or --task mlm)")
     max_length: int = option(256, "tokens per text, special tokens included; 0 = the model's maximum (more: cut to "
                              "it)")
     long_docs: str = option("head", "texts longer than --max-length: cut (head, tail, head_tail; native: head at "
@@ -75,7 +77,8 @@ class HeadOptions(Optimisation):
     """the head and multi-label"""
     threshold: str = option("global", "multi-label decision threshold: tuned on the validation data after each "
                             "evaluation, one for all labels (global) or one per label (per_label), and saved in "
-                            "config.json for predict.py; or a fixed number such as 0.5",
+                            "config.json for predict.py; or a fixed number such as 0.5. Without validation data "
+                            "(--val-fraction 0) global means 0.5",
                             metavar="{global,per_label,NUMBER}")
     prior_bias: bool = option(True, "start a new multi-label head at each label's training frequency")
     pooling: str = option("auto", "how token vectors become the head's input: cls ([CLS], through BERT's pooler), "

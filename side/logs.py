@@ -70,6 +70,8 @@ class TrainLog:
             self.bar.update(step, loss, lr, self.tokens / (time.time() - self.clock))
 
     def evaluation(self, progress, metrics):
+        """An evaluation's table row and metrics.jsonl row; metrics None (no validation data, --val-fraction 0): the
+        table row without validation columns, and no metrics.jsonl row (its rows of kind eval are validation's)."""
         self.evaluated_at = progress.step
         train_loss = global_mean(self.running)
         self.running.zero_()
@@ -77,6 +79,8 @@ class TrainLog:
         if self.main_rank:
             self.bar.newline()
             print(evaluation_row(epoch, progress.step, train_loss, metrics, self.columns, progress.evals == 0))
+        if metrics is None:
+            return
         self.write({"kind": "eval", "step": progress.step, "epoch": epoch, "metric": self.metric, **metrics},
                    flush=True)
 
@@ -147,9 +151,10 @@ class ProgressBar:
 
 
 def evaluation_row(epoch, step, train_loss, metrics, columns, first):
-    """A table row per evaluation, like the Hugging Face Trainer's."""
-    cells = [("epoch", f"{epoch:.2f}"), ("step", str(step)), ("train_loss", f"{train_loss:.4f}"),
-             ("val_loss", f"{metrics['loss']:.4f}")] + [(c, f"{metrics[c]:.4f}") for c in columns]
+    """A table row per evaluation, like the Hugging Face Trainer's (metrics None: no validation columns)."""
+    cells = [("epoch", f"{epoch:.2f}"), ("step", str(step)), ("train_loss", f"{train_loss:.4f}")]
+    if metrics is not None:
+        cells += [("val_loss", f"{metrics['loss']:.4f}")] + [(c, f"{metrics[c]:.4f}") for c in columns]
     widths = [max(len(name), len(value)) for name, value in cells]
     header = " | ".join(name.rjust(w) for (name, _), w in zip(cells, widths))
     row = " | ".join(value.rjust(w) for (_, value), w in zip(cells, widths))
@@ -185,12 +190,14 @@ def plot_curves(log_path, png_path):
     evals = [r for r in rows if r["kind"] == "eval"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    a.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="val loss")
-    a.set_xlabel("step"), a.legend()
     if evals:
+        a.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="val loss")
         metric = evals[0]["metric"]
         b.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2")
         b.set_xlabel("step"), b.set_title(f"validation {metric}")
+    else:  # a finished run evaluated at least once: it had no validation data
+        b.set_axis_off(), b.set_title("no validation data (--val-fraction 0)")
+    a.set_xlabel("step"), a.legend()
     fig.tight_layout()
     with files.replacing(png_path, "the curves", suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)

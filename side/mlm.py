@@ -35,7 +35,10 @@ class MaskedLanguageModelling:
     @staticmethod
     def option_rules(cfg):
         """Lines of check_options that masked-LM allows less than a classifier does."""
-        return {"text_pair_column": (not cfg.text_pair_column, "a column name, for a classifier: not with --task mlm"),
+        held_out = 0 < cfg.val_fraction < 1 or (cfg.val_file and cfg.val_fraction == 0)
+        return {"val_fraction": (held_out, "in (0, 1) with --task mlm, which keeps the checkpoint of the lowest "
+                                 "validation loss (0 = no validation data is for classifiers), or give a --val-file"),
+                "text_pair_column": (not cfg.text_pair_column, "a column name, for a classifier: not with --task mlm"),
                 "long_docs": (cfg.long_docs == "head", "head with --task mlm (it reads every token)"),
                 "teacher": (not cfg.teacher, "a fine-tuned classifier, for a classifier: not with --task mlm"),
                 "metric": (cfg.metric in ("auto", "loss"), "auto or loss with --task mlm"),

@@ -3,6 +3,7 @@
 parse_config   TrainConfig from a .toml/.json file, then the command line; -h explains each option from its field's
     metadata (side/config.py: the one place an option is documented), and lists its choices
 check_options  each option against its allowed values: its field's choices, else one line per option here
+no_validation / check_needs_validation   --val-fraction 0: no validation data, and the options that need it refused
 resolve_model / read_model_folder   --model: a folder, the packaged MiniLM, or a hub id; its files present
 check_out_dir / clear_old_run   a run owns its --out-dir (refused, --overwrite, or --resume); it writes nothing
     onto a file it reads (side/files.py's collision guard)
@@ -121,7 +122,7 @@ def check_options(cfg, objective_rules=None):
                              "a column name, with --long-docs head or native (pairs are truncated longest first)"),
         "mlm_probability": (cfg.mlm_probability is None or 0 < cfg.mlm_probability < 1, "between 0 and 1 (exclusive)"),
         "label_sep": (cfg.label_sep != "", "a separator, such as ;"),
-        "val_fraction": (0 < cfg.val_fraction < 1, "between 0 and 1 (exclusive)"),
+        "val_fraction": (0 <= cfg.val_fraction < 1, "in [0, 1) (0 = no validation data)"),
         "max_length": (cfg.max_length >= 0, ">= 0 (0 = the model's maximum)"),
         "window_stride": (cfg.window_stride >= 0, ">= 0 (0 = half a window)"),
         "epochs": (cfg.epochs >= 1, ">= 1"),
@@ -161,10 +162,34 @@ def check_options(cfg, objective_rules=None):
     if bad:
         raise SystemExit("; ".join(bad))
     check_report_to(cfg.report_to)  # a name it knows, its package installed: before anything is written
+    check_needs_validation(cfg)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     if not cfg.teacher and any(getattr(cfg, name) != defaults[name] for name in ("distill_weight",
                                                                                   "distill_temperature")):
         raise SystemExit("--distill-weight and --distill-temperature weigh a teacher's predictions: give --teacher")
+
+
+def no_validation(cfg):
+    """--val-fraction 0 and no --val-file: every training text is trained on, nothing is validated, and the model
+    kept is the last step's (-0.0 counts as 0)."""
+    return not cfg.val_file and cfg.val_fraction == 0
+
+
+def check_needs_validation(cfg):
+    """Without validation data, the options that act on validation scores have nothing to act on: each is refused,
+    with the way out, rather than ignored."""
+    if not no_validation(cfg):
+        return
+    needs = {"patience": (cfg.patience > 0, "stops when the validation score stops improving"),
+             "metric": (cfg.metric != "auto", "chooses the checkpoint on validation scores"),
+             "greater_is_better": (cfg.greater_is_better is not None, "chooses the checkpoint on validation scores"),
+             "threshold": (cfg.threshold == "per_label", "tunes one threshold per label on the validation data"),
+             "calibrate": (cfg.calibrate != "off", "fits the temperature on the validation data")}
+    used = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r} ({why})" for name, (on, why) in needs.items() if on]
+    if used:
+        need, it = ("needs", "it") if len(used) == 1 else ("need", "them")
+        raise SystemExit(f"--val-fraction {cfg.val_fraction} without a --val-file leaves no validation data, which "
+                         f"{', '.join(used)} {need}: leave {it} out, or give --val-fraction > 0 or a --val-file")
 
 
 def choice_rules(cfg):

@@ -1,6 +1,7 @@
-"""The classifier's report after training: the best checkpoint reloaded from disk, its temperature fit on the
-validation data (--calibrate temperature, side/calibrate.py), then validation and test scores with calibration
-(ECE, Brier), and for multi-label data F1 by how often each label occurs in the training data.
+"""The classifier's report after training: the best checkpoint (the last one without validation data) reloaded from
+disk, its temperature fit on the validation data (--calibrate temperature, side/calibrate.py), then validation and
+test scores with calibration (ECE, Brier), and for multi-label data F1 by how often each label occurs in the
+training data.
 
 final_report -> report.txt, test_metrics.json, calibration.png (with matplotlib)
 threshold_list   a tuned threshold as config.json keeps it
@@ -16,23 +17,29 @@ from side import calibrate, files
 from side.logs import plot_reliability
 
 CALIBRATION_KEYS = ("ece", "brier")
+NO_VALIDATION = "no validation data (--val-fraction 0): the model is the last step's"
 TERMINAL_LABELS = 15  # a per-label table longer than this is printed as its weakest labels (report.txt has it all)
 
 
 def final_report(objective, out_dir, calibration, device, best):
     """Reload the best checkpoint from disk (proves it loads), calibrate it when asked (calibration: off |
-    temperature), then report on the validation and test data. objective: train.py's Classification."""
+    temperature), then report on the validation and test data (either may be absent: --val-fraction 0, no
+    --test-file). objective: train.py's Classification."""
     model = EncoderClassifier.from_pretrained(out_dir, device=device, verbose=False)
     calibrate.set_temperature(model.config, None)  # a report made again after a kill fits it anew, from raw logits
     raw = {name: (objective.logits(model, objective.splits[key]), objective.splits[key].targets)
            for name, key in (("validation", "val"), ("test", "test")) if key in objective.splits}
-    lines = [f"best validation {objective.metric}: {best:.4f}"]
+    lines = [f"best validation {objective.metric}: {best:.4f}" if "validation" in raw else NO_VALIDATION]
     if calibration == "temperature":
         lines.append(fit_and_save(model, objective, *raw["validation"], out_dir))
     scored = {name: score(model, objective, logits, targets, calibration != "off")
               for name, (logits, targets) in raw.items()}
-    validation = {k: v for k, v in scored["validation"][0].items() if k.startswith(CALIBRATION_KEYS)}
-    lines += ["", "validation calibration", format_table(validation)]
+    validation = None  # no validation data: none of its numbers, rather than a made-up one
+    if "validation" in scored:
+        validation = {k: v for k, v in scored["validation"][0].items() if k.startswith(CALIBRATION_KEYS)}
+        lines += ["", "validation calibration", format_table(validation)]
+    if not scored:
+        lines.append("nothing scored: no validation data and no --test-file")
     result = {"best_val": best, "validation": validation}
     if "test" in scored:
         metrics, logits = scored["test"]
@@ -50,7 +57,8 @@ def final_report(objective, out_dir, calibration, device, best):
         files.write_json(os.path.join(out_dir, "test_metrics.json"), {**metrics, "validation": validation})
     on_screen = lines if "test" not in scored else lines[:shown] + [terminal_table(rows)]
     write_report(out_dir, "\n".join(lines), "\n".join(on_screen))
-    plot_reliability(os.path.join(out_dir, "calibration.png"), reliability_curves(model, raw, calibration != "off"))
+    if raw:
+        plot_reliability(os.path.join(out_dir, "calibration.png"), reliability_curves(model, raw, calibration != "off"))
     return result
 
 

@@ -311,7 +311,7 @@ def test_15_max_length_too_short_for_the_special_tokens(tiny, tmp_path, no_model
     ("--lr", "-1", "--lr -1.0 must be a number > 0"),
     ("--lr", "nan", "--lr nan must be a number > 0"),
     ("--grad-accum", "0", "--grad-accum 0 must be >= 1"),
-    ("--val-fraction", "1", r"--val-fraction 1.0 must be between 0 and 1 \(exclusive\)"),
+    ("--val-fraction", "1", r"--val-fraction 1.0 must be in \[0, 1\) \(0 = no validation data\)"),
     ("--max-length", "-5", r"--max-length -5 must be >= 0 \(0 = the model's maximum\)"),
     ("--log-every", "0", "--log-every 0 must be >= 1"),
     ("--warmup-ratio", "1.5", "--warmup-ratio 1.5 must be between 0 and 1"),
