@@ -20,6 +20,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from side import signals  # noqa: E402
+signals.quiet_start(__name__)  # from here a Ctrl-C or SIGTERM ends with one line, not a traceback
 from data import DataError, LabelEncoder, read_table  # noqa: E402
 from metrics import sigmoid  # noqa: E402
 from predict import Predictor  # noqa: E402
@@ -45,7 +47,7 @@ def decisions_and_truth(run_dir, texts, raw_labels, batch_size):
     predictor = Predictor(run_dir, device="cpu", batch_size=batch_size)
     multi = predictor.model.config.multi_label
     names = LabelEncoder.from_id2label(dict(enumerate(predictor.names)), multi)
-    targets = names.encode(raw_labels, run_dir, hint="the test file has a label this run never saw")
+    targets = names.encode(raw_labels, run_dir, hint="or compare runs trained on all of its labels")
     logits = predictor.logits(texts)
     if multi:
         return (sigmoid(logits) >= predictor.thresholds).astype(np.float64), targets.astype(np.float64)
@@ -102,6 +104,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.samples < 100:
         p.error(f"--samples {args.samples}: at least 100 draws are needed for a 95% interval")
+    names = [name for name, _ in args.systems]
+    if len(set(names)) < len(names):
+        p.error(f"each system needs a name of its own: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
+                " given twice")
+    reads = {"--test-file": args.test_file, **{f"run folder of {name}": run for name, runs in args.systems
+                                                for run in runs}}
+    if files.out_file_problem(args.out, reads):
+        p.error(files.out_file_problem(args.out, reads))
     try:
         table = read_table(args.test_file, args.text_column, args.label_column or None, None, args.label_sep)
     except (DataError, OSError) as e:
@@ -129,8 +139,12 @@ def main(argv=None):
     text = f"{n} test texts ({args.test_file}), {args.samples} draws with replacement\n\n" + text
     print(text)
     if args.out:
-        files.write_text(args.out, text + "\n")
+        try:
+            files.write_text(args.out, text + "\n", "the table")
+        except files.WriteFailed as e:
+            raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    with signals.stopping("Run the same command again (nothing was written)"):  # Ctrl-C, SIGTERM, | head
+        main()

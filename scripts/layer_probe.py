@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from side import signals  # noqa: E402
+signals.quiet_start(__name__)  # from here a Ctrl-C or SIGTERM ends with one line, not a traceback
 from data import TextEncoder, make_batch  # noqa: E402
 from linear_baseline import read_split  # noqa: E402
 from metrics import compute_metrics, tune_thresholds  # noqa: E402
@@ -78,6 +80,10 @@ def main(argv=None):
     p.add_argument("--pooling", choices=("mean", "max", "cls"), default="mean")
     p.add_argument("--out", default="", help="also write the table (markdown) here")
     args = p.parse_args(argv)
+    reads = {"--train-file": args.train_file, "--val-file": args.val_file, "--test-file": args.test_file,
+             "--model folder": args.model}
+    if files.out_file_problem(args.out, reads):
+        p.error(files.out_file_problem(args.out, reads))
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y), labels = read_split(args)
     model_dir = options.resolve_model(args.model)
@@ -94,7 +100,11 @@ def main(argv=None):
                     f"{test['macro_f1']:.4f} |")
         print(rows[-1], flush=True)
     if args.out:
-        files.write_text(args.out, "\n".join([header, *rows]) + "\n")
+        try:
+            files.write_text(args.out, "\n".join([header, *rows]) + "\n", "the table")
+        except files.WriteFailed as e:
+            raise SystemExit(str(e)) from None
 
 if __name__ == "__main__":
-    main()
+    with signals.stopping("Run the same command again (nothing was written)"):  # Ctrl-C, SIGTERM, | head
+        main()

@@ -20,6 +20,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from side import signals  # noqa: E402
+signals.quiet_start(__name__)  # from here a Ctrl-C or SIGTERM ends with one line, not a traceback
 from data import IGNORE_INDEX, LabelEncoder, read_table, train_val_split  # noqa: E402
 from metrics import calibration_metrics, compute_metrics, f1_by_frequency, format_table, tune_thresholds  # noqa: E402
 from side import files  # noqa: E402
@@ -107,14 +109,21 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="processes for one-vs-rest")
     p.add_argument("--out", default="", help="write the test metrics to this JSON file")
     args = p.parse_args(argv)
+    reads = {"--train-file": args.train_file, "--val-file": args.val_file, "--test-file": args.test_file}
+    if files.out_file_problem(args.out, reads):
+        p.error(files.out_file_problem(args.out, reads))
     if not 0 <= args.val_fraction < 1:  # as train.py's check: train_val_split would end in a traceback
         p.error(f"--val-fraction {args.val_fraction} must be in [0, 1) (0 = no validation data)")
     metrics = fit_and_score(args)
     print(format_table(metrics))
     if args.out:
-        files.write_json(args.out, metrics, "the metrics")
+        try:
+            files.write_json(args.out, metrics, "the metrics")
+        except files.WriteFailed as e:
+            raise SystemExit(str(e)) from None
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    with signals.stopping("Run the same command again (nothing was written)"):  # Ctrl-C, SIGTERM, | head
+        main()

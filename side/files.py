@@ -9,6 +9,7 @@ write_bytes / write_text / write_json   whole files through replacing
 replacing_files(folder) -> temp folder   several files (a checkpoint) written together, each renamed into folder
 Appender(path)   a file that grows by whole records (a .partial output, metrics.jsonl); move / remove / fsync
 collisions(outputs, reads)   what a run would write onto something it reads, or onto another of its outputs
+out_file_problem(path, reads)   the same for a script's one --out file, and its folder missing
 hold(path, what) / release / release_all   a lock (flock) a running run holds on its output: a second run on it is refused by
     name
 """
@@ -253,6 +254,16 @@ def collisions(outputs, reads, folders=(), advice="name another file"):
                          if same(path, other)]
             seen[what] = path
     return "; ".join(problems) + "; " + advice if problems else None
+
+
+def out_file_problem(path, reads):
+    """Why a script's --out file cannot be written (None: it can), checked before the work rather than after it:
+    a file the script reads ({what: path}) or a folder (collisions), or a folder that does not exist."""
+    if not path:
+        return None
+    clash = collisions({"--out": path}, reads, advice="name another --out file")
+    parent = os.path.dirname(os.path.abspath(path))
+    return clash or (None if os.path.isdir(parent) else f"--out {path}: the folder {parent} does not exist")
 
 
 def same(a, b):

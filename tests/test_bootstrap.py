@@ -70,3 +70,29 @@ def test_a_bad_system_is_one_line(tmp_path, capsys, system, message):
     with pytest.raises(SystemExit) as stop:
         bootstrap.main(["--test-file", str(tmp_path / "t.csv"), system])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_out_file_the_script_reads_or_cannot_write_is_refused_before_any_work(tmp_path, capsys):
+    """bootstrap.py, linear_baseline.py and layer_probe.py: --out onto an input, into a run folder or into a
+    missing folder ends in one line before anything is read or written; the input is left as it was."""
+    import layer_probe
+    import linear_baseline
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\na,b\n")
+    cases = [(bootstrap, ["--test-file", str(test), "--out", str(test), f"a={run}"], "is the --test-file"),
+             (bootstrap, ["--test-file", str(test), "--out", str(run / "config.json"), f"a={run}"],
+              "lies inside the run folder of a"),
+             (bootstrap, ["--test-file", str(test), "--out", str(tmp_path / "no" / "t.md"), f"a={run}"],
+              "the folder " + str(tmp_path / "no") + " does not exist"),
+             (bootstrap, ["--test-file", str(test), f"a={run}", f"a={run}"], "a given twice"),
+             (linear_baseline, ["--train-file", str(test), "--test-file", str(test), "--out", str(test)],
+              "is the --train-file"),
+             (layer_probe, ["--train-file", str(test), "--out", str(test)], "is the --train-file")]
+    for script, argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            script.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, (script.__name__, argv)
+    assert test.read_text() == "text,label\na,b\n" and (run / "config.json").read_text() == "{}"
