@@ -41,6 +41,9 @@ import train  # noqa: E402
 from side import files  # noqa: E402
 
 SEEDS_SETS = ("--seed", "--out-dir", "--resume", "--overwrite")  # train.py options this script sets per seed
+# a run ended by Ctrl-C or SIGTERM (train.py's own message: 128 + the signal; or the signal itself: negative) is
+# not a failure: it keeps its last checkpoint, and the same command continues it
+STOPPED_CODES = (128 + 2, 128 + 15, -2, -15)
 
 
 def parse_args(argv):
@@ -132,13 +135,21 @@ def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):
                     codes[seed] = process.returncode
                     free.append(device)
                     del running[seed]
-                    print(f"{run_name(seed)}: {'done' if codes[seed] == 0 else f'failed (exit code {codes[seed]})'}",
-                          flush=True)
+                    print(f"{run_name(seed)}: {outcome(codes[seed])}", flush=True)
     finally:  # stopped (Ctrl-C, a kill): its runs stop too, so a second seeds.py never writes beside them
         for process, _ in running.values():
             process.terminate()
             process.wait()
     return codes
+
+
+def outcome(code):
+    if code == 0:
+        return "done"
+    if code in STOPPED_CODES:
+        return (f"stopped by a signal (exit code {code}): it continues from its last checkpoint when this command is "
+                "run again")
+    return f"failed (exit code {code})"
 
 
 def run_name(key):
@@ -272,15 +283,21 @@ def main(argv=None):
     codes = run_jobs(jobs, devices)
     done = [(key, seed, folder, job) for key, seed, folder, _, job in runs if seed_state(folder) == "done"]
     names = [key for key, _, _, _ in done]
-    try:
-        table, text = write_tables(args, train_args, done)
-    except files.WriteFailed as e:  # the runs are whole: a rerun skips them and writes the tables
-        raise SystemExit(f"{e}. Once that is fixed, run the same command again: the finished runs are skipped")
-    print(f"\n{text}\n\nwritten to {args.out_dir}/seeds.md and seeds.json")
-    failed = [run_name(key) for key, code in codes.items() if code != 0]
-    if failed:
-        raise SystemExit(f"{', '.join(failed)} failed: see their logs in {args.out_dir}; the table holds "
-                         f"{', '.join(map(run_name, names))}")
+    table = None
+    if done:
+        try:
+            table, text = write_tables(args, train_args, done)
+        except files.WriteFailed as e:  # the runs are whole: a rerun skips them and writes the tables
+            raise SystemExit(f"{e}. Once that is fixed, run the same command again: the finished runs are skipped")
+        print(f"\n{text}\n\nwritten to {args.out_dir}/seeds.md and seeds.json")
+    else:  # an empty table would replace the one a run of other seeds in this folder wrote
+        print(f"\nno run has finished: no table written ({args.out_dir}/seeds.md, if any, is as it was)")
+    stopped = [run_name(key) for key, code in codes.items() if code in STOPPED_CODES]
+    failed = [run_name(key) for key, code in codes.items() if code != 0 and code not in STOPPED_CODES]
+    problems = ([f"{', '.join(failed)} failed: see their logs in {args.out_dir}"] if failed else []) + (
+        [f"{', '.join(stopped)} stopped by a signal: run the same command again to continue"] if stopped else [])
+    if problems:
+        raise SystemExit("; ".join(problems) + f"; the table holds {', '.join(map(run_name, names)) or 'no run'}")
     return table
 
 

@@ -72,6 +72,23 @@ def test_a_stopped_seeds_py_stops_its_runs(tmp_path, monkeypatch):
     assert started[0].returncode is not None  # terminated and waited for: nothing writes on behind our back
 
 
+def test_a_run_stopped_by_a_signal_is_said_to_continue_and_no_empty_table_replaces_one(tmp_path, monkeypatch, capsys):
+    """A run that SIGTERM or Ctrl-C ended (a scheduler, the user) is not called failed; and when no run has
+    finished, the table another invocation wrote in the folder stays as it was."""
+    command = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
+    assert seeds.run_jobs([(0, command, str(tmp_path / "log"))], [None], poll_seconds=0.05) == {0: -15}
+    assert "seed 0: stopped by a signal (exit code -15): it continues" in capsys.readouterr().out
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "seeds.md").write_text("seed 0's table")
+    monkeypatch.setattr(seeds, "run_jobs", lambda jobs, devices: {1: 143, 2: 1})
+    with pytest.raises(SystemExit) as stop:
+        seeds.main(["--seeds", "1,2", "--no-baseline", "--out-dir", str(root), "--", "--max-steps", "1"])
+    assert str(stop.value.code) == (f"seed 2 failed: see their logs in {root}; seed 1 stopped by a signal: run the "
+                                    "same command again to continue; the table holds no run")
+    assert (root / "seeds.md").read_text() == "seed 0's table"
+
+
 def test_arguments_seeds_sets_itself_are_refused():
     with pytest.raises(SystemExit):
         seeds.parse_args(["--seeds", "0,1", "--", "--seed", "3"])
