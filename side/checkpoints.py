@@ -120,6 +120,15 @@ def save_training_state(out_dir, learner, progress, weights, optim, options, dat
             "data": data}, os.path.join(out_dir, "last", "state.pt"))
 
 
+def as_flag(name, value):
+    """The command-line words that set an option to value: --x / --no-x for a switch, none for None (its
+    default), else --x VALUE."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"no --{flag}" if value is None else f"--{flag} {value if value != '' else repr(value)}"
+
+
 def load_training_state(out_dir, options, id2label, data):
     """out_dir/last/state.pt, checked against this run's options (a dict), data and labels (None: no labels) before
     the model is loaded; None when there is none yet (start afresh)."""
@@ -134,8 +143,10 @@ def load_training_state(out_dir, options, id2label, data):
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} (now {options[k]!r})" for k in sorted(saved)
                if k not in RESUME_MAY_CHANGE and k in options and options[k] != saved[k]]
     if changed:
+        restore = " ".join(as_flag(k, saved[k]) for k in sorted(saved)
+                           if k not in RESUME_MAY_CHANGE and k in options and options[k] != saved[k])
         raise SystemExit(f"--resume: {path} was written with other options: {', '.join(changed)}; "
-                         "resume with the options of the interrupted run")
+                         f"resume with the options of the interrupted run ({restore})")
     was = state.get("data", {})
     changed = [f"{options[k]} ({describe_file(was.get(k))}, now {describe_file(data.get(k))})"
                for k in sorted(set(was) | set(data)) if was.get(k) != data.get(k)]

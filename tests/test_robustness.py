@@ -217,8 +217,12 @@ def test_failed_saves_keep_the_previous_checkpoints(tiny, uninterrupted, tmp_pat
 def test_resume_refuses_other_options(tiny, uninterrupted, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted, out)
-    with pytest.raises(SystemExit, match=r"other options: --lr '?0.002'? \(now 0.001\)"):
+    with pytest.raises(SystemExit, match=r"other options: --lr '?0.002'? \(now 0.001\); resume with the options of "
+                                         r"the interrupted run \(--lr 0.002\)$"):
         train.main(job(tiny, out, "--resume", "--lr", "1e-3"))
+    from side.checkpoints import as_flag  # what the message gives to type: a switch's own form, None as no option
+    assert [as_flag("layer_mix", False), as_flag("prior_bias", True), as_flag("head_lr", None),
+            as_flag("val_file", "")] == ["--no-layer-mix", "--prior-bias", "no --head-lr", "--val-file ''"]
 
 
 # ----------------------------------------------------------------------------- non-finite steps
