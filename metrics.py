@@ -69,13 +69,14 @@ def _divide(num, den):
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
-def _f1(tp, n_pred, n_true):
+def f1_from_counts(tp, n_pred, n_true):
+    """F1 from true positives, predictions and targets, elementwise (any shape: per class, per draw)."""
     return _divide(2 * tp, n_true + n_pred)  # sklearn's form: exact for empty classes, no P*R rounding
 
 
 def _prf(tp, n_pred, n_true):
     """Precision, recall and F1 from counts, elementwise."""
-    return _divide(tp, n_pred), _divide(tp, n_true), _f1(tp, n_pred, n_true)
+    return _divide(tp, n_pred), _divide(tp, n_true), f1_from_counts(tp, n_pred, n_true)
 
 
 def _averaged_prf(tp, n_pred, n_true, weighted):
@@ -207,8 +208,11 @@ def tune_thresholds(logits, targets, per_label=False, average="micro"):
         raise ValueError(f"average must be 'micro' or 'macro', got {average!r}")
     logits, targets = _multilabel_inputs(logits, targets)
     tp, n_pred, n_true = _f1_table(sigmoid(logits), targets)
-    f1 = _f1(tp, n_pred, n_true)
-    score = f1.mean(axis=0) if average == "macro" else _f1(tp.sum(axis=0), n_pred.sum(axis=0), n_true.sum())
+    f1 = f1_from_counts(tp, n_pred, n_true)
+    if average == "macro":
+        score = f1.mean(axis=0)
+    else:
+        score = f1_from_counts(tp.sum(axis=0), n_pred.sum(axis=0), n_true.sum())
     best = int(score.argmax()) if score.max() > score[_HALF] + _MIN_GAIN else _HALF
     if not per_label:
         return float(_GRID[best])
@@ -224,7 +228,7 @@ def tune_thresholds(logits, targets, per_label=False, average="micro"):
         moved = False
         for i in labels:
             rest_tp, rest_pred = total_tp - tp[i, choice[i]], total_pred - n_pred[i, choice[i]]
-            candidate = _f1(rest_tp + tp[i], rest_pred + n_pred[i], total_true)
+            candidate = f1_from_counts(rest_tp + tp[i], rest_pred + n_pred[i], total_true)
             if candidate.max() > candidate[choice[i]] + _MIN_GAIN:
                 choice[i] = candidate.argmax()
                 total_tp, total_pred = rest_tp + tp[i, choice[i]], rest_pred + n_pred[i, choice[i]]
@@ -309,8 +313,8 @@ def f1_by_frequency(logits, targets, train_counts, threshold=0.5, edges=FREQUENC
     preds = _predict_multilabel(logits, threshold)[1]
     tp, n_pred, n_true = (preds & targets).sum(axis=0), preds.sum(axis=0), targets.sum(axis=0)
     return {name: {"labels": int(idx.size), "support": int(n_true[idx].sum()),
-                   "micro_f1": float(_f1(tp[idx].sum(), n_pred[idx].sum(), n_true[idx].sum())),
-                   "macro_f1": float(_f1(tp[idx], n_pred[idx], n_true[idx]).mean())}
+                   "micro_f1": float(f1_from_counts(tp[idx].sum(), n_pred[idx].sum(), n_true[idx].sum())),
+                   "macro_f1": float(f1_from_counts(tp[idx], n_pred[idx], n_true[idx]).mean())}
             for name, idx in frequency_buckets(train_counts, edges).items()}
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from side import signals  # noqa: E402
 signals.quiet_start(__name__)  # from here a Ctrl-C or SIGTERM ends with one line, not a traceback
 from data import DataError, LabelEncoder, read_table  # noqa: E402
-from metrics import sigmoid  # noqa: E402
+from metrics import f1_from_counts, sigmoid  # noqa: E402
 from predict import Predictor  # noqa: E402
 from side import files  # noqa: E402
 
@@ -60,10 +60,8 @@ def f1_scores(weights, decided, truth):
     weighted true positives, predictions and targets of each label. A label with none of them scores 0 (sklearn's
     zero_division=0; single-label micro-F1 is the accuracy)."""
     tp, n_pred, n_true = weights @ (decided * truth), weights @ decided, weights @ truth
-    denominator = n_pred + n_true
-    per_label = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    micro = 2 * tp.sum(1) / np.maximum(denominator.sum(1), 1e-12)
-    return {"micro_f1": micro, "macro_f1": per_label.mean(1)}
+    return {"micro_f1": f1_from_counts(tp.sum(1), n_pred.sum(1), n_true.sum(1)),
+            "macro_f1": f1_from_counts(tp, n_pred, n_true).mean(1)}
 
 
 def metric_table(scores, metric, reference_name):
@@ -110,8 +108,8 @@ def main(argv=None):
                 " given twice")
     reads = {"--test-file": args.test_file, **{f"run folder of {name}": run for name, runs in args.systems
                                                 for run in runs}}
-    if files.out_file_problem(args.out, reads):
-        p.error(files.out_file_problem(args.out, reads))
+    if problem := files.out_file_problem(args.out, reads):
+        p.error(problem)
     try:
         table = read_table(args.test_file, args.text_column, args.label_column or None, None, args.label_sep)
     except (DataError, OSError) as e:

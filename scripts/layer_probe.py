@@ -82,8 +82,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     reads = {"--train-file": args.train_file, "--val-file": args.val_file, "--test-file": args.test_file,
              "--model folder": args.model}
-    if files.out_file_problem(args.out, reads):
-        p.error(files.out_file_problem(args.out, reads))
+    if problem := files.out_file_problem(args.out, reads):
+        p.error(problem)
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y), labels = read_split(args)
     model_dir = options.resolve_model(args.model)

@@ -110,8 +110,8 @@ def main(argv=None):
     p.add_argument("--out", default="", help="write the test metrics to this JSON file")
     args = p.parse_args(argv)
     reads = {"--train-file": args.train_file, "--val-file": args.val_file, "--test-file": args.test_file}
-    if files.out_file_problem(args.out, reads):
-        p.error(files.out_file_problem(args.out, reads))
+    if problem := files.out_file_problem(args.out, reads):
+        p.error(problem)
     if not 0 <= args.val_fraction < 1:  # as train.py's check: train_val_split would end in a traceback
         p.error(f"--val-fraction {args.val_fraction} must be in [0, 1) (0 = no validation data)")
     metrics = fit_and_score(args)

@@ -294,8 +294,11 @@ def main(argv=None):
         print(f"\nno run has finished: no table written ({args.out_dir}/seeds.md, if any, is as it was)")
     stopped = [run_name(key) for key, code in codes.items() if code in STOPPED_CODES]
     failed = [run_name(key) for key, code in codes.items() if code != 0 and code not in STOPPED_CODES]
-    problems = ([f"{', '.join(failed)} failed: see their logs in {args.out_dir}"] if failed else []) + (
-        [f"{', '.join(stopped)} stopped by a signal: run the same command again to continue"] if stopped else [])
+    problems = []
+    if failed:
+        problems.append(f"{', '.join(failed)} failed: see their logs in {args.out_dir}")
+    if stopped:
+        problems.append(f"{', '.join(stopped)} stopped by a signal: run the same command again to continue")
     if problems:
         raise SystemExit("; ".join(problems) + f"; the table holds {', '.join(map(run_name, names)) or 'no run'}")
     return table

@@ -140,13 +140,11 @@ def load_training_state(out_dir, options, id2label, data):
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise SystemExit(f"--resume: {path} is damaged ({e}); start a new run with --overwrite") from None
     saved = state["options"]
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} (now {options[k]!r})" for k in sorted(saved)
-               if k not in RESUME_MAY_CHANGE and k in options and options[k] != saved[k]]
-    if changed:
-        restore = " ".join(as_flag(k, saved[k]) for k in sorted(saved)
-                           if k not in RESUME_MAY_CHANGE and k in options and options[k] != saved[k])
-        raise SystemExit(f"--resume: {path} was written with other options: {', '.join(changed)}; "
-                         f"resume with the options of the interrupted run ({restore})")
+    differ = [k for k in sorted(saved) if k not in RESUME_MAY_CHANGE and k in options and options[k] != saved[k]]
+    if differ:
+        changed = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {options[k]!r})" for k in differ)
+        raise SystemExit(f"--resume: {path} was written with other options: {changed}; resume with the options of "
+                         f"the interrupted run ({' '.join(as_flag(k, saved[k]) for k in differ)})")
     was = state.get("data", {})
     changed = [f"{options[k]} ({describe_file(was.get(k))}, now {describe_file(data.get(k))})"
                for k in sorted(set(was) | set(data)) if was.get(k) != data.get(k)]
