@@ -18,6 +18,7 @@ import gzip
 import io
 import itertools
 import json
+import os
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -98,9 +99,15 @@ def file_format(path) -> tuple:
     return DELIMITERS[suffix], compressed
 
 
+def file_not_found(path) -> DataError:
+    """A relative path is read from the current folder, which may not be the one the user has in mind: name it."""
+    where = "" if os.path.isabs(path) else f" (looked in {os.getcwd()})"
+    return DataError(f"{path}: file not found{where}")
+
+
 def _read_utf8(path: Path, compressed=False) -> str:
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise file_not_found(path)
     raw = path.read_bytes()
     if compressed:
         try:

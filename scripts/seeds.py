@@ -110,12 +110,13 @@ def visible_gpus():
 
 
 def start_process(command, log_path, device):
-    """train.py in a process of its own, its output appended to log_path; pinned to one GPU when device is set."""
+    """train.py in a process of its own, its output appended to log_path; pinned to one GPU when device is set. It
+    runs in this process's folder, so relative paths mean what they meant to the caller (and to the baseline)."""
     env = dict(os.environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     with open(log_path, "a") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):

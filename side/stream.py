@@ -15,7 +15,7 @@ import os
 import zlib
 from dataclasses import dataclass
 
-from data import DataError, csv_rows, file_format, jsonl_rows, require_columns, text_problem
+from data import DataError, csv_rows, file_format, file_not_found, jsonl_rows, require_columns, text_problem
 
 UTF8_CHECK_BYTES = 1 << 16  # a file whose first 64 KiB are not UTF-8 is refused whole; later bad bytes, a bad row
 
@@ -36,7 +36,7 @@ class RowStream:
         self.path, self.text_column, self.pair_column = str(path), text_column, pair_column
         self.delimiter, self.compressed = file_format(path)
         if not os.path.isfile(self.path):
-            raise DataError(f"{path}: file not found")
+            raise file_not_found(path)
         self.size, self._raw, self.header = os.path.getsize(self.path), None, None
         check_start(self.path, self.compressed)
         self.columns = self._columns()

@@ -1,5 +1,6 @@
 """data.py: reading files, labels, splits, tokenization parity with transformers, batching."""
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -215,9 +216,12 @@ def test_bad_input_messages(tmp_path, name, content, kwargs, fragments):
         assert fragment in str(error.value)
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="nothere.csv: file not found"):
+def test_missing_file(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="nothere.csv: file not found$"):
         data.read_table(tmp_path / "nothere.csv")
+    monkeypatch.chdir(tmp_path)  # a relative path: the message says where it was looked for
+    with pytest.raises(DataError, match=f"^nothere.csv: file not found \\(looked in {re.escape(str(tmp_path))}\\)$"):
+        data.read_table("nothere.csv")
 
 
 def test_non_utf8_names_line_and_byte_offset(tmp_path):

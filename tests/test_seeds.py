@@ -145,3 +145,17 @@ def test_seeds_table_and_an_interrupted_run_continued(tmp_path, monkeypatch, cap
     markdown = (root / "seeds.md").read_text().splitlines()
     assert markdown[0].startswith("| metric | seed 0 | seed 1 | mean ± std")
     assert any(line.startswith("| macro_f1 |") for line in markdown)
+
+
+def test_relative_paths_mean_the_callers_folder(tmp_path, monkeypatch):
+    """Run from a folder that is not the repository: the runs read and write where the caller's paths point (they
+    once ran from the repository's root, where 'model' and 'train.csv' named nothing, or something else)."""
+    tiny_checkpoint(tmp_path / "model")
+    write_texts(tmp_path / "train.csv", 24, 0)
+    write_texts(tmp_path / "test.csv", 8, 2)
+    monkeypatch.chdir(tmp_path)
+    table = seeds.main(["--seeds", "0", "--no-baseline", "--out-dir", "runs", "--", "--model", "model",
+                        "--train-file", "train.csv", "--test-file", "test.csv", "--max-length", "16",
+                        "--batch-size", "8", "--max-steps", "1", "--device", "cpu"])
+    assert os.path.isfile(tmp_path / "runs" / "seed-0" / "test_metrics.json")
+    assert set(table["macro_f1"]["per_seed"]) == {0}
