@@ -1,6 +1,7 @@
 """Scale and robustness: torchrun DDP/FSDP against one process, resume after a kill, atomic checkpoints,
 non-finite steps, and the error messages. A tiny BERT (tests/golden/bert) on tiny made-up data keeps it fast."""
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -100,9 +101,14 @@ def test_two_processes_match_one(tiny, one_process, tmp_path, mode):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), "train.py", *job(tiny, out, *NO_DROPOUT)]
     command += ["--fsdp"] if mode == "fsdp" else []
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    trackers = mode == "ddp" and all(importlib.util.find_spec(p) for p in ("tensorboard", "mlflow"))
+    command += ["--report-to", "tensorboard,mlflow"] if trackers else []
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("step 8/8") == 1, "only rank 0 prints"
+    if trackers:
+        assert_only_rank_0_tracked(out)
     for kind in ("train", "eval"):
         ours, ref = log_rows(out, kind), log_rows(one_process, kind)
         assert [r["step"] for r in ours] == [r["step"] for r in ref] and len(ref) >= 4
@@ -114,6 +120,21 @@ def test_two_processes_match_one(tiny, one_process, tmp_path, mode):
         torch.testing.assert_close(ours[name], ref[name], atol=1e-5, rtol=1e-4)
     best = EncoderClassifier.from_pretrained(str(out), verbose=False)  # the HF folder rank 0 wrote
     assert best.config.id2label == {0: "c0", 1: "c1", 2: "c2"}
+
+
+def assert_only_rank_0_tracked(out):
+    """One TensorBoard event file and one MLflow run, each step once: rank 1 logged nothing."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert len(os.listdir(out / "tensorboard")) == 1
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in log_rows(out, "train")]
+    client = MlflowClient(json.load(open(out / "mlflow_run.json"))["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("train.py").experiment_id])
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [r["step"] for r in log_rows(out, "train")]
 
 
 def test_packed_batches_train_like_padded_ones(tiny, one_process, tmp_path):
