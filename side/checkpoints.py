@@ -216,8 +216,9 @@ def finished_state(out_dir, keep, validated=True):
     if keep:
         return f"{path}: {before / 2**20:,.1f} MiB kept whole (--keep-state); remove it once you are done with it"
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights are not read
-    if state["model"] is not None:
-        atomic_torch_save({**state, "model": None, "optimizer": None}, path)
+    if state["model"] is None:  # a finished run resumed again
+        return f"{path}: {before / 2**10:,.0f} KiB, its weights and optimizer moments dropped when the run finished"
+    atomic_torch_save({**state, "model": None, "optimizer": None}, path)
     return (f"{path}: {before / 2**20:,.1f} MiB -> {os.path.getsize(path) / 2**10:,.0f} KiB: the finished run's "
             "weights and optimizer moments are dropped (the best model is in the out-dir)"
             + ("; --resume --calibrate temperature still works" if validated else ""))

@@ -146,7 +146,7 @@ def test_mlm_refuses_calibration(tmp_path):
         train.main(["--task", "mlm", "--calibrate", "temperature", "--out-dir", str(tmp_path / "o")])
 
 
-def test_a_finished_run_is_calibrated_later_by_resume_as_if_trained_with_it(tiny, tmp_path):
+def test_a_finished_run_is_calibrated_later_by_resume_as_if_trained_with_it(tiny, tmp_path, capsys):
     calibrated, later = tmp_path / "calibrated", tmp_path / "later"
     tiny_job(tiny, "multi", calibrated, "--calibrate", "temperature")
     tiny_job(tiny, "multi", later)
@@ -155,7 +155,10 @@ def test_a_finished_run_is_calibrated_later_by_resume_as_if_trained_with_it(tiny
     assert state["model"] is None and state["optimizer"] is None
     assert (later / "last" / "state.pt").stat().st_size < 2**16
     steps = len(open(later / "metrics.jsonl").readlines())
+    capsys.readouterr()
     tiny_job(tiny, "multi", later, "--calibrate", "temperature", "--resume")
+    said = capsys.readouterr().out
+    assert "weights and optimizer moments dropped when the run finished" in said and "MiB ->" not in said
     assert len(open(later / "metrics.jsonl").readlines()) == steps  # nothing trained again
     configs = [json.load(open(folder / "config.json")) for folder in (calibrated, later)]
     assert configs[0]["calibration_temperature"] == configs[1]["calibration_temperature"]
