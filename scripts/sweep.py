@@ -75,7 +75,8 @@ def parse_args(argv):
     p.add_argument("--storage", help="a database URL for the study (default: sqlite:///<out-dir>/study.db)")
     p.add_argument("--study-name", default="sweep", help="the study's name in the database (default: sweep)")
     p.add_argument("--space", help="a TOML file with the search space, replacing the one shown above")
-    p.add_argument("--sampler-seed", type=int, help="seed TPE's draws (give each process of a study its own)")
+    p.add_argument("--sampler-seed", type=int, help="seed TPE's draws (give each process of a study its own; "
+                   "a process joining a study goes on from the trials it holds)")
     p.add_argument("--heartbeat", type=float, default=60, help="seconds between a trial's signs of life; one "
                    "silent for twice this is taken as killed and run again (default: 60)")
     args = p.parse_args(ours)
@@ -290,9 +291,9 @@ def open_study(args, direction, job):
                                              grace_period=max(2, int(2 * args.heartbeat)), **retry)
     except Exception as e:  # a bad URL, a database that cannot be reached or opened
         raise SystemExit(f"cannot open the study's database {url}: {type(e).__name__}: {e}") from None
-    sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
-    study = optuna.create_study(storage=storage, study_name=args.study_name, direction=direction, sampler=sampler,
+    study = optuna.create_study(storage=storage, study_name=args.study_name, direction=direction,
                                 pruner=optuna.pruners.MedianPruner(**PRUNER), load_if_exists=True)
+    study.sampler = optuna.samplers.TPESampler(seed=continued_seed(args.sampler_seed, len(study.trials)))
     saved = study.user_attrs.get("job")
     if saved is None:
         study.set_user_attr("job", job)
@@ -300,6 +301,15 @@ def open_study(args, direction, job):
         raise SystemExit(f"{url} holds the study {args.study_name!r} of another job ({saved['train_options']}, "
                          f"space {saved['space']}): pass another --out-dir or --study-name")
     return study
+
+
+def continued_seed(seed, trials_so_far):
+    """The sampler's seed for a process that joins a study holding trials_so_far: a fixed seed alone would draw the
+    same options as the seed's first process did, trials the study has already run."""
+    if seed is None:
+        return None
+    import numpy as np
+    return int(np.random.SeedSequence([seed, trials_so_far]).generate_state(1)[0])
 
 
 def finished(study):

@@ -298,3 +298,21 @@ def test_tracker_files_follow_the_run_that_owns_the_folder(tmp_path):
     # killed before its first evaluation: --resume starts it again; a new run must --overwrite (they go with it)
     assert options.old_run_outputs(str(out), resume=True) == []
     assert options.old_run_outputs(str(out), resume=False) == ["tensorboard", "mlflow_run.json"]
+
+
+def test_a_continued_study_with_the_same_sampler_seed_draws_new_options(tmp_path):
+    """Run again with the same --sampler-seed, a study once drew the options of that seed's first run again: trials
+    it had already run."""
+    optuna = pytest.importorskip("optuna")
+    args, _ = sweep.parse_args(["--trials", "4", "--sampler-seed", "1", "--out-dir", str(tmp_path)])
+    space = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-4, log=True)}
+
+    def draw_two():
+        study = sweep.open_study(args, "maximize", {"train_options": [], "space": "x"})
+        drawn = [study.ask(space) for _ in range(2)]
+        for trial in drawn:
+            study.tell(trial, 0.5)
+        return [trial.params["lr"] for trial in drawn]
+    first, second = draw_two(), draw_two()
+    assert len(set(first + second)) == 4
+    assert sweep.continued_seed(1, 0) == sweep.continued_seed(1, 0) != sweep.continued_seed(1, 2)
