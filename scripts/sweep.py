@@ -293,7 +293,8 @@ def open_study(args, direction, job):
         raise SystemExit(f"cannot open the study's database {url}: {type(e).__name__}: {e}") from None
     study = optuna.create_study(storage=storage, study_name=args.study_name, direction=direction,
                                 pruner=optuna.pruners.MedianPruner(**PRUNER), load_if_exists=True)
-    study.sampler = optuna.samplers.TPESampler(seed=continued_seed(args.sampler_seed, len(study.trials)))
+    trials_so_far = len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=continued_seed(args.sampler_seed, trials_so_far))
     saved = study.user_attrs.get("job")
     if saved is None:
         study.set_user_attr("job", job)
