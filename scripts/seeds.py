@@ -9,7 +9,8 @@ min-max, beside the linear baseline (scripts/linear_baseline.py) fit on each see
 Everything after `--` goes to train.py, run as `train.py <options> --seed N --out-dir <out-dir>/seed-N` with its
 output in <out-dir>/seed-N.log. The seed sets the validation split, the new head's weights and the batch order.
 Seeds run one after another; on a machine with several GPUs (--devices, default every visible one) one per GPU at a
-time, each process seeing only its own (CUDA_VISIBLE_DEVICES).
+time, each process seeing only its own (CUDA_VISIBLE_DEVICES); without a GPU, --jobs N runs N at a time, each with
+its share of the cores (OMP_NUM_THREADS, unless you set it).
 
 Interrupted? Run the same command again: a seed whose run finished (test_metrics.json) is skipped, one with a saved
 state (last/state.pt) continues with train.py --resume, one killed before its first evaluation starts again.
@@ -25,6 +26,7 @@ used. python scripts/seeds.py --folds 5 --seeds 0 --out-dir runs/abstracts-5fold
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -55,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--out-dir", default="runs/seeds", help="each seed's run goes to <out-dir>/seed-N")
     p.add_argument("--devices", help="GPUs to run on, one seed per GPU at a time (e.g. 0,1); default: every "
                    "visible GPU, none on a machine without one")
+    p.add_argument("--jobs", type=int, default=1, help="without a GPU: runs at a time, each with its share of the "
+                   "cores (default 1)")
     p.add_argument("--no-baseline", action="store_true", help="leave the linear baseline out of the table")
     p.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over the training file: fold k's "
                    "rows are that run's test set (default 0: no folds, the job's --test-file)")
@@ -66,6 +70,8 @@ def parse_args(argv):
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, such as 0,1,2")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         p.error(f"--seeds {args.seeds}: give distinct seeds >= 0")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give 1 or more")
     if args.folds == 1 or args.folds < 0:
         p.error(f"--folds {args.folds}: give 2 or more (or 0 for none)")
     taken = [a for a in train_args if a.split("=")[0] in SEEDS_SETS]
@@ -109,12 +115,20 @@ def visible_gpus():
     return named[:count] if len(named) >= count else [str(i) for i in range(count)]
 
 
-def start_process(command, log_path, device):
-    """train.py in a process of its own, its output appended to log_path; pinned to one GPU when device is set. It
-    runs in this process's folder, so relative paths mean what they meant to the caller (and to the baseline)."""
+def cpu_count():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def start_process(command, log_path, device, threads=None):
+    """train.py in a process of its own, its output appended to log_path; pinned to one GPU when device is set, and
+    held to `threads` threads when set (several runs sharing a CPU: each would start one per core and fight over
+    them). It runs in this process's folder, so relative paths mean what they meant to the caller (and to the
+    baseline)."""
     env = dict(os.environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
+    if threads and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "a") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -142,6 +156,17 @@ def run_jobs(jobs, devices, start=start_process, poll_seconds=0.5):
             process.terminate()
             process.wait()
     return codes
+
+
+def run_slots(args):
+    """(devices, start): one slot per GPU, or without a GPU --jobs slots sharing the cores."""
+    devices = args.devices.split(",") if args.devices else visible_gpus()
+    if devices != [None]:
+        if args.jobs > 1:
+            raise SystemExit(f"--jobs {args.jobs} is for a machine without a GPU; with GPUs, runs go one per GPU "
+                             "(--devices)")
+        return devices, start_process
+    return [None] * args.jobs, functools.partial(start_process, threads=max(1, cpu_count() // args.jobs))
 
 
 def outcome(code):
@@ -280,8 +305,8 @@ def main(argv=None):
                                       "new": "to run"}[state])
         if state != "done":
             jobs.append((key, seed_command(run_args, seed, folder, state), folder + ".log"))
-    devices = args.devices.split(",") if args.devices else visible_gpus()
-    codes = run_jobs(jobs, devices)
+    devices, start = run_slots(args)
+    codes = run_jobs(jobs, devices, start)
     done = [(key, seed, folder, job) for key, seed, folder, _, job in runs if seed_state(folder) == "done"]
     names = [key for key, _, _, _ in done]
     table = None

@@ -56,6 +56,25 @@ def test_a_process_sees_only_its_gpu(tmp_path):
     assert log.read_text().strip() == "visible 3"
 
 
+def test_jobs_share_the_cpu_cores(tmp_path, monkeypatch):
+    """--jobs 2 without a GPU: two runs at once, each told to use half the cores; refused where GPUs are."""
+    monkeypatch.setattr(seeds, "visible_gpus", lambda: [None])
+    monkeypatch.setattr(seeds, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args, _ = seeds.parse_args(["--jobs", "2"])
+    devices, start = seeds.run_slots(args)
+    assert devices == [None, None]
+    command = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
+    assert seeds.run_jobs([(0, command, str(tmp_path / "log"))], devices, start, poll_seconds=0.05) == {0: 0}
+    assert (tmp_path / "log").read_text().strip() == "threads 4"
+    assert seeds.run_slots(seeds.parse_args([])[0])[0] == [None]  # one at a time by default
+    monkeypatch.setattr(seeds, "visible_gpus", lambda: ["0", "1"])
+    with pytest.raises(SystemExit, match="without a GPU"):
+        seeds.run_slots(args)
+    with pytest.raises(SystemExit):
+        seeds.parse_args(["--jobs", "0"])
+
+
 def test_a_stopped_seeds_py_stops_its_runs(tmp_path, monkeypatch):
     started = []
 
@@ -81,7 +100,7 @@ def test_a_run_stopped_by_a_signal_is_said_to_continue_and_no_empty_table_replac
     root = tmp_path / "runs"
     root.mkdir()
     (root / "seeds.md").write_text("seed 0's table")
-    monkeypatch.setattr(seeds, "run_jobs", lambda jobs, devices: {1: 143, 2: 1})
+    monkeypatch.setattr(seeds, "run_jobs", lambda jobs, devices, start: {1: 143, 2: 1})
     with pytest.raises(SystemExit) as stop:
         seeds.main(["--seeds", "1,2", "--no-baseline", "--out-dir", str(root), "--", "--max-steps", "1"])
     assert str(stop.value.code) == (f"seed 2 failed: see their logs in {root}; seed 1 stopped by a signal: run the "
