@@ -53,15 +53,13 @@ def read_split(args):
     return train, val, rows(test_table, range(len(test_table.texts))), labels
 
 
-def fit_and_score(args, say=print):
-    """The test metrics; `say` gets the line on what the validation share was for (seeds.py, which fits one
-    baseline per run, keeps it out of its own output)."""
+def fit_and_score(args):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
     (train_x, train_y), val, (test_x, test_y), labels = read_split(args)
-    say(held_out_note(len(train_x), val, labels.multi_label))
+    print(held_out_note(len(train_x), val, labels.multi_label))
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     features = vectorizer.fit_transform(train_x)
     linear = LogisticRegression(C=args.C, max_iter=2000)

@@ -222,7 +222,7 @@ def baseline_metrics(cfg, seed, path):
                            text_column=cfg.text_column, label_column=cfg.label_column, task=cfg.task,
                            label_sep=cfg.label_sep, val_fraction=cfg.val_fraction, seed=seed, C=10.0, jobs=1,
                            unknown_labels=cfg.unknown_labels)
-    metrics = linear_baseline.fit_and_score(args, say=lambda line: None)
+    metrics = linear_baseline.fit_and_score(args)
     files.write_json(path, metrics, "the baseline's metrics")
     return metrics
 
